@@ -1,0 +1,299 @@
+"""One typed config tree for a run: YAML file + dotted overrides, validated before any work.
+
+Every value is coerced to the type its dataclass field declares (PyYAML reads `1e-4` as a string),
+and every error names the dotted key that caused it, so `optim.lr=abc` fails with
+`optim.lr: expected float, got 'abc'` before a single process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with the run configuration; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # vocab_size 0 means "take it from the tokenizer" (resolved once, at load time).
+    vocab_size: int = 0
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # Directory written by `mlm-dist prepare` (holds manifest.json and the tar shards).
+    shards: str = ""
+    # Directory holding tokenizer.model; defaults to the one recorded next to the shards.
+    tokenizer: str = ""
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    # BERT draws a shorter target length with this probability so the model sees short inputs.
+    short_seq_prob: float = 0.1
+
+
+@dataclass
+class MaskingConfig:
+    prob: float = 0.15
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+    whole_word: bool = False
+    # Fixed number of predicted positions per sequence (static shapes, no host sync).
+    # 0 = derive from seq_len and prob with a margin that almost never truncates.
+    max_predictions: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128
+    micro_batch: int = 8
+    global_batch: int = 16
+    steps: int = 100
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: int = 2
+    grad_clip: float = 1.0
+    log_every: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    warmup_steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between saves; 0 = only at the end
+    resume: bool = False
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Extra DeepSpeed keys merged into the generated JSON; keys we derive may not be set here.
+    deepspeed: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from plain data
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")  # not used in the tree
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, key)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. optim.lr=1e-4")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    # Values are parsed as YAML so `[1, 2]` and `{a: 1}` work; types are coerced afterwards.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (optional), apply `a.b=c` overrides, coerce types, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    for o in overrides:
+        _apply_override(data, o)
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values and combinations (world size checks happen in validate_topology)
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    m, t, mk, o = cfg.model, cfg.train, cfg.masking, cfg.optim
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+        _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+             f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}")
+    _require(m.type_vocab_size >= 2, "model.type_vocab_size", "NSP needs at least 2 segment types")
+    for name in ("dropout", "attention_dropout"):
+        _require(0.0 <= getattr(m, name) < 1.0, f"model.{name}", "must be in [0, 1)")
+
+    _require(t.seq_len >= 8, "train.seq_len", "must be at least 8")
+    _require(t.seq_len <= m.max_positions, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_positions {m.max_positions}; "
+             "raise model.max_positions or lower train.seq_len")
+    _require(t.micro_batch > 0, "train.micro_batch", "must be positive")
+    _require(t.global_batch > 0, "train.global_batch", "must be positive")
+    _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
+             f"{t.global_batch} is not divisible by train.micro_batch {t.micro_batch}")
+    _require(t.steps > 0, "train.steps", "must be positive")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage",
+             f"ZeRO stage {t.zero_stage} does not exist; use 0, 1, 2 or 3")
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(t.log_every > 0, "train.log_every", "must be positive")
+
+    _require(0.0 < mk.prob < 1.0, "masking.prob", "must be in (0, 1)")
+    _require(0.0 <= mk.mask_frac <= 1.0, "masking.mask_frac", "must be in [0, 1]")
+    _require(0.0 <= mk.random_frac <= 1.0, "masking.random_frac", "must be in [0, 1]")
+    _require(mk.mask_frac + mk.random_frac <= 1.0, "masking.random_frac",
+             "mask_frac + random_frac must not exceed 1")
+    _require(0 <= mk.max_predictions <= t.seq_len, "masking.max_predictions",
+             f"must be in [0, train.seq_len={t.seq_len}] (0 = derived)")
+
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(0 <= o.warmup_steps <= t.steps, "optim.warmup_steps",
+             f"must be in [0, train.steps={t.steps}]")
+
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0.0 <= cfg.data.short_seq_prob <= 1.0, "data.short_seq_prob", "must be in [0, 1]")
+    _require(bool(cfg.data.shards), "data.shards",
+             "is required: the directory written by `mlm-dist prepare`")
+    _require(bool(cfg.out_dir), "out_dir", "is required")
+
+
+def validate_topology(cfg: RunConfig, world_size: int) -> int:
+    """Check the batch arithmetic for a data-parallel size; return gradient accumulation steps."""
+    t = cfg.train
+    per_step = t.micro_batch * world_size
+    _require(t.global_batch % per_step == 0, "train.global_batch",
+             f"{t.global_batch} is not divisible by micro_batch × ranks = "
+             f"{t.micro_batch} × {world_size} = {per_step}")
+    return t.global_batch // per_step
+
+
+def max_predictions(cfg: RunConfig) -> int:
+    """Predicted positions per sequence: configured, or mean + 4 std of Binomial(seq_len, prob)."""
+    if cfg.masking.max_predictions:
+        return cfg.masking.max_predictions
+    n, p = cfg.train.seq_len, cfg.masking.prob
+    return min(n, math.ceil(n * p + 4 * math.sqrt(n * p * (1 - p))) + 1)

@@ -1,0 +1,253 @@
+"""The shard format, in one place: what `prepare` writes and what the loader reads.
+
+A shard is a plain (uncompressed) WebDataset tar. One sample is one document:
+
+    {"__key__": "000000042",          # the document's index in the corpus, 9 digits
+     "tokens.npy": <npy bytes>,       # 1-D: every token id of the document, sentences concatenated
+     "lengths.npy": <npy bytes>}      # 1-D int32: tokens per sentence, in order
+
+Token ids are uint16 when the vocabulary fits (half the disk and page cache of int32), else int32.
+No [CLS]/[SEP] are stored: the loader builds NSP pairs at the current sequence length, so the
+shards stay valid for every phase of the length schedule.
+
+Next to the shards, manifest.json records the tokenizer they were made with and, per shard,
+its counts and sha256, so a run can check everything before spending any time on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+TOKEN_DTYPES = ("uint16", "int32")
+_PREPARE_HINT = "run `mlm-dist prepare --input … --tokenizer … --out DIR` to create shards"
+
+# np.save writes version 1.0 headers of exactly this shape for the 1-D little-endian integer
+# arrays we store. Matching it directly is ~10x faster than np.load, which evaluates the header
+# as a Python literal; anything else (another writer's formatting) falls back to np.load.
+_NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
+_NPY_1D_HEADER = re.compile(rb"\{'descr': '([<|][iu][1248])', 'fortran_order': False, "
+                            rb"'shape': \((\d+),\), \}")
+
+
+# ----------------------------------------------------------------------------- samples
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def document_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def encode_document(sentences_ids: list[list[int]], dtype) -> dict:
+    """The two .npy fields of one document's sample (the caller adds "__key__")."""
+    lengths = np.array([len(s) for s in sentences_ids], dtype=np.int32)
+    tokens = np.array([i for s in sentences_ids for i in s], dtype=dtype)
+    return {"tokens.npy": npy_bytes(tokens), "lengths.npy": npy_bytes(lengths)}
+
+
+def decode_document(sample: dict) -> list[np.ndarray]:
+    """A document's sentences as int64 arrays, checked against each other."""
+    where = _sample_name(sample)
+    for field in ("tokens.npy", "lengths.npy"):
+        if field not in sample:
+            raise ValueError(f"{where} has no {field!r}; is this a shard written by `mlm-dist prepare`?")
+    tokens = _array_of(sample["tokens.npy"], where, "tokens.npy")
+    lengths = _array_of(sample["lengths.npy"], where, "lengths.npy")
+    if lengths.size and lengths.min() <= 0:
+        raise ValueError(f"{where}: lengths.npy has a sentence of {lengths.min()} tokens; "
+                         "the shard is corrupt, re-create it with `mlm-dist prepare`")
+    if int(lengths.sum()) != tokens.size:
+        raise ValueError(f"{where}: sentence lengths add up to {int(lengths.sum())} but there are "
+                         f"{tokens.size} tokens; the shard is corrupt, re-create it with `mlm-dist prepare`")
+    return np.split(tokens.astype(np.int64), np.cumsum(lengths[:-1]))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _array_of(value, where: str, field: str) -> np.ndarray:
+    """A 1-D integer array from a field's raw npy bytes (or an array a decoder already made)."""
+    try:
+        array = value if isinstance(value, np.ndarray) else _npy_from_bytes(value)
+    except (ValueError, TypeError, EOFError) as e:
+        raise ValueError(f"{where}: {field} is not a readable .npy array ({e}); the shard is "
+                         "corrupt, re-create it with `mlm-dist prepare`") from None
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"{where}: {field} is a {array.ndim}-D {array.dtype} array, expected 1-D "
+                         "integers; is this a shard written by `mlm-dist prepare`?")
+    return array
+
+
+def _npy_from_bytes(data: bytes) -> np.ndarray:
+    data = bytes(data)
+    if data[:8] == _NPY_MAGIC_V1:
+        header_end = 10 + int.from_bytes(data[8:10], "little")
+        header = _NPY_1D_HEADER.match(data, 10, header_end)
+        if header:
+            return np.frombuffer(data, dtype=header.group(1).decode(),
+                                 count=int(header.group(2)), offset=header_end)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _sample_name(sample: dict) -> str:
+    name = f"sample {sample.get('__key__', '<no key>')!r}"
+    return f"{name} of {sample['__url__']}" if "__url__" in sample else name
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass
+class TokenizerInfo:
+    sha256: str
+    vocab_size: int
+    path: str  # absolute directory of the tokenizer the shards were made with
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the shard directory
+    documents: int
+    sentences: int
+    tokens: int
+    sha256: str
+    bytes: int  # lets shard_paths catch a truncated copy without hashing gigabytes
+
+
+@dataclass
+class Manifest:
+    tokenizer: TokenizerInfo
+    dtype: str
+    splits: dict[str, list[ShardInfo]]
+    format: int = FORMAT_VERSION
+
+    def totals(self, split: str) -> dict[str, int]:
+        shards = self.splits.get(split, [])
+        return {"shards": len(shards),
+                **{k: sum(getattr(s, k) for s in shards) for k in ("documents", "sentences", "tokens")}}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/manifest.json`; never replaces an existing one."""
+        target = Path(directory) / MANIFEST_FILE
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; write the shards to a new directory")
+        text = json.dumps({"format": self.format, "tokenizer": asdict(self.tokenizer),
+                           "dtype": self.dtype,
+                           "splits": {name: [asdict(s) for s in shards]
+                                      for name, shards in self.splits.items()}}, indent=1)
+        # Temporary name, then rename: a reader never sees half a manifest, and a manifest only
+        # appears once every shard it lists is complete.
+        tmp = target.with_name(MANIFEST_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST_FILE
+        if not directory.is_dir():
+            raise FileNotFoundError(f"shard directory {directory} does not exist; {_PREPARE_HINT}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no {MANIFEST_FILE}, so it is not a finished "
+                                    f"shard directory; {_PREPARE_HINT}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return _manifest_from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path} is malformed ({problem}); {_PREPARE_HINT}") from None
+
+
+def _manifest_from_json(data) -> Manifest:
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    if data["format"] != FORMAT_VERSION:
+        raise ValueError(f"format {data['format']!r} is not the format {FORMAT_VERSION} this "
+                         "mlm_dist reads")
+    tokenizer = TokenizerInfo(sha256=_typed(data["tokenizer"]["sha256"], str, "tokenizer.sha256"),
+                              vocab_size=_typed(data["tokenizer"]["vocab_size"], int, "tokenizer.vocab_size"),
+                              path=_typed(data["tokenizer"]["path"], str, "tokenizer.path"))
+    dtype = data["dtype"]
+    if dtype not in TOKEN_DTYPES or np.iinfo(dtype).max < tokenizer.vocab_size - 1:
+        raise ValueError(f"dtype {dtype!r} cannot hold a vocabulary of {tokenizer.vocab_size}")
+    splits = {}
+    for name, shards in _typed(data["splits"], dict, "splits").items():
+        splits[name] = [_shard_from_json(s, f"splits.{name}[{i}]")
+                        for i, s in enumerate(_typed(shards, list, f"splits.{name}"))]
+    return Manifest(tokenizer=tokenizer, dtype=dtype, splits=splits)
+
+
+def _shard_from_json(entry: dict, where: str) -> ShardInfo:
+    shard = ShardInfo(path=_typed(entry["path"], str, f"{where}.path"),
+                      **{k: _typed(entry[k], int, f"{where}.{k}")
+                         for k in ("documents", "sentences", "tokens", "bytes")},
+                      sha256=_typed(entry["sha256"], str, f"{where}.sha256"))
+    if not is_inside_path(shard.path):
+        # Paths in a manifest are data: one must never point a reader outside the directory.
+        raise ValueError(f"{where}.path {shard.path!r} is not a relative path inside the shard "
+                         "directory")
+    return shard
+
+
+def _typed(value, kind: type, where: str):
+    # bool is an int in Python, but `"documents": true` is still a broken manifest.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where} should be {kind.__name__}, got {value!r}")
+    return value
+
+
+def is_inside_path(path: str) -> bool:
+    """True for a relative path that stays inside its directory on POSIX and on Windows."""
+    if not path or path.startswith(("/", "\\")) or PureWindowsPath(path).drive:
+        return False
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return ".." not in parts and parts not in ((), (".",))
+
+
+# ----------------------------------------------------------------------------- shard files
+
+def shard_paths(directory: str | Path, split: str) -> list[str]:
+    """Absolute paths of a split's shards, each checked to exist with the size the manifest says."""
+    root = Path(directory).resolve()
+    manifest = Manifest.load(root)
+    if split not in manifest.splits:
+        raise ValueError(f"{root / MANIFEST_FILE} has no split {split!r}; it has "
+                         f"{', '.join(sorted(manifest.splits)) or 'none'}")
+    paths = []
+    for shard in manifest.splits[split]:
+        path = root / shard.path
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {root / MANIFEST_FILE} is missing; "
+                                    "copy the whole shard directory, or re-run `mlm-dist prepare`")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise ValueError(f"shard {path} is {size} bytes but {root / MANIFEST_FILE} says "
+                             f"{shard.bytes}: it is truncated or was replaced; copy it again, or "
+                             "re-run `mlm-dist prepare`")
+        paths.append(str(path))
+    return paths
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,92 @@
+"""The main job on an embedded corpus: every stage of the real pipeline, on a CPU, in minutes.
+
+    stdlib docstrings -> SentencePiece -> WebDataset shards
+    -> `deepspeed --num_gpus N` training of configs/tiny.yaml (ZeRO-2, bf16, CPU ranks)
+    -> Hugging Face export -> fill-mask
+
+Each stage is skipped when its output already exists, so a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+PROMPTS = [
+    "Return the [MASK] of the list.",
+    "If the file does not [MASK], an exception is raised.",
+    "This function is [MASK] for backward compatibility.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
+    """Run `mlm-dist train` under the deepspeed launcher, as a user would on one node."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(_free_port()), "--module", "mlm_dist",
+           "train", "--config", str(config), *overrides]
+    print("$ " + " ".join(cmd[2:]), flush=True)
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env:
+        import torch
+        env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    subprocess.run(cmd, check=True, env=env)
+
+
+def run_demo(out: Path, steps: int = 300, ranks: int = 2, config: Path = REPO_CONFIG) -> None:
+    from mlm_dist.data.corpus import iter_documents
+    from mlm_dist.data.demo_corpus import write_stdlib_corpus
+    from mlm_dist.data.prepare import prepare_shards
+    from mlm_dist.tokenizer import sentences_of, train_tokenizer
+
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: run the demo from a checkout "
+                                "(`pip install -e .` in the repository)")
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, tokenizer, shards, run = (out / "corpus.txt", out / "tokenizer", out / "shards",
+                                      out / "run")
+
+    if not corpus.exists():
+        stats = write_stdlib_corpus(corpus)
+        print(f"[1/5] corpus: {stats['documents']} documents, {stats['sentences']} sentences "
+              f"from the Python standard library's docstrings -> {corpus}", flush=True)
+    if not (tokenizer / "tokenizer.model").exists():
+        tok = train_tokenizer(sentences_of(iter_documents([corpus])), tokenizer, vocab_size=8000)
+        print(f"[2/5] tokenizer: SentencePiece unigram, {tok.vocab_size} pieces -> {tokenizer}",
+              flush=True)
+    if not (shards / "manifest.json").exists():
+        manifest = prepare_shards([corpus], tokenizer, shards, docs_per_shard=1000,
+                                  valid_fraction=0.02)
+        train_shards = manifest.splits["train"]
+        print(f"[3/5] shards: {len(train_shards)} train shards, "
+              f"{sum(s['tokens'] for s in train_shards)} tokens -> {shards}", flush=True)
+
+    print(f"[4/5] pretraining on {ranks} DeepSpeed ranks", flush=True)
+    resume = (run / "checkpoints" / "latest").exists()
+    launch_training(config, [f"data.shards={shards}", f"out_dir={run}", f"train.steps={steps}",
+                             f"checkpoint.resume={str(resume).lower()}"], ranks)
+
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = history[0], history[-1]
+    print(f"MLM loss {first['train/mlm_loss']:.3f} (step {first['step']}) -> "
+          f"{last['train/mlm_loss']:.3f} (step {last['step']})", flush=True)
+
+    from mlm_dist.inference import fill_mask, load_checkpoint
+    from mlm_dist.tokenizer import Tokenizer
+
+    print("[5/5] fill-mask with the trained model", flush=True)
+    model, _, tokenizer_dir = load_checkpoint(run)
+    tok = Tokenizer.load(tokenizer_dir)
+    for prompt in PROMPTS:
+        (top,) = fill_mask(model, tok, prompt, top_k=5)
+        print(f"  {prompt}\n    -> " + ", ".join(f"{p['token']} ({p['prob']:.2f})" for p in top))

@@ -1,0 +1,149 @@
+"""The only module that imports DeepSpeed: process group, DeepSpeed JSON, engine, consolidation.
+
+Rank and world size are read from the environment here and nowhere else, so the same command
+runs alone, under `deepspeed`, `torchrun` or `srun`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+# DeepSpeed picks its accelerator at import time; say which one instead of letting it guess.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+from mlm_dist.config import ConfigError, RunConfig, validate_topology  # noqa: E402
+from mlm_dist.model import parameter_groups  # noqa: E402
+
+
+@dataclass
+class Topology:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment_ranks() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) from torchrun/deepspeed or Slurm."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return (int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world,
+                int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world))))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun starts one task per rank; Slurm numbers them, torch expects RANK & co.
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]))
+    return 0, 0, 1, 1
+
+
+def init_distributed() -> Topology:
+    rank, local_rank, world, local_world = _environment_ranks()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    if world == 1:
+        # Alone: a private rendezvous so concurrent single-process runs never collide.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        # Ranks on one host share its cores; without this each rank spawns a thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        device = torch.device("cpu")
+    else:
+        accelerator.set_device(local_rank)
+        device = torch.device(accelerator.device_name(local_rank))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                               verbose=False)
+    return Topology(rank, local_rank, world, local_world, device)
+
+
+def check_precision(cfg: RunConfig) -> None:
+    accelerator = get_accelerator()
+    name = accelerator.device_name()
+    if cfg.train.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(f"train.precision: fp16 is not supported on {name}; use bf16 or fp32")
+    if cfg.train.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(f"train.precision: bf16 is not supported on {name}; use fp16 or fp32")
+
+
+# Keys we derive from our own config; setting them in `deepspeed:` would configure them twice.
+DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
+                "optimizer", "scheduler")
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from our config; `deepspeed:` extras merged and checked."""
+    t = cfg.train
+    grad_accum = validate_topology(cfg, world_size)
+    ds = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # Our AdamW is plain torch; ZeRO would otherwise refuse it as "untested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    for key, value in cfg.deepspeed.items():
+        if key in DERIVED_KEYS:
+            raise ConfigError(f"deepspeed.{key}: derived from the run config, set it there "
+                              "instead (train.* / optim.*)")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise ConfigError("deepspeed.zero_optimization: expected a mapping")
+            if "stage" in value:
+                raise ConfigError("deepspeed.zero_optimization.stage: set train.zero_stage instead")
+            ds["zero_optimization"].update(value)
+        else:
+            ds[key] = value
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
+    o, steps = cfg.optim, cfg.train.steps
+    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def warmup_then_linear_decay(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        return max(0.0, (steps - step) / max(1, steps - o.warmup_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay)
+    return optimizer, scheduler
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
+    optimizer, scheduler = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """One fp32 state dict (our parameter names) from a sharded DeepSpeed checkpoint."""
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)

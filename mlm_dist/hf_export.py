@@ -1,0 +1,308 @@
+"""Our state dict <-> Hugging Face `BertForPreTraining`, and export of a loadable HF folder.
+
+Imported only by export / import code paths, so training never pays for importing transformers.
+
+The parameter mapping is one explicit table (`PARAMETER_NAMES`). Both directions use it and
+both refuse leftovers, so a renamed module in model.py fails loudly here instead of exporting a
+model with silently re-initialised weights.
+
+The exported tokenizer is a `tokenizers` Unigram (or BPE) model built from the pieces and
+scores inside our SentencePiece `tokenizer.model`, with SentencePiece's own normalisation
+replayed in front (the precompiled NFKC charsmap, then whitespace collapsing) and BERT's
+`[CLS] A [SEP] B [SEP]` template behind. `AutoTokenizer` loads it from `tokenizer.json`
+alone, without sentencepiece installed and without the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from mlm_dist.config import ModelConfig
+from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, SPECIAL_TOKENS,
+                                UNK_ID, Tokenizer)
+
+# (ours, Hugging Face) for every parameter; "{i}" is the encoder layer index.
+PARAMETER_NAMES: list[tuple[str, str]] = [
+    ("embeddings.tokens.weight", "bert.embeddings.word_embeddings.weight"),
+    ("embeddings.positions.weight", "bert.embeddings.position_embeddings.weight"),
+    ("embeddings.token_types.weight", "bert.embeddings.token_type_embeddings.weight"),
+    ("embeddings.norm.weight", "bert.embeddings.LayerNorm.weight"),
+    ("embeddings.norm.bias", "bert.embeddings.LayerNorm.bias"),
+    ("layers.{i}.attn.query.weight", "bert.encoder.layer.{i}.attention.self.query.weight"),
+    ("layers.{i}.attn.query.bias", "bert.encoder.layer.{i}.attention.self.query.bias"),
+    ("layers.{i}.attn.key.weight", "bert.encoder.layer.{i}.attention.self.key.weight"),
+    ("layers.{i}.attn.key.bias", "bert.encoder.layer.{i}.attention.self.key.bias"),
+    ("layers.{i}.attn.value.weight", "bert.encoder.layer.{i}.attention.self.value.weight"),
+    ("layers.{i}.attn.value.bias", "bert.encoder.layer.{i}.attention.self.value.bias"),
+    ("layers.{i}.attn.out.weight", "bert.encoder.layer.{i}.attention.output.dense.weight"),
+    ("layers.{i}.attn.out.bias", "bert.encoder.layer.{i}.attention.output.dense.bias"),
+    ("layers.{i}.attn_norm.weight", "bert.encoder.layer.{i}.attention.output.LayerNorm.weight"),
+    ("layers.{i}.attn_norm.bias", "bert.encoder.layer.{i}.attention.output.LayerNorm.bias"),
+    ("layers.{i}.ffn.up.weight", "bert.encoder.layer.{i}.intermediate.dense.weight"),
+    ("layers.{i}.ffn.up.bias", "bert.encoder.layer.{i}.intermediate.dense.bias"),
+    ("layers.{i}.ffn.down.weight", "bert.encoder.layer.{i}.output.dense.weight"),
+    ("layers.{i}.ffn.down.bias", "bert.encoder.layer.{i}.output.dense.bias"),
+    ("layers.{i}.ffn_norm.weight", "bert.encoder.layer.{i}.output.LayerNorm.weight"),
+    ("layers.{i}.ffn_norm.bias", "bert.encoder.layer.{i}.output.LayerNorm.bias"),
+    ("pooler.weight", "bert.pooler.dense.weight"),
+    ("pooler.bias", "bert.pooler.dense.bias"),
+    ("nsp_head.weight", "cls.seq_relationship.weight"),
+    ("nsp_head.bias", "cls.seq_relationship.bias"),
+    ("mlm_head.transform.weight", "cls.predictions.transform.dense.weight"),
+    ("mlm_head.transform.bias", "cls.predictions.transform.dense.bias"),
+    ("mlm_head.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
+    ("mlm_head.norm.bias", "cls.predictions.transform.LayerNorm.bias"),
+    ("mlm_head.decoder.weight", "cls.predictions.decoder.weight"),
+    ("mlm_head.bias", "cls.predictions.bias"),
+]
+
+# Tied entries: the same tensor under a second name. A state dict may carry them or not
+# (HF's save_pretrained drops them, some checkpoint consolidators too); both directions fill
+# them from the source so the result always has every key its model's state_dict() has.
+OUR_TIED = {"mlm_head.decoder.weight": "embeddings.tokens.weight"}
+HF_TIED = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",  # HF keeps the bias on the decoder too
+}
+# Buffers some HF checkpoints carry that are not parameters (recomputed by the model).
+HF_BUFFERS = {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
+# Prefixes wrappers put in front of our names: DDP/DeepSpeed's `module.`, torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+_OURS_TO_HF = [(_pattern(ours), hf) for ours, hf in PARAMETER_NAMES]
+_HF_TO_OURS = [(_pattern(hf), ours) for ours, hf in PARAMETER_NAMES]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in table:
+        m = pattern.match(key)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+def _expected_keys(names: list[str], num_layers: int) -> set[str]:
+    keys = set()
+    for n in names:
+        if "{i}" in n:
+            keys.update(n.replace("{i}", str(i)) for i in range(num_layers))
+        else:
+            keys.add(n)
+    return keys
+
+
+def _num_layers(keys, prefix_pattern: str) -> int:
+    indices = [int(m.group(1)) for k in keys if (m := re.match(prefix_pattern, k))]
+    return max(indices) + 1 if indices else 0
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _convert(sd: dict, table, tied_in: dict, tied_out: dict, side: str,
+             layer_prefix: str, target_names: list[str]) -> dict:
+    sd = dict(sd)
+    for alias, source in tied_in.items():
+        if alias not in sd and source in sd:
+            sd[alias] = sd[source]
+    out, unknown = {}, []
+    for key, tensor in sd.items():
+        new = _rename(key, table)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = tensor
+    if unknown:
+        raise KeyError(f"{len(unknown)} {side} parameter(s) have no counterpart in "
+                       f"hf_export.PARAMETER_NAMES: {sorted(unknown)[:8]}")
+    expected = _expected_keys(target_names, _num_layers(out, layer_prefix))
+    missing = expected - out.keys()
+    if missing:
+        raise KeyError(f"{side} state dict is incomplete: {len(missing)} parameter(s) missing, "
+                       f"e.g. {sorted(missing)[:8]}")
+    for alias, source in tied_out.items():
+        out[alias] = out[source]
+    return out
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our `BertForPretraining` names -> `transformers.BertForPreTraining` names (tensors shared)."""
+    sd = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    return _convert(sd, _OURS_TO_HF, OUR_TIED, HF_TIED, "mlm_dist",
+                    r"bert\.encoder\.layer\.(\d+)\.", [hf for _, hf in PARAMETER_NAMES])
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`transformers.BertForPreTraining.state_dict()` names -> ours (inverse of to_hf_state_dict).
+
+    For starting from a published checkpoint, load it with
+    `BertForPreTraining.from_pretrained(...)` first (which also renames legacy gamma/beta
+    names) and pass its `state_dict()`.
+    """
+    sd = {k: v for k, v in hf_sd.items() if k not in HF_BUFFERS}
+    bias = sd.pop("cls.predictions.decoder.bias", None)
+    if bias is not None and "cls.predictions.bias" not in sd:
+        sd["cls.predictions.bias"] = bias
+    return _convert(sd, _HF_TO_OURS, {}, OUR_TIED, "Hugging Face",
+                    r"layers\.(\d+)\.", [ours for ours, _ in PARAMETER_NAMES])
+
+
+def hf_bert_config(cfg: ModelConfig):
+    """The `transformers.BertConfig` describing the same network as `cfg`."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act="gelu",  # exact erf GELU, as model.py computes it
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_positions,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=True,
+        architectures=["BertForPreTraining"],
+    )
+
+
+def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
+    """A `transformers` fast tokenizer that gives the same ids as our `Tokenizer.encode`.
+
+    Built from the SentencePiece model file, needing neither the network nor a slow tokenizer
+    class. (transformers' `AlbertTokenizer` would also read a SentencePiece model, but it
+    lower-cases, strips accents and penalises some pieces by default, i.e. different ids.)
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE, Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    ours = Tokenizer.load(tokenizer_dir)  # validates the special-token layout
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(ours.path.read_bytes())
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    # These are what train_tokenizer produces; the pipeline below reproduces exactly them.
+    if not (norm.add_dummy_prefix and norm.remove_extra_whitespaces and norm.escape_whitespaces
+            and trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix
+            and not trainer.byte_fallback):
+        raise ValueError(f"{ours.path}: unsupported SentencePiece options for export "
+                         "(expected the defaults used by `mlm-dist tokenizer train`)")
+
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        backend = BackendTokenizer(Unigram(pieces, unk_id=UNK_ID, byte_fallback=False))
+    elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        from transformers.tokenization_utils_base import generate_merges
+
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        backend = BackendTokenizer(BPE(vocab, generate_merges(vocab), unk_token=SPECIAL_TOKENS[UNK_ID],
+                                       fuse_unk=True, byte_fallback=False, dropout=None))
+    else:
+        raise ValueError(f"{ours.path}: SentencePiece model type {trainer.model_type} cannot be "
+                         "exported (unigram and bpe can)")
+
+    # SentencePiece normalises in this order: the precompiled character map (NFKC and friends),
+    # then drops leading/trailing spaces and collapses runs, then marks word starts with "▁"
+    # (add_dummy_prefix puts one in front of the first word). Only ASCII space counts as
+    # whitespace at that point, hence " " in the regexes rather than \s.
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+    backend.normalizer = normalizers.Sequence(steps)
+    # prepend_scheme="always" also prefixes the text after a [MASK] with "▁", matching
+    # Tokenizer.encode(parse_mask=True), which encodes each side of a [MASK] on its own.
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    cls, sep = SPECIAL_TOKENS[CLS_ID], SPECIAL_TOKENS[SEP_ID]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, CLS_ID), (sep, SEP_ID)],
+    )
+
+    def special(i: int) -> AddedToken:
+        # normalized=False: matched in the raw text before normalisation, so "[MASK]" typed by
+        # a user becomes the mask id (as fill-mask needs) rather than "▁[", "MASK", "]".
+        return AddedToken(SPECIAL_TOKENS[i], normalized=False, special=True)
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=special(PAD_ID), unk_token=special(UNK_ID), cls_token=special(CLS_ID),
+        sep_token=special(SEP_ID), mask_token=special(MASK_ID),
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+    )
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.convert_tokens_to_ids(name) != i:  # cannot happen for a valid model; cheap to check
+            raise AssertionError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
+    return tok
+
+
+def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
+              tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a folder that `BertForPreTraining.from_pretrained` and `AutoTokenizer.from_pretrained` load.
+
+    Contents: config.json, model.safetensors (fp32), tokenizer.json + tokenizer_config.json, and
+    a copy of our tokenizer.model. Everything is written to a temporary sibling directory that is
+    renamed into place at the end, so a failed export leaves nothing half-written behind.
+    """
+    from transformers import BertForPreTraining
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export target {out} already exists and is not empty; "
+                              "choose another --out or remove it")
+    ours = Tokenizer.load(tokenizer_dir)
+    if ours.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
+                         f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
+
+    hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in to_hf_state_dict(state_dict).items()}
+    model = BertForPreTraining(hf_bert_config(cfg))
+    # strict=True: any shape or name mismatch is an error here, never a random weight later.
+    model.load_state_dict(hf_sd, strict=True)
+    tokenizer = hf_tokenizer(ours.path, model_max_length=cfg.max_positions)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem; mkdir (not mkdtemp) so the
+    # folder gets the user's usual permissions rather than 0700.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(ours.path, tmp / MODEL_FILE)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace a directory elsewhere
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

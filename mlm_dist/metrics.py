@@ -1,0 +1,95 @@
+"""Training metrics: summed on the device every micro-step, reduced across ranks only at the
+logging cadence (the one place the step waits for the host), written to TensorBoard by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mlm_dist.masking import IGNORE_INDEX
+
+# Sums kept on the device, in this order.
+_SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible")
+
+
+class MetricLogger:
+    def __init__(self, tensorboard_dir: Path | None, cfg, topo):
+        self.cfg, self.topo = cfg, topo
+        self.writer = None
+        self.jsonl = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tensorboard_dir))
+            # The same records as plain JSON lines, for scripts and for `tail -f`.
+            self.jsonl = open(tensorboard_dir.parent / "metrics.jsonl", "a")
+        self.sums: torch.Tensor | None = None
+        self.micro_steps = 0
+        self.tokens = 0
+        self.last_time = time.perf_counter()
+        self.history: list[dict] = []
+
+    def text(self, tag: str, value: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, value)
+
+    def accumulate(self, losses: dict, attention_mask: torch.Tensor, labels: torch.Tensor):
+        # Tokens the masker could have chosen: real tokens minus [CLS] and the two [SEP]s.
+        eligible = attention_mask.sum() - 3 * attention_mask.shape[0]
+        values = torch.stack([
+            losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
+            losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
+            (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
+            eligible.float(),
+        ])
+        self.sums = values if self.sums is None else self.sums + values
+        self.micro_steps += 1
+        self.tokens += attention_mask.numel()
+
+    def flush(self, step: int, lr: float, grad_norm, data_wait: float) -> dict:
+        sums = self.sums.clone()
+        dist.all_reduce(sums)  # the cadence's one host sync
+        s = dict(zip(_SUMS, sums.tolist()))
+        n = self.micro_steps * self.topo.world_size
+        now = time.perf_counter()
+        elapsed = now - self.last_time
+        if grad_norm is not None and not isinstance(grad_norm, float):
+            grad_norm = float(grad_norm)
+        record = {
+            "step": step,
+            "train/loss": s["loss"] / n,
+            "train/mlm_loss": s["mlm_loss"] / n,
+            "train/nsp_loss": s["nsp_loss"] / n,
+            "train/mlm_acc": s["mlm_correct"] / max(1.0, s["mlm_count"]),
+            "train/nsp_acc": s["nsp_acc"] / n,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm if grad_norm is not None else math.nan,
+            "train/seq_len": self.cfg.train.seq_len,
+            "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
+            "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
+            "perf/data_wait_frac": data_wait / elapsed,
+        }
+        self.history.append(record)
+        if self.writer is not None:
+            for tag, value in record.items():
+                if tag != "step":
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+            line = json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                               for k, v in record.items()})
+            print(line, flush=True)
+            self.jsonl.write(line + "\n")
+            self.jsonl.flush()
+        self.sums, self.micro_steps, self.tokens, self.last_time = None, 0, 0, now
+        return record
+
+    def close(self) -> dict:
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()
+        return {"history": self.history}

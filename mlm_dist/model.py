@@ -1,0 +1,262 @@
+"""BERT for pretraining (MLM + NSP) in plain torch.
+
+The network is the original BERT, computed exactly as Hugging Face's `BertForPreTraining`
+does it (post-LayerNorm residual blocks, exact-erf GELU, learned absolute positions, segment
+embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that class
+(see `hf_export.py`). Two things differ, both for speed and neither changes the numbers:
+
+- attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel;
+- the MLM head runs only on the masked positions it is asked about. The vocabulary projection
+  is the largest matmul in the model at small hidden sizes (H x 30k per position); doing it for
+  the ~20 predicted positions of a 128-token sequence instead of all 128 saves most of it.
+
+This file knows nothing of ranks, DeepSpeed or data loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlm_dist.config import ModelConfig
+
+IGNORE_INDEX = -100  # label value meaning "no prediction here" (F.cross_entropy's default)
+
+
+class Embeddings(nn.Module):
+    """token + position + segment embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        # arange on the ids' device: no host->device copy, and it broadcasts over the batch.
+        positions = torch.arange(seq_len, device=input_ids.device)
+        x = self.tokens(input_ids) + self.token_types(token_type_ids) + self.positions(positions)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.attention_dropout = cfg.attention_dropout
+        # Separate q/k/v projections keep a 1:1 parameter mapping to Hugging Face's BERT; the
+        # three small matmuls cost next to nothing compared with the rest of the layer.
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, hidden = x.shape
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, S, H] -> [B, heads, S, head_dim]
+            return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_bias.to(q.dtype),  # no-op unless autocast made q lower precision
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(batch, seq_len, hidden)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Exact (erf) GELU, as in the original BERT and HF's hidden_act="gelu"; the tanh
+        # approximation would break parity with exported checkpoints.
+        return self.down(F.gelu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """One post-LN block: x = norm(x + attn(x)); x = norm(x + ffn(x)).
+
+    Post-LN (normalising *after* the residual add) is what BERT does; it is less forgiving of
+    large learning rates than pre-LN, which is why BERT recipes use warmup.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, attn_bias)))
+        x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x
+
+
+class MaskedLMHead(nn.Module):
+    """transform (dense, GELU, LayerNorm), then a projection onto the vocabulary.
+
+    The projection's weight *is* the token embedding matrix (set by BertForPretraining), with
+    its own output bias. The weight is shared by assigning the same Parameter to a Linear module
+    rather than calling F.linear on the embedding's weight from here: parameter-partitioning
+    wrappers gather a module's parameters around that module's own forward, so the tied matrix
+    must be a parameter of the module that uses it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.transform(h)))
+        return self.decoder(h) + self.bias
+
+
+class BertForPretraining(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved from the tokenizer before "
+                             f"building the model (got {cfg.vocab_size})")
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"model.hidden_size {cfg.hidden_size} is not divisible by "
+                             f"model.num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # tanh(W h_[CLS] + b)
+        self.nsp_head = nn.Linear(cfg.hidden_size, 2)  # logits for (is next, is random)
+        self.mlm_head = MaskedLMHead(cfg)
+        # Tied, as in BERT: the matrix that reads tokens in also scores them out.
+        self.mlm_head.decoder.weight = self.embeddings.tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # BERT's init: every matrix N(0, init_std), biases 0, LayerNorm the identity.
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MaskedLMHead):
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] long
+        token_type_ids: torch.Tensor,  # [B, S] long, 0 = sentence A, 1 = sentence B
+        attention_mask: torch.Tensor,  # [B, S], 1 = real token, 0 = padding
+        masked_positions: torch.Tensor | None = None,  # [B, K] long, positions to predict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits [B, 2])."""
+        x = self.embeddings(input_ids, token_type_ids)
+
+        # One additive bias for every layer, [B, 1, 1, S]: broadcast over heads and query
+        # positions, so padded *keys* are ignored while every query row keeps at least its own
+        # real tokens. A large finite negative (not -inf, not a bool mask) keeps a row that is
+        # all padding finite instead of NaN. Built from tensors on the device: no host sync.
+        keep = attention_mask[:, None, None, :].to(x.dtype)
+        attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
+
+        for layer in self.layers:
+            x = layer(x, attn_bias)
+
+        nsp_logits = self.nsp_head(torch.tanh(self.pooler(x[:, 0])))
+
+        if masked_positions is not None:
+            # Pick the K hidden states to predict before the head: the transform and the
+            # vocabulary projection then run on B*K rows instead of B*S.
+            index = masked_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = torch.gather(x, 1, index)
+        mlm_logits = self.mlm_head(x)
+        return mlm_logits, nsp_logits
+
+
+def pretraining_loss(
+    mlm_logits: torch.Tensor,  # [B, K, V] (or [B, S, V])
+    mlm_labels: torch.Tensor,  # [B, K] (or [B, S]), IGNORE_INDEX where nothing is predicted
+    nsp_logits: torch.Tensor,  # [B, 2]
+    nsp_labels: torch.Tensor,  # [B], 0 = B follows A, 1 = B is random (IGNORE_INDEX allowed)
+) -> dict[str, torch.Tensor]:
+    """Loss = mean MLM cross entropy + mean NSP cross entropy, plus metrics, all 0-dim tensors.
+
+    Nothing here calls .item(): the training loop decides when to pay for a host sync.
+    Cross entropy runs in float32 because log-softmax over a 30k vocabulary in bf16 loses
+    most of its precision. Sums are divided by clamped counts so that a micro-batch with no
+    labelled position gives loss 0 (and zero gradient), never NaN.
+    """
+    mlm_logits = mlm_logits.float().flatten(0, -2)
+    mlm_labels = mlm_labels.flatten()
+    nsp_logits = nsp_logits.float()
+
+    mlm_valid = mlm_labels != IGNORE_INDEX
+    mlm_count = mlm_valid.sum()
+    mlm_denominator = mlm_count.clamp(min=1)
+    mlm_loss = F.cross_entropy(mlm_logits, mlm_labels, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / mlm_denominator
+    mlm_correct = ((mlm_logits.argmax(-1) == mlm_labels) & mlm_valid).sum()
+
+    nsp_valid = nsp_labels != IGNORE_INDEX
+    nsp_denominator = nsp_valid.sum().clamp(min=1)
+    nsp_loss = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / nsp_denominator
+    nsp_correct = ((nsp_logits.argmax(-1) == nsp_labels) & nsp_valid).sum()
+
+    return {
+        "loss": mlm_loss + nsp_loss,
+        "mlm_loss": mlm_loss,
+        "nsp_loss": nsp_loss,
+        "mlm_acc": mlm_correct / mlm_denominator,
+        "nsp_acc": nsp_correct / nsp_denominator,
+        "mlm_count": mlm_count,
+    }
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: weight decay on matrices, none on biases and LayerNorm parameters.
+
+    As in BERT: decaying a LayerNorm gain pulls it toward 0 (not toward its identity value 1),
+    and decaying biases only fights the data. Embedding matrices are decayed like any matrix.
+    The tied embedding/decoder matrix appears once (named_parameters skips duplicates).
+    """
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in no_decay_ids or name.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Distinct parameters (the tied embedding/decoder matrix counts once, as in HF)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,138 @@
+"""SentencePiece tokenizer with BERT's special tokens at fixed ids.
+
+[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. [CLS]/[SEP]/[MASK] are SentencePiece *control*
+symbols: they are never produced from raw text, so a corpus that happens to contain the string
+"[SEP]" cannot inject a separator. Only `encode(..., parse_mask=True)` (used by fill-mask) turns
+the literal "[MASK]" into the mask id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MODEL_FILE = "tokenizer.model"
+WORD_BOUNDARY = "\u2581"  # SentencePiece's "▁", marks a piece that starts a word
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    seed: int = 0,
+    input_sentence_size: int = 2_000_000,
+    character_coverage: float = 0.9995,
+) -> "Tokenizer":
+    """Train on an iterable of sentences and write `out_dir/tokenizer.model`.
+
+    SentencePiece samples at most `input_sentence_size` sentences (shuffled with the seeded
+    generator), so memory stays bounded on large corpora. One thread keeps the result
+    bit-for-bit reproducible for a given seed and input.
+    """
+    out = Path(out_dir)
+    target = out / MODEL_FILE
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another --out or remove it")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab-size {vocab_size} is too small: need more than "
+                         f"{len(SPECIAL_TOKENS)} special tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(s for s in sentences if s.strip()),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            pad_id=PAD_ID, pad_piece="[PAD]",
+            unk_id=UNK_ID, unk_piece="[UNK]",
+            bos_id=-1, eos_id=-1,
+            control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # The common cause is a vocab larger than the corpus supports; SentencePiece says so.
+        raise ValueError(f"SentencePiece training failed: {e}") from None
+    # Write under a temporary name first so a crash never leaves a half-written model behind.
+    tmp = target.with_suffix(".model.tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(target)
+    return Tokenizer.load(out)
+
+
+class Tokenizer:
+    def __init__(self, model_path: Path):
+        self.path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if self.sp.id_to_piece(i) != tok:
+                raise ValueError(f"{model_path} is not an mlm_dist tokenizer: id {i} is "
+                                 f"{self.sp.id_to_piece(i)!r}, expected {tok!r}; "
+                                 "train one with `mlm-dist tokenizer train`")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        p = Path(path)
+        model = p / MODEL_FILE if p.is_dir() else p
+        if not model.is_file():
+            raise FileNotFoundError(f"no tokenizer at {model}; train one with "
+                                    "`mlm-dist tokenizer train --input … --out DIR`")
+        return cls(model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode(self, text: str, parse_mask: bool = False) -> list[int]:
+        if not parse_mask:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split("[MASK]")):
+            if i:
+                ids.append(MASK_ID)
+            if part.strip():
+                ids.extend(self.sp.encode(part.strip()))
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def special_table(self) -> np.ndarray:
+        """Bool[vocab]: ids that masking must never choose or draw as a random replacement."""
+        table = np.zeros(self.vocab_size, dtype=bool)
+        table[: len(SPECIAL_TOKENS)] = True
+        return table
+
+    def word_start_table(self) -> np.ndarray:
+        """Bool[vocab]: pieces that begin a word (whole-word masking groups the rest with them)."""
+        return np.array([self.sp.id_to_piece(i).startswith(WORD_BOUNDARY) or i < len(SPECIAL_TOKENS)
+                         for i in range(self.vocab_size)], dtype=bool)
+
+
+def sentences_of(documents: Iterable[list[str]]) -> Iterator[str]:
+    for doc in documents:
+        yield from doc

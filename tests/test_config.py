@@ -1,0 +1,84 @@
+"""The run config: YAML + overrides, typed coercion, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlm_dist.config import ConfigError, dump_yaml, load_config, max_predictions, validate_topology
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_yaml_scientific_notation_and_overrides_are_coerced(tmp_path):
+    # PyYAML reads 1e-4 as the *string* "1e-4"; the field type decides.
+    cfg = load_config(write(tmp_path, {"optim": {"lr": "1e-4"}, "data": {"shards": "s"}}),
+                      ["train.steps=7", "masking.whole_word=true", "optim.warmup_steps=2"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and cfg.masking.whole_word is True
+
+
+def test_every_shipped_config_loads_with_shards_given():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path, ["data.shards=/somewhere"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["data.shards=x", "model.hidden_size=64", "model.num_heads=4"])
+    again = load_config(write(tmp_path, yaml.safe_load(dump_yaml(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optim.lrr=1"], "optim.lrr: unknown key"),
+    (["bogus=1"], "bogus: unknown key"),
+    (["optim.lr=abc"], "optim.lr: expected a number"),
+    (["train.steps=1.5"], "train.steps: expected an integer"),
+    (["train.steps=true"], "train.steps: expected an integer"),
+    (["masking.whole_word=maybe"], "masking.whole_word: expected true/false"),
+    (["train.precision=fp8"], "train.precision: expected one of"),
+    (["train.zero_stage=4"], "train.zero_stage: ZeRO stage 4 does not exist"),
+    (["train.seq_len=1024"], "train.seq_len: 1024 exceeds model.max_positions 512"),
+    (["train.global_batch=20", "train.micro_batch=8"], "train.global_batch: 20 is not divisible"),
+    (["model.num_heads=5"], "model.num_heads: hidden_size 768 is not divisible"),
+    (["masking.prob=0"], "masking.prob"),
+    (["masking.mask_frac=0.95"], "masking.random_frac: mask_frac + random_frac"),
+    (["optim.warmup_steps=1000", "train.steps=10"], "optim.warmup_steps"),
+    (["data.shards="], "data.shards: is required"),
+    (["optim=3"], "optim: expected a mapping"),
+    (["train.steps"], "expected key=value"),
+])
+def test_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.shards=x", *overrides])
+    assert key in str(e.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_topology_divisibility_and_grad_accumulation():
+    cfg = load_config(None, ["data.shards=x", "train.micro_batch=4", "train.global_batch=32"])
+    assert validate_topology(cfg, 2) == 4
+    assert validate_topology(cfg, 8) == 1
+    with pytest.raises(ConfigError, match="micro_batch × ranks = 4 × 3 = 12"):
+        validate_topology(cfg, 3)
+
+
+def test_max_predictions_derived_or_configured():
+    cfg = load_config(None, ["data.shards=x", "train.seq_len=128"])
+    assert 20 < max_predictions(cfg) <= 40  # mean 19.2, margin of 4 std
+    cfg = load_config(None, ["data.shards=x", "masking.max_predictions=20"])
+    assert max_predictions(cfg) == 20

@@ -1,0 +1,228 @@
+"""The plain-torch BERT against transformers' BertForPreTraining, the loss, and the HF name mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlm_dist.config import ModelConfig
+from mlm_dist.hf_export import from_hf_state_dict, hf_bert_config, to_hf_state_dict
+from mlm_dist.model import BertForPretraining, num_parameters, parameter_groups, pretraining_loss
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                max_positions=64, dropout=0.1, attention_dropout=0.1)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> BertForPretraining:
+    """A model whose biases and LayerNorms are not at their init values, so a mix-up between
+    weight and bias, or between two LayerNorms, shows up in the outputs."""
+    torch.manual_seed(seed)
+    model = BertForPretraining(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def batch(cfg: ModelConfig, seed: int = 1, batch_size: int = 3, seq_len: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, cfg.vocab_size, (batch_size, seq_len), generator=g)
+    input_ids[:, 0] = 2  # [CLS]
+    lengths = torch.tensor([seq_len, seq_len - 5, 7])[:batch_size]
+    positions = torch.arange(seq_len)
+    attention_mask = (positions[None, :] < lengths[:, None]).long()
+    # Sentence B starts half-way through the real tokens.
+    token_type_ids = ((positions[None, :] >= lengths[:, None] // 2) & attention_mask.bool()).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    return input_ids, token_type_ids, attention_mask
+
+
+def hf_twin(model: BertForPretraining, cfg: ModelConfig, attn_implementation: str):
+    hf = transformers.BertForPreTraining(hf_bert_config(cfg))
+    hf.config._attn_implementation = attn_implementation
+    hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=True)
+    return hf.eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_logits_match_hugging_face(attn_implementation):
+    cfg = tiny_config()
+    model = perturbed_model(cfg).eval()
+    hf = hf_twin(model, cfg, attn_implementation)
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    with torch.no_grad():
+        mlm_logits, nsp_logits = model(input_ids, token_type_ids, attention_mask)
+        ref = hf(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+    assert mlm_logits.shape == (3, 16, cfg.vocab_size) and nsp_logits.shape == (3, 2)
+    real = attention_mask.bool()
+    assert (mlm_logits[real] - ref.prediction_logits[real]).abs().max() < 1e-4
+    # Padded query positions attend to the real keys in both implementations, so they agree too.
+    assert (mlm_logits - ref.prediction_logits).abs().max() < 1e-4
+    assert (nsp_logits - ref.seq_relationship_logits).abs().max() < 1e-4
+
+
+def test_masked_positions_gather_matches_full_output():
+    cfg = tiny_config()
+    model = perturbed_model(cfg).eval()
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    masked_positions = torch.tensor([[1, 5, 15, 0], [2, 2, 9, 10], [1, 3, 6, 0]])
+    with torch.no_grad():
+        full, nsp_full = model(input_ids, token_type_ids, attention_mask)
+        picked, nsp_picked = model(input_ids, token_type_ids, attention_mask, masked_positions)
+    assert picked.shape == (3, 4, cfg.vocab_size)
+    expected = torch.stack([full[b, masked_positions[b]] for b in range(3)])
+    torch.testing.assert_close(picked, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nsp_picked, nsp_full)
+
+
+def test_training_step_backward_reaches_tied_weight_and_padding_only_row_is_finite():
+    cfg = tiny_config()
+    model = perturbed_model(cfg).train()
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    attention_mask[2] = 0  # a row that is all padding must not produce NaN
+    masked_positions = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    mlm_logits, nsp_logits = model(input_ids, token_type_ids, attention_mask, masked_positions)
+    labels = input_ids.gather(1, masked_positions)
+    out = pretraining_loss(mlm_logits, labels, nsp_logits, torch.tensor([0, 1, 0]))
+    out["loss"].backward()
+    assert torch.isfinite(mlm_logits).all() and torch.isfinite(nsp_logits).all()
+    assert model.mlm_head.decoder.weight is model.embeddings.tokens.weight
+    grad = model.embeddings.tokens.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_runs_in_bfloat16():
+    cfg = tiny_config()
+    model = perturbed_model(cfg).to(torch.bfloat16).eval()
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    with torch.no_grad():
+        mlm_logits, nsp_logits = model(input_ids, token_type_ids, attention_mask, torch.ones(3, 2).long())
+    assert mlm_logits.dtype == torch.bfloat16 and torch.isfinite(mlm_logits.float()).all()
+    out = pretraining_loss(mlm_logits, torch.tensor([[7, -100]] * 3), nsp_logits, torch.tensor([0, 1, 1]))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+
+
+def test_pretraining_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    mlm_logits = torch.randn(2, 5, 11, generator=g)
+    mlm_labels = torch.tensor([[3, -100, 7, 7, -100], [-100, 0, 10, -100, -100]])
+    nsp_logits = torch.randn(2, 2, generator=g)
+    nsp_labels = torch.tensor([1, 0])
+    out = pretraining_loss(mlm_logits, mlm_labels, nsp_logits, nsp_labels)
+
+    valid = mlm_labels != -100
+    flat_logits, flat_labels = mlm_logits[valid], mlm_labels[valid]
+    mlm_loss = F.cross_entropy(flat_logits, flat_labels)
+    nsp_loss = F.cross_entropy(nsp_logits, nsp_labels)
+    torch.testing.assert_close(out["mlm_loss"], mlm_loss)
+    torch.testing.assert_close(out["nsp_loss"], nsp_loss)
+    torch.testing.assert_close(out["loss"], mlm_loss + nsp_loss)
+    mlm_acc = (flat_logits.argmax(-1) == flat_labels).float().mean()
+    torch.testing.assert_close(out["mlm_acc"].float(), mlm_acc)
+    torch.testing.assert_close(out["nsp_acc"].float(), (nsp_logits.argmax(-1) == nsp_labels).float().mean())
+    assert out["mlm_count"].item() == 5
+    assert all(v.dim() == 0 for v in out.values())
+
+
+def test_pretraining_loss_with_nothing_labelled_is_zero_not_nan():
+    mlm_logits = torch.randn(2, 3, 11, requires_grad=True)
+    nsp_logits = torch.randn(2, 2, requires_grad=True)
+    out = pretraining_loss(mlm_logits, torch.full((2, 3), -100), nsp_logits, torch.full((2,), -100))
+    for name, value in out.items():
+        assert torch.isfinite(value.float()), name
+        assert value.item() == 0, name
+    out["loss"].backward()
+    assert torch.isfinite(mlm_logits.grad).all() and torch.isfinite(nsp_logits.grad).all()
+
+
+def test_pretraining_loss_computes_in_float32_for_bf16_logits():
+    mlm_logits = torch.randn(2, 3, 11)
+    mlm_labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    nsp_logits, nsp_labels = torch.randn(2, 2), torch.tensor([0, 1])
+    low = pretraining_loss(mlm_logits.bfloat16(), mlm_labels, nsp_logits.bfloat16(), nsp_labels)
+    assert low["loss"].dtype == torch.float32
+    ref = pretraining_loss(mlm_logits.bfloat16().float(), mlm_labels, nsp_logits.bfloat16().float(), nsp_labels)
+    torch.testing.assert_close(low["loss"], ref["loss"])
+
+
+def test_parameter_groups_exclude_biases_and_layernorms_from_decay():
+    model = BertForPretraining(tiny_config())
+    decay, no_decay = parameter_groups(model, weight_decay=0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {name_of[id(p)] for p in decay["params"]}
+    no_decay_names = {name_of[id(p)] for p in no_decay["params"]}
+    assert not decay_names & no_decay_names
+    assert decay_names | no_decay_names == set(name_of.values())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    for n in no_decay_names:
+        assert n.endswith("bias") or "norm" in n, n
+    for n in decay_names:
+        assert n.endswith("weight") and "norm" not in n, n
+    assert {"embeddings.norm.weight", "embeddings.norm.bias", "layers.0.attn_norm.weight",
+            "layers.1.ffn_norm.weight", "mlm_head.norm.weight", "mlm_head.bias"} <= no_decay_names
+    assert {"embeddings.tokens.weight", "layers.0.attn.query.weight", "pooler.weight"} <= decay_names
+
+
+def test_num_parameters_counts_tied_matrix_once_like_hugging_face():
+    cfg = tiny_config()
+    hf = transformers.BertForPreTraining(hf_bert_config(cfg))
+    assert num_parameters(BertForPretraining(cfg)) == sum(p.numel() for p in hf.parameters())
+
+
+def test_init_follows_bert():
+    cfg = tiny_config(vocab_size=1000, hidden_size=128, intermediate_size=256)
+    torch.manual_seed(0)
+    model = BertForPretraining(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:
+            assert abs(p.std().item() - cfg.init_std) < 0.003, name
+
+
+def test_state_dict_mapping_round_trip_covers_every_parameter():
+    cfg = tiny_config(num_layers=3)
+    model = perturbed_model(cfg)
+    ours = model.state_dict()
+    hf_model = transformers.BertForPreTraining(hf_bert_config(cfg))
+    hf_sd = to_hf_state_dict(ours)
+    assert set(hf_sd) == set(hf_model.state_dict())  # no leftovers on the HF side
+    for key, value in hf_model.state_dict().items():
+        assert hf_sd[key].shape == value.shape, key
+    back = from_hf_state_dict(hf_sd)
+    assert set(back) == set(ours)  # ... nor on ours
+    for key in ours:
+        assert torch.equal(back[key], ours[key]), key
+    # An HF state dict straight from the model (tied decoder keys, as transformers has them) maps too.
+    hf_model.load_state_dict(hf_sd)
+    again = from_hf_state_dict(hf_model.state_dict())
+    assert all(torch.equal(again[k], ours[k]) for k in ours)
+    # ... and one without the tied duplicates, as save_pretrained writes it.
+    slim = {k: v for k, v in hf_sd.items() if not k.startswith("cls.predictions.decoder.")}
+    slim_back = from_hf_state_dict(slim)
+    assert set(slim_back) == set(ours) and torch.equal(slim_back["mlm_head.bias"], ours["mlm_head.bias"])
+    # Wrapper prefixes (DeepSpeed/DDP `module.`) are tolerated; our tied copy may be absent.
+    wrapped = {f"module.{k}": v for k, v in ours.items() if k != "mlm_head.decoder.weight"}
+    assert set(to_hf_state_dict(wrapped)) == set(hf_sd)
+
+
+def test_state_dict_mapping_rejects_unknown_and_missing_parameters():
+    sd = BertForPretraining(tiny_config()).state_dict()
+    with pytest.raises(KeyError, match="no counterpart"):
+        to_hf_state_dict({**sd, "layers.0.attn.rotary.weight": torch.zeros(1)})
+    incomplete = {k: v for k, v in sd.items() if k != "layers.1.ffn.up.bias"}
+    with pytest.raises(KeyError, match="missing"):
+        to_hf_state_dict(incomplete)
+    hf_sd = to_hf_state_dict(sd)
+    with pytest.raises(KeyError, match="no counterpart"):
+        from_hf_state_dict({**hf_sd, "bert.encoder.layer.0.crossattention.x": torch.zeros(1)})
