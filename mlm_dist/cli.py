@@ -26,9 +26,10 @@ def _prepare(args) -> None:
     manifest = prepare_shards(args.input, args.tokenizer, args.out,
                               docs_per_shard=args.docs_per_shard,
                               valid_fraction=args.valid_fraction, seed=args.seed)
-    for split, shards in manifest.splits.items():
-        print(f"{split}: {len(shards)} shards, {sum(s['documents'] for s in shards)} documents, "
-              f"{sum(s['tokens'] for s in shards)} tokens")
+    for split in manifest.splits:
+        t = manifest.totals(split)
+        print(f"{split}: {t['shards']} shards, {t['documents']} documents, "
+              f"{t['sentences']} sentences, {t['tokens']} tokens")
 
 
 def _train(args) -> None:

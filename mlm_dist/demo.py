@@ -65,11 +65,11 @@ def run_demo(out: Path, steps: int = 300, ranks: int = 2, config: Path = REPO_CO
         print(f"[2/5] tokenizer: SentencePiece unigram, {tok.vocab_size} pieces -> {tokenizer}",
               flush=True)
     if not (shards / "manifest.json").exists():
-        manifest = prepare_shards([corpus], tokenizer, shards, docs_per_shard=1000,
+        manifest = prepare_shards([corpus], tokenizer, shards, docs_per_shard=500,
                                   valid_fraction=0.02)
-        train_shards = manifest.splits["train"]
-        print(f"[3/5] shards: {len(train_shards)} train shards, "
-              f"{sum(s['tokens'] for s in train_shards)} tokens -> {shards}", flush=True)
+        t = manifest.totals("train")
+        print(f"[3/5] shards: {t['shards']} train shards, {t['documents']} documents, "
+              f"{t['tokens']} tokens -> {shards}", flush=True)
 
     print(f"[4/5] pretraining on {ranks} DeepSpeed ranks", flush=True)
     resume = (run / "checkpoints" / "latest").exists()

@@ -6,14 +6,20 @@ runs alone, under `deepspeed`, `torchrun` or `srun`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 # DeepSpeed picks its accelerator at import time; say which one instead of letting it guess.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+# DeepSpeed's ZeRO calls torch collectives that torch has since renamed; the warning is theirs.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -146,4 +152,6 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
 
 def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """One fp32 state dict (our parameter names) from a sharded DeepSpeed checkpoint."""
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    # DeepSpeed narrates the consolidation on stdout; keep stdout for our own output.
+    with contextlib.redirect_stdout(sys.stderr):
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)

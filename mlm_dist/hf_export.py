@@ -15,6 +15,7 @@ alone, without sentencepiece installed and without the network.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,9 +63,10 @@ PARAMETER_NAMES: list[tuple[str, str]] = [
     ("mlm_head.bias", "cls.predictions.bias"),
 ]
 
-# Tied entries: the same tensor under a second name. A state dict may carry them or not
-# (HF's save_pretrained drops them, some checkpoint consolidators too); both directions fill
-# them from the source so the result always has every key its model's state_dict() has.
+# Tied entries: a second name for the same tensor. A state dict may carry them or not (HF's
+# save_pretrained drops them, so may checkpoint consolidators); conversion fills a missing one
+# from its source, refuses one that differs from it, and always returns every key that the
+# target model's own state_dict() has.
 OUR_TIED = {"mlm_head.decoder.weight": "embeddings.tokens.weight"}
 HF_TIED = {
     "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -108,21 +110,24 @@ def _num_layers(keys, prefix_pattern: str) -> int:
 
 
 def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
     return key
 
 
-def _convert(sd: dict, table, tied_in: dict, tied_out: dict, side: str,
-             layer_prefix: str, target_names: list[str]) -> dict:
+def _fill_tied(sd: dict, tied: dict, side: str) -> dict:
     sd = dict(sd)
-    for alias, source in tied_in.items():
-        if alias not in sd and source in sd:
+    for alias, source in tied.items():
+        if source not in sd:
+            continue  # reported as missing by _convert
+        if alias not in sd:
             sd[alias] = sd[source]
+        elif sd[alias] is not sd[source] and not torch.equal(sd[alias], sd[source]):
+            raise ValueError(f"{side} state dict: {alias} should be tied to {source} but differs")
+    return sd
+
+
+def _convert(sd: dict, table, side: str, layer_pattern: str, target_names: list[str]) -> dict:
     out, unknown = {}, []
     for key, tensor in sd.items():
         new = _rename(key, table)
@@ -133,21 +138,20 @@ def _convert(sd: dict, table, tied_in: dict, tied_out: dict, side: str,
     if unknown:
         raise KeyError(f"{len(unknown)} {side} parameter(s) have no counterpart in "
                        f"hf_export.PARAMETER_NAMES: {sorted(unknown)[:8]}")
-    expected = _expected_keys(target_names, _num_layers(out, layer_prefix))
-    missing = expected - out.keys()
+    missing = _expected_keys(target_names, _num_layers(out, layer_pattern)) - out.keys()
     if missing:
         raise KeyError(f"{side} state dict is incomplete: {len(missing)} parameter(s) missing, "
                        f"e.g. {sorted(missing)[:8]}")
-    for alias, source in tied_out.items():
-        out[alias] = out[source]
     return out
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our `BertForPretraining` names -> `transformers.BertForPreTraining` names (tensors shared)."""
-    sd = {_strip_wrappers(k): v for k, v in state_dict.items()}
-    return _convert(sd, _OURS_TO_HF, OUR_TIED, HF_TIED, "mlm_dist",
-                    r"bert\.encoder\.layer\.(\d+)\.", [hf for _, hf in PARAMETER_NAMES])
+    sd = _fill_tied({_strip_wrappers(k): v for k, v in state_dict.items()}, OUR_TIED, "mlm_dist")
+    hf_sd = _convert(sd, _OURS_TO_HF, "mlm_dist", r"bert\.encoder\.layer\.(\d+)\.",
+                     [hf for _, hf in PARAMETER_NAMES])
+    hf_sd["cls.predictions.decoder.bias"] = hf_sd["cls.predictions.bias"]
+    return hf_sd
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,11 +162,12 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     names) and pass its `state_dict()`.
     """
     sd = {k: v for k, v in hf_sd.items() if k not in HF_BUFFERS}
-    bias = sd.pop("cls.predictions.decoder.bias", None)
-    if bias is not None and "cls.predictions.bias" not in sd:
-        sd["cls.predictions.bias"] = bias
-    return _convert(sd, _HF_TO_OURS, {}, OUR_TIED, "Hugging Face",
-                    r"layers\.(\d+)\.", [ours for ours, _ in PARAMETER_NAMES])
+    if "cls.predictions.bias" not in sd and "cls.predictions.decoder.bias" in sd:
+        sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]
+    sd = _fill_tied(sd, HF_TIED, "Hugging Face")
+    sd.pop("cls.predictions.decoder.bias", None)  # the same tensor as cls.predictions.bias (checked)
+    return _convert(sd, _HF_TO_OURS, "Hugging Face", r"layers\.(\d+)\.",
+                    [ours for ours, _ in PARAMETER_NAMES])
 
 
 def hf_bert_config(cfg: ModelConfig):
@@ -261,8 +266,16 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     )
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.convert_tokens_to_ids(name) != i:  # cannot happen for a valid model; cheap to check
-            raise AssertionError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
+            raise ValueError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
     return tok
+
+
+def _name_tokenizer_class(config_file: Path, name: str) -> None:
+    # transformers 5 writes "TokenizersBackend", a name transformers 4 does not know. The older
+    # "PreTrainedTokenizerFast" means "load tokenizer.json as it is" in both (5 aliases it).
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = name
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
@@ -298,6 +311,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
         shutil.copyfile(ours.path, tmp / MODEL_FILE)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a directory elsewhere

@@ -171,10 +171,10 @@ class BertForPretraining(nn.Module):
         """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits [B, 2])."""
         x = self.embeddings(input_ids, token_type_ids)
 
-        # One additive bias for every layer, [B, 1, 1, S]: broadcast over heads and query
-        # positions, so padded *keys* are ignored while every query row keeps at least its own
-        # real tokens. A large finite negative (not -inf, not a bool mask) keeps a row that is
-        # all padding finite instead of NaN. Built from tensors on the device: no host sync.
+        # One additive bias shared by every layer, [B, 1, 1, S]: it broadcasts over heads and
+        # query positions, so no query attends to a padded key. A large finite negative (not
+        # -inf, not a bool mask) keeps a row that is all padding finite instead of NaN. It is
+        # built from tensors already on the device: no host sync.
         keep = attention_mask[:, None, None, :].to(x.dtype)
         attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
 

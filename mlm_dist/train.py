@@ -30,9 +30,9 @@ from mlm_dist.tokenizer import MASK_ID, Tokenizer
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer, Manifest]:
     """Find the tokenizer, check it matches the shards, and fill in model.vocab_size."""
     manifest = Manifest.load(cfg.data.shards)
-    tokenizer_dir = cfg.data.tokenizer or manifest.tokenizer["path"]
+    tokenizer_dir = cfg.data.tokenizer or manifest.tokenizer.path
     tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.sha256 != manifest.tokenizer["sha256"]:
+    if tokenizer.sha256 != manifest.tokenizer.sha256:
         raise ValueError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
                          f"{cfg.data.shards} were made with; point data.tokenizer at that one "
                          "or re-run `mlm-dist prepare`")
@@ -70,6 +70,7 @@ def train(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     model = BertForPretraining(cfg.model)
+    n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, cfg, topo.world_size)
     device = engine.device
 
@@ -94,7 +95,7 @@ def train(cfg: RunConfig) -> dict:
                            pin_memory=device.type == "cuda")
     logger = MetricLogger(run_dir / "tensorboard" if is_rank0 else None, cfg, topo)
     if is_rank0:
-        print(f"model: {num_parameters(model) / 1e6:.2f}M parameters, {topo.world_size} ranks, "
+        print(f"model: {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks, "
               f"ZeRO {t.zero_stage}, {t.precision}, grad accumulation {grad_accum}", flush=True)
         logger.text("config", f"```\n{dump_yaml(cfg)}\n```")
 

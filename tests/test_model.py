@@ -46,7 +46,8 @@ def batch(cfg: ModelConfig, seed: int = 1, batch_size: int = 3, seq_len: int = 1
 
 def hf_twin(model: BertForPretraining, cfg: ModelConfig, attn_implementation: str):
     hf = transformers.BertForPreTraining(hf_bert_config(cfg))
-    hf.config._attn_implementation = attn_implementation
+    hf.set_attn_implementation(attn_implementation)
+    assert hf.bert.encoder.layer[0].attention.self.config._attn_implementation == attn_implementation
     hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=True)
     return hf.eval()
 

@@ -67,9 +67,12 @@ def decode_document(sample: dict) -> list[np.ndarray]:
     if lengths.size and lengths.min() <= 0:
         raise ValueError(f"{where}: lengths.npy has a sentence of {lengths.min()} tokens; "
                          "the shard is corrupt, re-create it with `mlm-dist prepare`")
-    if int(lengths.sum()) != tokens.size:
-        raise ValueError(f"{where}: sentence lengths add up to {int(lengths.sum())} but there are "
+    total = int(lengths.sum(dtype=np.int64))
+    if total != tokens.size:
+        raise ValueError(f"{where}: sentence lengths add up to {total} but there are "
                          f"{tokens.size} tokens; the shard is corrupt, re-create it with `mlm-dist prepare`")
+    if lengths.size == 0:
+        return []
     return np.split(tokens.astype(np.int64), np.cumsum(lengths[:-1]))
 
 
@@ -170,8 +173,9 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return _manifest_from_json(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        except (ValueError, KeyError, TypeError) as e:
+            problem = (f"missing key {e}" if isinstance(e, KeyError) else
+                       f"not JSON: {e}" if isinstance(e, json.JSONDecodeError) else str(e))
             raise ValueError(f"{path} is malformed ({problem}); {_PREPARE_HINT}") from None
 
 
@@ -181,9 +185,10 @@ def _manifest_from_json(data) -> Manifest:
     if data["format"] != FORMAT_VERSION:
         raise ValueError(f"format {data['format']!r} is not the format {FORMAT_VERSION} this "
                          "mlm_dist reads")
-    tokenizer = TokenizerInfo(sha256=_typed(data["tokenizer"]["sha256"], str, "tokenizer.sha256"),
-                              vocab_size=_typed(data["tokenizer"]["vocab_size"], int, "tokenizer.vocab_size"),
-                              path=_typed(data["tokenizer"]["path"], str, "tokenizer.path"))
+    tok = _typed(data["tokenizer"], dict, "tokenizer")
+    tokenizer = TokenizerInfo(sha256=_typed(tok["sha256"], str, "tokenizer.sha256"),
+                              vocab_size=_typed(tok["vocab_size"], int, "tokenizer.vocab_size"),
+                              path=_typed(tok["path"], str, "tokenizer.path"))
     dtype = data["dtype"]
     if dtype not in TOKEN_DTYPES or np.iinfo(dtype).max < tokenizer.vocab_size - 1:
         raise ValueError(f"dtype {dtype!r} cannot hold a vocabulary of {tokenizer.vocab_size}")
@@ -194,7 +199,8 @@ def _manifest_from_json(data) -> Manifest:
     return Manifest(tokenizer=tokenizer, dtype=dtype, splits=splits)
 
 
-def _shard_from_json(entry: dict, where: str) -> ShardInfo:
+def _shard_from_json(entry, where: str) -> ShardInfo:
+    _typed(entry, dict, where)
     shard = ShardInfo(path=_typed(entry["path"], str, f"{where}.path"),
                       **{k: _typed(entry[k], int, f"{where}.{k}")
                          for k in ("documents", "sentences", "tokens", "bytes")},

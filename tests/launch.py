@@ -1,0 +1,72 @@
+"""Starting real `mlm-dist` processes from tests: alone, under deepspeed, under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+# Small enough to train in seconds on one CPU core per rank.
+TINY_OVERRIDES = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+    "model.intermediate_size=128", "model.max_positions=64",
+    "train.seq_len=64", "train.micro_batch=8", "train.global_batch=16",
+    "train.log_every=5", "optim.warmup_steps=5", "data.shuffle_buffer=32",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def launcher_prefix(launcher: str, ranks: int) -> list[str]:
+    if launcher == "alone":
+        return [sys.executable, "-m", "mlm_dist"]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                "--master_port", str(free_port()), "--module", "mlm_dist"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", str(free_port()), "-m", "mlm_dist"]
+    raise ValueError(launcher)
+
+
+def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
+          launcher: str = "deepspeed", check: bool = True, timeout: int = 300):
+    cmd = launcher_prefix(launcher, ranks) + [
+        "train", "--config", str(TINY), f"data.shards={shards}", f"out_dir={out_dir}",
+        *TINY_OVERRIDES, *overrides]
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mlm_dist", *args], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlm-dist {' '.join(args)}\nexit {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,62 @@
+import io
+
+import pytest
+import sentencepiece as spm
+
+from mlm_dist.data.corpus import iter_documents
+from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, SEP_ID, SPECIAL_TOKENS, Tokenizer,
+                                sentences_of, train_tokenizer)
+
+
+def corpus_sentences(path):
+    return list(sentences_of(iter_documents([path])))
+
+
+def test_special_tokens_have_fixed_ids(tiny_tokenizer):
+    assert [tiny_tokenizer.id_to_piece(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    assert [tiny_tokenizer.sp.piece_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tiny_tokenizer.special_table()[:5].all() and not tiny_tokenizer.special_table()[5:].any()
+
+
+def test_same_seed_and_input_give_identical_model(tmp_path, tiny_corpus):
+    sentences = corpus_sentences(tiny_corpus)
+    a = train_tokenizer(sentences, tmp_path / "a", vocab_size=400, seed=3)
+    b = train_tokenizer(sentences, tmp_path / "b", vocab_size=400, seed=3)
+    assert a.sha256 == b.sha256
+    assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "b" / MODEL_FILE).read_bytes()
+
+
+def test_special_token_text_never_becomes_special_ids(tiny_tokenizer):
+    text = "a [CLS] b [SEP] c [MASK] d [PAD] [UNK] x[SEP]y"
+    specials = {CLS_ID, SEP_ID, MASK_ID}
+    assert not specials & set(tiny_tokenizer.encode(text))
+    assert not specials & {i for ids in tiny_tokenizer.encode_batch([text, "[MASK]"]) for i in ids}
+
+
+def test_parse_mask_gives_mask_id(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("Return the [MASK] of the file.", parse_mask=True)
+    assert ids.count(MASK_ID) == 1
+    assert tiny_tokenizer.encode("[MASK]", parse_mask=True) == [MASK_ID]
+
+
+def test_refuses_to_overwrite_existing_model(tmp_path, tiny_corpus):
+    existing = tmp_path / MODEL_FILE
+    existing.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_tokenizer(corpus_sentences(tiny_corpus), tmp_path, vocab_size=400)
+    assert existing.read_bytes() == b"precious"
+
+
+def test_load_rejects_foreign_sentencepiece_model(tmp_path, tiny_corpus):
+    model = io.BytesIO()
+    # SentencePiece's defaults put <unk>, <s>, </s> at 0..2: not our special ids.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_sentences(tiny_corpus)),
+                                   model_writer=model, vocab_size=300, minloglevel=2)
+    (tmp_path / MODEL_FILE).write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match="not an mlm_dist tokenizer.*mlm-dist tokenizer train"):
+        Tokenizer.load(tmp_path)
+
+
+def test_load_missing_tokenizer_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mlm-dist tokenizer train"):
+        Tokenizer.load(tmp_path / "nowhere")
