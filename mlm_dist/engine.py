@@ -12,6 +12,7 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -150,8 +151,30 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
     return engine
 
 
-def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """One fp32 state dict (our parameter names) from a sharded DeepSpeed checkpoint."""
+def consolidated_state_dict(checkpoint_dir: str, tag: str,
+                            model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One fp32 state dict (our parameter names) from a DeepSpeed checkpoint of `model`."""
+    tag_dir = Path(checkpoint_dir) / tag
+    if (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(
+            tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return _unpartitioned_state_dict(tag_dir / "mp_rank_00_model_states.pt", model)
     # DeepSpeed narrates the consolidation on stdout; keep stdout for our own output.
     with contextlib.redirect_stdout(sys.stderr):
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def _unpartitioned_state_dict(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ZeRO stage 0: the module holds the training-precision weights; under bf16/fp16 the
+    optimizer wrapper keeps the fp32 master copies, group by group in the order of our
+    parameter_groups(), and those are the weights to export."""
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    state = {k: v.float() for k, v in states["module"].items()}
+    optimizer = states.get("optimizer")
+    masters = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if masters:
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [g["params"] for g in parameter_groups(model, 0.0)]
+        for params, fp32 in zip(groups, masters, strict=True):
+            for p, master in zip(params, fp32, strict=True):
+                state[names[id(p)]] = master.float().view(p.shape)
+    return state

@@ -19,9 +19,10 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Pa
     root, tag = checkpoint.locate(path)
     cfg = checkpoint.checkpoint_config(root, tag)
     model = BertForPretraining(cfg.model)
-    state = consolidated_state_dict(str(root), tag)
+    state = consolidated_state_dict(str(root), tag, model)
+    state.setdefault("mlm_head.decoder.weight", state["embeddings.tokens.weight"])  # tied
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("decoder.weight") for k in missing):
+    if missing or unexpected:
         raise ValueError(f"checkpoint {root / tag} does not match the model in its config: "
                          f"missing {missing}, unexpected {unexpected}")
     return model.eval(), cfg, root / tag

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mlm_dist.model import IGNORE_INDEX
 
 
 @dataclass

@@ -1,13 +1,19 @@
 """Real training runs: 2 CPU ranks under the deepspeed launcher (gloo), ZeRO 2 and 3, plus the
 same command alone and under torchrun. These are the slowest tests (seconds each)."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import torch
+from transformers import AutoTokenizer, BertForPreTraining
+
 from launch import cli, metrics, train
+from mlm_dist.inference import load_checkpoint
+from mlm_dist.tokenizer import Tokenizer
 
 REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc",
                  "train/nsp_acc", "train/lr", "train/grad_norm", "train/seq_len",
@@ -58,23 +64,61 @@ def test_resume_continues_from_latest(zero2_run, tiny_shards, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000050"
 
 
-def test_zero3_two_ranks(tiny_shards, tmp_path):
+def test_export_hf_from_sharded_checkpoint(zero2_run, tmp_path):
+    out = tmp_path / "hf"
+    cli("export-hf", "--checkpoint", str(zero2_run), "--out", str(out))
+    hf = BertForPreTraining.from_pretrained(out).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ours, cfg, tokenizer_dir = load_checkpoint(zero2_run)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    text_a, text_b = "Return the number of items in the list.", "The file is closed."
+    batch = hf_tokenizer([text_a, text_a], [text_b, "No."], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == ([2] + tokenizer.encode(text_a) + [3]
+                                              + tokenizer.encode(text_b) + [3])
+    with torch.no_grad():
+        hf_out = hf(**batch)
+        mlm, nsp = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    assert (hf_out.prediction_logits - mlm).abs().max() < 1e-4
+    assert (hf_out.seq_relationship_logits - nsp).abs().max() < 1e-4
+    # export never writes over an existing folder
+    again = cli("export-hf", "--checkpoint", str(zero2_run), "--out", str(out), check=False)
+    assert again.returncode == 2 and str(out) in again.stderr
+
+
+def test_zero3_two_ranks_then_fill_mask(tiny_shards, tmp_path):
     out = tmp_path / "run"
     train(tiny_shards, out, "train.zero_stage=3", "train.steps=10")
     assert metrics(out)[-1]["step"] == 10
     assert len(list((out / "checkpoints" / "step_00000010").glob("*zero_pp_rank_*"))) >= 2
+    proc = cli("fill-mask", "--checkpoint", str(out), "--top-k", "3", "The [MASK] is open.")
+    (line,) = proc.stdout.splitlines()
+    predictions = json.loads(line)["predictions"]
+    assert len(predictions) == 1 and len(predictions[0]) == 3
+    assert all(0 <= p["prob"] <= 1 for p in predictions[0])
 
 
-@pytest.mark.parametrize("launcher, ranks", [("alone", 1), ("torchrun", 2)])
-def test_same_command_alone_and_under_torchrun(tiny_shards, tmp_path, launcher, ranks):
+def test_alone_zero0_bf16_exports_fp32_master_weights(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    train(tiny_shards, out, "train.steps=5", "train.zero_stage=1", launcher=launcher, ranks=ranks)
+    train(tiny_shards, out, "train.steps=5", "train.zero_stage=0", launcher="alone")
+    assert metrics(out)[-1]["step"] == 5
+    model, _, _ = load_checkpoint(out)
+    w = model.layers[0].ffn.up.weight
+    # bf16 training weights round-trip through bf16 unchanged; the fp32 masters do not.
+    assert not torch.equal(w, w.bfloat16().float())
+
+
+def test_same_command_under_torchrun(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_shards, out, "train.steps=5", "train.zero_stage=1", launcher="torchrun")
     assert metrics(out)[-1]["step"] == 5
 
 
-def test_config_error_stops_before_any_work(tiny_shards, tmp_path):
-    proc = train(tiny_shards, tmp_path / "run", "train.zero_stage=4", launcher="alone",
-                 check=False)
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=4", "train.zero_stage: ZeRO stage 4 does not exist"),
+    ("train.precision=fp16", "train.precision: fp16 is not supported on cpu"),
+])
+def test_user_errors_stop_before_any_work(tiny_shards, tmp_path, override, message):
+    proc = train(tiny_shards, tmp_path / "run", override, launcher="alone", check=False)
     assert proc.returncode == 2
-    assert "train.zero_stage: ZeRO stage 4 does not exist" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "run").exists()

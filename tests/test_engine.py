@@ -1,0 +1,40 @@
+"""The DeepSpeed JSON is derived from our config; the `deepspeed:` block only adds to it."""
+
+import pytest
+
+from mlm_dist.config import ConfigError, load_config
+from mlm_dist.engine import deepspeed_config
+
+
+def cfg(*overrides):
+    return load_config(None, ["data.shards=x", "train.micro_batch=4", "train.global_batch=32",
+                              *overrides])
+
+
+def test_batch_arithmetic_and_precision_are_derived():
+    ds = deepspeed_config(cfg("train.zero_stage=3", "train.precision=bf16"), world_size=2)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert "fp16" not in ds
+    fp16 = deepspeed_config(cfg("train.precision=fp16"), world_size=1)["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_extra_keys_merge_and_derived_keys_are_refused():
+    c = cfg()
+    c.deepspeed = {"zero_optimization": {"overlap_comm": True}, "communication_data_type": "fp32"}
+    ds = deepspeed_config(c, world_size=2)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["communication_data_type"] == "fp32"
+    for bad, key in [({"train_batch_size": 64}, "deepspeed.train_batch_size"),
+                     ({"zero_optimization": {"stage": 1}}, "deepspeed.zero_optimization.stage"),
+                     ({"bf16": {"enabled": False}}, "deepspeed.bf16")]:
+        c.deepspeed = bad
+        with pytest.raises(ConfigError, match=key):
+            deepspeed_config(c, world_size=2)
+
+
+def test_world_size_that_does_not_divide_the_batch():
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        deepspeed_config(cfg(), world_size=3)
