@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
     de.add_argument("--out", default="runs/demo")
-    de.add_argument("--steps", type=int, default=300)
+    de.add_argument("--steps", type=int, default=800)
     de.add_argument("--ranks", type=int, default=2)
     de.set_defaults(func=_demo)
     return p
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"mlm-dist {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

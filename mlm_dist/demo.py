@@ -43,7 +43,7 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def run_demo(out: Path, steps: int = 300, ranks: int = 2, config: Path = REPO_CONFIG) -> None:
+def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CONFIG) -> None:
     from mlm_dist.data.corpus import iter_documents
     from mlm_dist.data.demo_corpus import write_stdlib_corpus
     from mlm_dist.data.prepare import prepare_shards
