@@ -80,10 +80,11 @@ class MetricLogger:
                 if tag != "step":
                     self.writer.add_scalar(tag, value, step)
             self.writer.flush()
-            line = json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                               for k, v in record.items()})
-            print(line, flush=True)
-            self.jsonl.write(line + "\n")
+            print(f"step {step:>7} | loss {record['train/loss']:.4f} "
+                  f"(mlm {record['train/mlm_loss']:.4f}, nsp {record['train/nsp_loss']:.4f}) | "
+                  f"mlm acc {record['train/mlm_acc']:.3f} | nsp acc {record['train/nsp_acc']:.3f} | "
+                  f"lr {lr:.2e} | {record['perf/tokens_per_s']:,.0f} tok/s", flush=True)
+            self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         self.sums, self.micro_steps, self.tokens, self.last_time = None, 0, 0, now
         return record
