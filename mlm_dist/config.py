@@ -48,6 +48,9 @@ class DataConfig:
     shuffle_buffer: int = 256
     # BERT draws a shorter target length with this probability so the model sees short inputs.
     short_seq_prob: float = 0.1
+    # Documents that may be lost to bad data (missing/corrupt shards, undecodable samples),
+    # summed over all ranks, before the run stops with an error.
+    max_skipped_samples: int = 1000
 
 
 @dataclass
@@ -275,6 +278,8 @@ def validate(cfg: RunConfig) -> None:
 
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(cfg.data.max_skipped_samples >= 0, "data.max_skipped_samples", "must be >= 0")
     _require(0.0 <= cfg.data.short_seq_prob <= 1.0, "data.short_seq_prob", "must be in [0, 1]")
     _require(bool(cfg.data.shards), "data.shards",
              "is required: the directory written by `mlm-dist prepare`")

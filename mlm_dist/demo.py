@@ -81,11 +81,16 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
     print(f"MLM loss {first['train/mlm_loss']:.3f} (step {first['step']}) -> "
           f"{last['train/mlm_loss']:.3f} (step {last['step']})", flush=True)
 
+    from mlm_dist.hf_export import export_hf
     from mlm_dist.inference import fill_mask, load_checkpoint
     from mlm_dist.tokenizer import Tokenizer
 
-    print("[5/5] fill-mask with the trained model", flush=True)
-    model, _, tokenizer_dir = load_checkpoint(run)
+    model, cfg, tokenizer_dir = load_checkpoint(run)
+    hf_dir = out / "hf"
+    if not hf_dir.exists():
+        export_hf(model.state_dict(), cfg.model, tokenizer_dir, hf_dir)
+    print(f"[5/5] exported to {hf_dir} (transformers.BertForPreTraining.from_pretrained "
+          "loads it); fill-mask with the trained model:", flush=True)
     tok = Tokenizer.load(tokenizer_dir)
     for prompt in PROMPTS:
         (top,) = fill_mask(model, tok, prompt, top_k=5)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from mlm_dist.masking import IGNORE_INDEX
 
 # Sums kept on the device, in this order.
-_SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible")
+_SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
+         "skipped")
 
 
 class MetricLogger:
@@ -51,8 +52,9 @@ class MetricLogger:
         self.micro_steps += 1
         self.tokens += attention_mask.numel()
 
-    def flush(self, step: int, lr: float, grad_norm, data_wait: float) -> dict:
-        sums = self.sums.clone()
+    def flush(self, step: int, lr: float, grad_norm, data_wait: float, skipped: int) -> dict:
+        # `skipped` is this rank's running total of documents lost to bad data.
+        sums = torch.cat([self.sums, self.sums.new_tensor([float(skipped)])])
         dist.all_reduce(sums)  # the cadence's one host sync
         s = dict(zip(_SUMS, sums.tolist()))
         n = self.micro_steps * self.topo.world_size
@@ -73,6 +75,7 @@ class MetricLogger:
             "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
             "perf/data_wait_frac": data_wait / elapsed,
+            "data/skipped_samples": s["skipped"],
         }
         self.history.append(record)
         if self.writer is not None:

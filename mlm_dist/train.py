@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from mlm_dist import checkpoint
 from mlm_dist.config import RunConfig, dump_yaml, max_predictions, validate_topology
-from mlm_dist.data.pipeline import build_loader
-from mlm_dist.data.shards import Manifest, shard_paths
+from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.reader import BadDataError
+from mlm_dist.data.shards import Manifest
 from mlm_dist.engine import build_engine, check_precision, init_distributed
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
@@ -74,11 +75,16 @@ def train(cfg: RunConfig) -> dict:
     engine = build_engine(model, cfg, topo.world_size)
     device = engine.device
 
-    start_step = 0
+    start_step, data_state = 0, None
     if cfg.checkpoint.resume:
         state = checkpoint.resume(engine, run_dir)
         if state is not None:
             start_step = state["step"]
+            if len(state["data"]) != topo.world_size:
+                raise ValueError(f"checkpoint.resume: the checkpoint was written by "
+                                 f"{len(state['data'])} ranks and this run has "
+                                 f"{topo.world_size}; resume on the same number of ranks")
+            data_state = state["data"][topo.rank]
             if is_rank0:
                 print(f"resumed from step {start_step}", flush=True)
 
@@ -86,13 +92,11 @@ def train(cfg: RunConfig) -> dict:
     masker = TokenMasker(tokenizer.special_table(), MASK_ID, max_predictions(cfg), t.seed,
                          topo.rank, device, cfg.masking.prob, cfg.masking.mask_frac,
                          cfg.masking.random_frac)
-    # The data stream is re-seeded by the start step so a resumed run does not replay the
-    # batches it already trained on.
-    batches = build_loader(shard_paths(cfg.data.shards, "train"), t.seq_len, t.micro_batch,
-                           topo.rank, topo.world_size, cfg.data.num_workers,
-                           seed=t.seed + start_step, shuffle_buffer=cfg.data.shuffle_buffer,
-                           short_seq_prob=cfg.data.short_seq_prob,
-                           pin_memory=device.type == "cuda")
+    batches = ResumableLoader(manifest_shards(cfg.data.shards), t.seq_len, t.micro_batch,
+                              topo.rank, topo.world_size, cfg.data.num_workers, seed=t.seed,
+                              shuffle_buffer=cfg.data.shuffle_buffer,
+                              short_seq_prob=cfg.data.short_seq_prob,
+                              pin_memory=device.type == "cuda", state=data_state)
     logger = MetricLogger(run_dir / "tensorboard" if is_rank0 else None, cfg, topo)
     if is_rank0:
         print(f"model: {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks, "
@@ -116,12 +120,21 @@ def train(cfg: RunConfig) -> dict:
             logger.accumulate(losses, batch.attention_mask, masked.labels)
         step += 1
         if step % t.log_every == 0 or step == t.steps:
-            logger.flush(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
-                         data_wait=data_wait)
+            record = logger.flush(step, lr=engine.get_lr()[0],
+                                  grad_norm=engine.get_global_grad_norm(),
+                                  data_wait=data_wait, skipped=batches.skipped_documents)
             data_wait = 0.0
+            if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
+                # Every rank sees the same reduced count at the same step, so all stop together.
+                raise BadDataError(
+                    f"{record['data/skipped_samples']:.0f} documents were skipped as bad data, "
+                    f"more than data.max_skipped_samples={cfg.data.max_skipped_samples}; the "
+                    "warnings above name the shards: check them with `mlm-dist prepare --verify`")
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+            data_states = [None] * topo.world_size
+            dist.all_gather_object(data_states, batches.state_dict())
             path = checkpoint.save(engine, run_dir, step, cfg, tokenizer.path,
-                                   {"step": step}, is_rank0)
+                                   {"step": step, "data": data_states}, is_rank0)
             if is_rank0:
                 print(f"saved checkpoint {path}", flush=True)
 

@@ -1,13 +1,14 @@
-"""NSP pairs: layout of [CLS] A [SEP] B [SEP], padding, and ~50 % random next segments."""
+"""NSP pairs: layout of [CLS] A [SEP] B [SEP], padding, truncation and ~50 % random next."""
 
 import numpy as np
 
-from mlm_dist.data.nsp import IS_NEXT, IS_RANDOM, NspPairBuilder
+from mlm_dist.data.nsp import IS_NEXT, IS_RANDOM, NspPairBuilder, truncate_pair
+from mlm_dist.data.pipeline import BatchWriter
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 
 def make_documents(n_docs=300, seed=0):
-    """Documents whose tokens encode (document, sentence, position) so pairs can be traced."""
+    """Documents whose tokens are consecutive integers, so pairs can be traced to their source."""
     rng = np.random.default_rng(seed)
     docs = []
     next_id = 10
@@ -21,52 +22,57 @@ def make_documents(n_docs=300, seed=0):
     return docs
 
 
-def segments(ex):
-    ids = ex.input_ids
-    n = int(ex.attention_mask.sum())
-    seps = np.flatnonzero(ids[:n] == SEP_ID)
-    return ids[1:seps[0]], ids[seps[0] + 1:seps[1]], n, seps
-
-
-def test_layout_and_balance():
+def test_packed_rows_have_bert_layout_and_labels_are_balanced():
     seq_len = 64
-    examples = list(NspPairBuilder(seq_len, np.random.default_rng(1))(make_documents()))
-    assert len(examples) > 500
-    labels = np.array([e.nsp_label for e in examples])
-    assert 0.42 < labels.mean() < 0.58, labels.mean()
-    for e in examples:
-        assert e.input_ids.shape == e.token_type_ids.shape == e.attention_mask.shape == (seq_len,)
-        a, b, n, seps = segments(e)
-        assert e.input_ids[0] == CLS_ID and len(seps) == 2 and seps[1] == n - 1
-        assert len(a) > 0 and len(b) > 0
-        assert (e.input_ids[n:] == PAD_ID).all() and (e.attention_mask[:n] == 1).all()
-        assert (e.attention_mask[n:] == 0).all()
-        assert (e.token_type_ids[:seps[0] + 1] == 0).all()
-        assert (e.token_type_ids[seps[0] + 1:n] == 1).all() and (e.token_type_ids[n:] == 0).all()
-        if e.nsp_label == IS_NEXT:
-            # Token ids were assigned consecutively, so an actual-next B continues A's text
-            # (truncation trims only the outer ends).
+    pairs = list(NspPairBuilder(seq_len, np.random.default_rng(1))(make_documents()))
+    assert len(pairs) > 500
+    labels = np.array([label for _, _, label in pairs])
+    assert 0.44 < labels.mean() < 0.56, labels.mean()
+    writer = BatchWriter(len(pairs), seq_len)
+    for a, b, label in pairs:
+        writer.add(a, b, label)
+    ids, types, mask, nsp = (t.numpy() for t in writer.take())
+    for row, (a, b, label) in enumerate(pairs):
+        n = len(a) + len(b) + 3
+        assert len(a) > 0 and len(b) > 0 and n <= seq_len
+        assert ids[row, 0] == CLS_ID and ids[row, len(a) + 1] == SEP_ID and ids[row, n - 1] == SEP_ID
+        assert (ids[row, 1:len(a) + 1] == a).all() and (ids[row, len(a) + 2:n - 1] == b).all()
+        assert (ids[row, n:] == PAD_ID).all() and mask[row].sum() == n and mask[row, :n].all()
+        assert (types[row, :len(a) + 2] == 0).all() and (types[row, len(a) + 2:n] == 1).all()
+        assert (types[row, n:] == 0).all() and nsp[row] == label
+        if label == IS_NEXT:
+            # consecutive ids: an actual-next B continues A (truncation trims outer ends only)
             assert b[0] > a[-1] and b[0] - a[-1] < 60
 
 
 def test_random_next_comes_from_another_document():
     docs = make_documents(n_docs=100)
-    owner = {}
-    for d, doc in enumerate(docs):
-        for s in doc:
-            for t in s:
-                owner[int(t)] = d
-    for e in NspPairBuilder(48, np.random.default_rng(2))(docs):
-        a, b, _, _ = segments(e)
-        if e.nsp_label == IS_RANDOM:
+    owner = {int(t): d for d, doc in enumerate(docs) for s in doc for t in s}
+    for a, b, label in NspPairBuilder(48, np.random.default_rng(2))(docs):
+        if label == IS_RANDOM:
             assert owner[int(a[0])] != owner[int(b[0])]
         else:
             assert owner[int(a[0])] == owner[int(b[-1])]
 
 
+def test_truncation_matches_berts_loop_in_lengths():
+    rng = np.random.default_rng(0)
+    for la, lb, limit in [(100, 5, 50), (30, 40, 50), (40, 40, 51), (10, 10, 50), (3, 300, 61)]:
+        a, b = truncate_pair(np.arange(la), np.arange(1000, 1000 + lb), limit, rng)
+        # reference: BERT's token-at-a-time loop, lengths only
+        ra, rb = la, lb
+        while ra + rb > limit:
+            if ra > rb:
+                ra -= 1
+            else:
+                rb -= 1
+        assert (len(a), len(b)) == (ra, rb)
+        assert (np.diff(a) == 1).all() and (np.diff(b) == 1).all()  # contiguous slices
+
+
 def test_long_sentences_are_truncated_and_same_seed_same_pairs():
     docs = [[np.arange(10, 500), np.arange(500, 900)], [np.arange(900, 1300)]] * 5
-    a = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
-    b = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
-    assert all(int(e.attention_mask.sum()) <= 32 for e in a)
-    assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    x = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
+    y = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
+    assert all(len(a) + len(b) + 3 <= 32 for a, b, _ in x)
+    assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(x, y))

@@ -1,36 +1,59 @@
-"""The loader: shards dealt across ranks and workers, fixed-shape batches, seeded order."""
+"""The loader: every document read once per epoch by exactly one reader, whatever the number
+of shards, ranks and workers; fixed-shape batches; exact resume; bad data skipped and counted."""
 
 import itertools
+import logging
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from mlm_dist.data.pipeline import build_loader, shards_for
-from mlm_dist.data.shards import shard_paths
+from data_fixtures import corpus_documents, write_shards
+from mlm_dist.data.pipeline import ResumableLoader, Shard, manifest_shards, work_units
 from mlm_dist.tokenizer import CLS_ID, SEP_ID
-
-
-@pytest.mark.parametrize("n_shards, world, workers", [(8, 2, 2), (5, 2, 1), (7, 3, 2)])
-def test_each_epoch_deals_every_shard_to_exactly_one_reader(n_shards, world, workers):
-    shards = [f"s{i}" for i in range(n_shards)]
-    for epoch in range(3):
-        dealt = [shards_for(shards, epoch, 0, r, world, w, workers)
-                 for r in range(world) for w in range(workers)]
-        flat = [s for d in dealt for s in d]
-        assert sorted(flat) == sorted(shards)
-    # the deal changes between epochs
-    assert shards_for(shards, 0, 0, 0, world, 0, workers) != shards_for(shards, 1, 0, 0, world,
-                                                                        0, workers) or n_shards < 4
 
 
 def take(loader, n):
     return list(itertools.islice(loader, n))
 
 
+def loader(shards_dir, rank=0, world=2, workers=0, seed=0, seq_len=64, micro=4, state=None):
+    return ResumableLoader(manifest_shards(shards_dir), seq_len, micro, rank, world, workers,
+                           seed, shuffle_buffer=16, state=state)
+
+
+def ids(batches):
+    return [b.input_ids for b in batches]
+
+
+def same(xs, ys):
+    return len(xs) == len(ys) and all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory, tiny_corpus, tiny_tokenizer):
+    """Five shards of very different sizes: 1, 3, 7, 40 and 120 documents."""
+    docs = corpus_documents(tiny_corpus, tiny_tokenizer)
+    return write_shards(tmp_path_factory.mktemp("uneven") / "shards", docs, [1, 3, 7, 40, 120],
+                        tiny_tokenizer)
+
+
+@pytest.mark.parametrize("sizes, readers", [([5, 9, 2, 7], 2), ([5, 9, 2, 7], 4),
+                                            ([5, 9, 2], 8), ([3], 4), ([1, 30], 5)])
+def test_every_document_once_per_epoch_whatever_the_reader_count(sizes, readers):
+    shards = [Shard(f"s{i}", n) for i, n in enumerate(sizes)]
+    for epoch in range(3):
+        seen = []
+        for r in range(readers):
+            for u in work_units(shards, epoch, 7, r, readers):
+                seen += [(u.shard.path, d) for d in range(u.shard.documents)
+                         if d % u.modulus == u.remainder]
+        assert sorted(seen) == sorted((s.path, d) for s in shards for d in range(s.documents))
+
+
 def test_batches_have_fixed_shape_and_bert_layout(tiny_shards):
-    paths = shard_paths(tiny_shards, "train")
-    batches = take(build_loader(paths, 64, 8, rank=0, world_size=2, num_workers=0, seed=1), 20)
-    for b in batches:
+    for b in take(loader(tiny_shards, seq_len=64, micro=8), 20):
         assert b.input_ids.shape == b.token_type_ids.shape == b.attention_mask.shape == (8, 64)
         assert b.input_ids.dtype == torch.long and b.nsp_label.shape == (8,)
         assert (b.input_ids[:, 0] == CLS_ID).all()
@@ -38,21 +61,73 @@ def test_batches_have_fixed_shape_and_bert_layout(tiny_shards):
 
 
 def test_same_seed_same_stream_and_ranks_read_different_data(tiny_shards):
-    paths = shard_paths(tiny_shards, "train")
-    a = take(build_loader(paths, 64, 4, 0, 2, num_workers=2, seed=3), 10)
-    b = take(build_loader(paths, 64, 4, 0, 2, num_workers=2, seed=3), 10)
-    other_rank = take(build_loader(paths, 64, 4, 1, 2, num_workers=2, seed=3), 10)
-    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    a = take(loader(tiny_shards, workers=2, seed=3), 10)
+    b = take(loader(tiny_shards, workers=2, seed=3), 10)
+    other_rank = take(loader(tiny_shards, rank=1, workers=2, seed=3), 10)
+    assert same(ids(a), ids(b))
     assert not torch.equal(a[0].input_ids, other_rank[0].input_ids)
 
 
-def test_stream_is_infinite_across_epochs(tiny_shards):
-    paths = shard_paths(tiny_shards, "train")
-    # The tiny corpus has a few hundred pairs per rank; 200 batches of 8 span several epochs.
-    assert len(take(build_loader(paths, 64, 8, 0, 2, num_workers=0, seed=0), 200)) == 200
+@pytest.mark.parametrize("world, workers", [(2, 2), (4, 2), (2, 3)])
+def test_uneven_shards_and_more_readers_than_shards_never_run_dry(uneven_shards, world, workers):
+    # 5 shards of 1..120 documents; up to 8 readers. Every rank's stream goes on through
+    # many epochs (a few hundred pairs in all), so no rank can wait on another.
+    for rank in range(world):
+        assert len(take(loader(uneven_shards, rank, world, workers), 150)) == 150
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error(tiny_shards):
-    paths = shard_paths(tiny_shards, "train")
-    with pytest.raises(ValueError, match="--docs-per-shard"):
-        build_loader(paths, 64, 8, 0, world_size=len(paths), num_workers=2, seed=0)
+@pytest.mark.parametrize("workers, consumed", [(0, 7), (2, 7), (2, 30)])
+def test_resume_continues_with_the_exact_next_batches(tiny_shards, workers, consumed):
+    full = take(loader(tiny_shards, workers=workers), consumed + 12)
+    first = loader(tiny_shards, workers=workers)
+    take(first, consumed)
+    state = first.state_dict()
+    resumed = take(loader(tiny_shards, workers=workers, state=state), 12)
+    assert same(ids(resumed), ids(full[consumed:]))
+    assert [b.nsp_label.tolist() for b in resumed] == [b.nsp_label.tolist()
+                                                       for b in full[consumed:]]
+
+
+def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(uneven_shards, shards)
+    # One reader, 120 batches of 1: well into the second epoch.
+    full = take(loader(shards, world=1, micro=1), 140)
+    first = loader(shards, world=1, micro=1)
+    take(first, 120)
+    state = first.state_dict()
+    (epoch, unit, _), = state["positions"].values()
+    # Remove every shard the resumed reader should not need to open.
+    units = work_units(manifest_shards(shards), epoch, 0, 0, 1)
+    needed = {u.shard.path for u in units[unit:]} | {
+        u.shard.path for u in work_units(manifest_shards(shards), epoch + 1, 0, 0, 1)}
+    for s in manifest_shards(shards):
+        if s.path not in needed:
+            (shards / s.path.rsplit("/", 1)[1]).unlink()
+    resumed = loader(shards, world=1, micro=1, state=state)
+    assert same(ids(take(resumed, 20)), ids(full[120:]))
+    assert resumed.skipped_documents == 0
+
+
+def test_resume_refuses_a_different_topology(tiny_shards):
+    first = loader(tiny_shards)
+    take(first, 3)
+    with pytest.raises(ValueError, match="same seed, shards, ranks and data.num_workers"):
+        loader(tiny_shards, workers=2, state=first.state_dict())
+
+
+def test_bad_data_is_skipped_counted_and_named(uneven_shards, tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shutil.copytree(uneven_shards, shards)
+    (shards / "train-000001.tar").unlink()  # 3 documents, missing
+    big = shards / "train-000004.tar"  # 120 documents, cut in half
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="mlm_dist.data"):
+        # One reader, one epoch's worth of pairs and more: it must get past both.
+        stream = loader(shards, world=1, micro=1)
+        batches = take(stream, 500)  # more than one epoch
+    assert len(batches) == 500
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "train-000001.tar" in messages and "train-000004.tar" in messages
+    # 3 missing + the 59 documents past the cut, counted against the manifest, every epoch
+    assert stream.skipped_documents >= 3 + 59

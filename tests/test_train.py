@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import torch
 from transformers import AutoTokenizer, BertForPreTraining
 
+from data_fixtures import corpus_documents, write_shards
 from launch import cli, metrics, train
 from mlm_dist.inference import load_checkpoint
 from mlm_dist.tokenizer import Tokenizer
@@ -95,6 +96,18 @@ def test_zero3_two_ranks_then_fill_mask(tiny_shards, tmp_path):
     predictions = json.loads(line)["predictions"]
     assert len(predictions) == 1 and len(predictions[0]) == 3
     assert all(0 <= p["prob"] <= 1 for p in predictions[0])
+
+
+def test_two_ranks_two_workers_over_uneven_shards(tiny_corpus, tiny_tokenizer, tmp_path):
+    # 3 shards of 1, 5 and 90 documents for 2 ranks x 2 workers = 4 readers: shards are shared
+    # and some readers run through their data many times faster than others. No rank may hang.
+    shards = write_shards(tmp_path / "shards", corpus_documents(tiny_corpus, tiny_tokenizer),
+                          [1, 5, 90], tiny_tokenizer)
+    out = tmp_path / "run"
+    train(shards, out, "train.steps=40", "data.num_workers=2", "train.micro_batch=4",
+          "train.global_batch=8", "train.log_every=10")
+    assert [r["step"] for r in metrics(out)] == [10, 20, 30, 40]
+    assert metrics(out)[-1]["data/skipped_samples"] == 0
 
 
 def test_alone_zero0_bf16_exports_fp32_master_weights(tiny_shards, tmp_path):

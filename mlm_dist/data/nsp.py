@@ -9,53 +9,39 @@ Pairs are built at whatever seq_len the current phase asks for, so shards never 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
-
 Document = list  # list of 1-D int arrays, one per sentence
+Pair = tuple  # (a: int array, b: int array, label: int)
 
 IS_NEXT, IS_RANDOM = 0, 1
 
 
-@dataclass
-class Example:
-    input_ids: np.ndarray  # int32 [seq_len]
-    token_type_ids: np.ndarray  # int8 [seq_len]
-    attention_mask: np.ndarray  # int8 [seq_len]
-    nsp_label: int
-
-
-def truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> None:
-    """Trim the longer segment, one token at a time from a random end (BERT's truncate_seq_pair)."""
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-
-
-def pack_example(a: list, b: list, label: int, seq_len: int) -> Example:
-    ids = np.full(seq_len, PAD_ID, dtype=np.int32)
-    types = np.zeros(seq_len, dtype=np.int8)
-    n_a, n_b = len(a), len(b)
-    ids[0] = CLS_ID
-    ids[1:1 + n_a] = a
-    ids[1 + n_a] = SEP_ID
-    ids[2 + n_a:2 + n_a + n_b] = b
-    ids[2 + n_a + n_b] = SEP_ID
-    types[2 + n_a:3 + n_a + n_b] = 1
-    mask = np.zeros(seq_len, dtype=np.int8)
-    mask[:3 + n_a + n_b] = 1
-    return Example(ids, types, mask, label)
+def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's truncate_seq_pair without its token-at-a-time loop: the longer segment is trimmed
+    until the two are equal, then both alternately; each trimmed token comes off the front or
+    the back with probability 1/2 (so the front share is binomial)."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return a, b
+    la, lb = len(a), len(b)
+    if abs(la - lb) >= excess:
+        cut_a, cut_b = (excess, 0) if la > lb else (0, excess)
+    else:
+        # Equalise, then split the rest; BERT's loop trims b on ties, so b takes the odd one.
+        rest = excess - abs(la - lb)
+        cut_a = max(0, la - lb) + rest // 2
+        cut_b = max(0, lb - la) + rest - rest // 2
+    front_a, front_b = rng.binomial(cut_a, 0.5), rng.binomial(cut_b, 0.5)
+    return a[front_a:la - (cut_a - front_a)], b[front_b:lb - (cut_b - front_b)]
 
 
 class NspPairBuilder:
-    """Turns a stream of documents into NSP examples of exactly `seq_len` tokens (padded).
+    """Turns a stream of documents into NSP pairs (a, b, label) that fit `seq_len` tokens
+    with [CLS] and two [SEP]s.
 
     Random "B" segments come from a rolling buffer of recently seen documents, the streaming
     stand-in for BERT's "any other document of the corpus".
@@ -63,21 +49,20 @@ class NspPairBuilder:
 
     def __init__(self, seq_len: int, rng: np.random.Generator, short_seq_prob: float = 0.1,
                  other_docs: int = 64):
-        self.seq_len = seq_len
+        self.max_tokens = seq_len - 3  # [CLS] A [SEP] B [SEP]
         self.rng = rng
         self.short_seq_prob = short_seq_prob
         self.recent: deque[Document] = deque(maxlen=other_docs)
 
-    def __call__(self, documents: Iterable[Document]) -> Iterator[Example]:
+    def __call__(self, documents: Iterable[Document]) -> Iterator[Pair]:
         for doc in documents:
             doc = [s for s in doc if len(s)]
             if doc:
                 yield from self._pairs(doc)
                 self.recent.append(doc)
 
-    def _pairs(self, doc: Document) -> Iterator[Example]:
-        rng = self.rng
-        max_tokens = self.seq_len - 3  # [CLS] A [SEP] B [SEP]
+    def _pairs(self, doc: Document) -> Iterator[Pair]:
+        rng, max_tokens = self.rng, self.max_tokens
         target = max_tokens
         if rng.random() < self.short_seq_prob:
             target = int(rng.integers(2, max_tokens + 1))
@@ -94,14 +79,14 @@ class NspPairBuilder:
                     i += 1
                     chunk.append(doc[i])
                 a_end = 1 if len(chunk) < 2 else int(rng.integers(1, len(chunk)))
-                a = [t for s in chunk[:a_end] for t in s.tolist()]
+                a = np.concatenate(chunk[:a_end])
                 if is_random:
                     b = self._random_segment(max(1, target - len(a)))
                     # The sentences not used for A go back to the document for the next pair.
                     i -= len(chunk) - a_end
                     label = IS_RANDOM
                 elif len(chunk) >= 2:
-                    b = [t for s in chunk[a_end:] for t in s.tolist()]
+                    b = np.concatenate(chunk[a_end:])
                     label = IS_NEXT
                 else:
                     # One sentence left and the coin said "actual next": split the sentence
@@ -112,17 +97,18 @@ class NspPairBuilder:
                         continue
                     cut = len(a) // 2
                     a, b, label = a[:cut], a[cut:], IS_NEXT
-                truncate_pair(a, b, max_tokens, rng)
-                yield pack_example(a, b, label, self.seq_len)
+                a, b = truncate_pair(a, b, max_tokens, rng)
+                yield a, b, label
                 chunk, length = [], 0
             i += 1
 
-    def _random_segment(self, target: int) -> list:
+    def _random_segment(self, target: int) -> np.ndarray:
         other = self.recent[int(self.rng.integers(len(self.recent)))]
         start = int(self.rng.integers(len(other)))
-        b: list = []
+        taken, length = [], 0
         for s in other[start:]:
-            b.extend(s.tolist())
-            if len(b) >= target:
+            taken.append(s)
+            length += len(s)
+            if length >= target:
                 break
-        return b
+        return np.concatenate(taken)

@@ -1,23 +1,33 @@
-"""Shards -> fixed-shape batches, one loader per rank.
+"""Shards -> fixed-shape batches, one loader per rank, resumable to the exact batch.
 
-Each rank reads a disjoint slice of the shards, each dataloader worker a disjoint slice of that,
-re-dealt every epoch from a seeded permutation. The stream is infinite (epochs follow one another),
-so training length is counted in steps and no rank ever waits at an epoch boundary for another.
-Everything random (shard order, document shuffle, NSP pairing) is seeded from
-(seed, epoch, rank, worker), so the same topology reproduces the same batches.
+Readers. A rank with W dataloader workers runs W readers; the R = ranks x W readers of the job
+split the data among themselves. Every epoch each reader is dealt its *work units* from a
+seeded permutation of the shards: whole shards when there are at least R of them, otherwise a
+1/k slice of one shard (every k-th document), so any number of readers can share any number of
+shards. Each reader's stream is infinite (epoch after epoch), so every rank always has a next
+batch: training is counted in steps and nothing ever waits at an epoch boundary.
+
+Determinism. Inside a work unit everything random (document shuffle, NSP pairing) is seeded by
+(seed, epoch, reader, unit), and nothing is carried from one unit to the next. So a reader's
+position is three integers, (epoch, unit, examples already emitted from it), and restoring it
+skips whole shards unread and regenerates only the current unit. Each batch carries the
+position its reader reached; the loader keeps the position of the last batch consumed from
+every reader, which is what a checkpoint saves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from mlm_dist.data.nsp import Example, NspPairBuilder
-from mlm_dist.data.shards import decode_document
+from mlm_dist.data.nsp import NspPairBuilder
+from mlm_dist.data.reader import SkipCounter, read_documents
+from mlm_dist.data.shards import Manifest
+from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
 
 @dataclass
@@ -26,88 +36,224 @@ class Batch:
     token_type_ids: torch.Tensor  # long [B, S]
     attention_mask: torch.Tensor  # long [B, S], 1 = real token
     nsp_label: torch.Tensor  # long [B]
+    # Bookkeeping for resume, not sent to the device.
+    reader: int = 0
+    position: tuple[int, int, int] = (0, 0, 0)
+    skipped: int = 0  # documents this reader has skipped so far
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
-                       (self.input_ids, self.token_type_ids, self.attention_mask, self.nsp_label)))
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.token_type_ids),
+                     move(self.attention_mask), move(self.nsp_label),
+                     self.reader, self.position, self.skipped)
 
     def pin_memory(self) -> "Batch":
-        return Batch(*(t.pin_memory() for t in
-                       (self.input_ids, self.token_type_ids, self.attention_mask, self.nsp_label)))
+        return Batch(self.input_ids.pin_memory(), self.token_type_ids.pin_memory(),
+                     self.attention_mask.pin_memory(), self.nsp_label.pin_memory(),
+                     self.reader, self.position, self.skipped)
 
 
-def collate(examples: list[Example]) -> Batch:
-    return Batch(
-        torch.from_numpy(np.stack([e.input_ids for e in examples]).astype(np.int64)),
-        torch.from_numpy(np.stack([e.token_type_ids for e in examples]).astype(np.int64)),
-        torch.from_numpy(np.stack([e.attention_mask for e in examples]).astype(np.int64)),
-        torch.tensor([e.nsp_label for e in examples], dtype=torch.long),
-    )
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    documents: int  # from the manifest
 
 
-def shards_for(shards: list[str], epoch: int, seed: int, rank: int, world_size: int,
-               worker: int, num_workers: int) -> list[str]:
-    """The shards one (rank, worker) reads in one epoch: a seeded deal of the whole list."""
+def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
+    """The shards of a split as the manifest lists them. A missing file is not an error here:
+    the reader skips it with a warning and counts its documents (see reader.py)."""
+    manifest = Manifest.load(directory)
+    if split not in manifest.splits or not manifest.splits[split]:
+        raise ValueError(f"data.shards: {directory} has no {split!r} shards; "
+                         "re-run `mlm-dist prepare`")
+    return [Shard(str(Path(directory).resolve() / s.path), s.documents)
+            for s in manifest.splits[split]]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    shard: Shard
+    modulus: int  # this unit is the documents whose index % modulus == remainder
+    remainder: int
+
+
+def work_units(shards: list[Shard], epoch: int, seed: int, reader: int,
+               readers: int) -> list[WorkUnit]:
+    """What one reader reads in one epoch. Over all readers: every document exactly once."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    mine = order[rank::world_size][worker::num_workers]
-    return [shards[i] for i in mine]
+    n = len(shards)
+    if n >= readers:
+        return [WorkUnit(shards[i], 1, 0) for i in order[reader::readers]]
+    # Fewer shards than readers: readers r, r+n, r+2n, ... share shard order[r % n].
+    sharing = len(range(reader % n, readers, n))
+    return [WorkUnit(shards[order[reader % n]], sharing, reader // n)]
+
+
+@dataclass
+class ReaderStream:
+    """One reader's infinite stream of NSP examples, startable at any saved position."""
+
+    shards: list[Shard]
+    reader: int
+    readers: int
+    seq_len: int
+    seed: int
+    shuffle_buffer: int
+    short_seq_prob: float
+    skips: SkipCounter = field(default_factory=SkipCounter)
+
+    def examples(self, start: tuple[int, int, int] = (0, 0, 0)):
+        """Yield (a, b, nsp_label, position after this example)."""
+        epoch, unit_index, offset = start
+        while True:
+            units = work_units(self.shards, epoch, self.seed, self.reader, self.readers)
+            for u in range(unit_index, len(units)):
+                skip = offset if u == unit_index else 0
+                emitted = 0
+                for a, b, label in self._unit_examples(units[u], epoch, u):
+                    emitted += 1
+                    if emitted > skip:
+                        yield a, b, label, (epoch, u, emitted)
+            epoch, unit_index, offset = epoch + 1, 0, 0
+
+    def _unit_examples(self, unit: WorkUnit, epoch: int, u: int):
+        rng = np.random.default_rng([self.seed, epoch, self.reader, u])
+        documents = read_documents(unit.shard.path, unit.shard.documents, unit.modulus,
+                                   unit.remainder, self.skips)
+        builder = NspPairBuilder(self.seq_len, rng, self.short_seq_prob)
+        return builder(shuffled(documents, self.shuffle_buffer, rng))
+
+
+def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """A streaming shuffle: hold `buffer_size` items, emit a random one as each new one arrives."""
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]  # swap-remove: O(1) pop
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class BatchWriter:
+    """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays."""
+
+    def __init__(self, micro_batch: int, seq_len: int):
+        self.micro_batch, self.seq_len = micro_batch, seq_len
+        self._new()
+
+    def _new(self) -> None:
+        shape = (self.micro_batch, self.seq_len)
+        self.ids = np.zeros(shape, dtype=np.int64)  # zeros = [PAD]
+        self.types = np.zeros(shape, dtype=np.int64)
+        self.mask = np.zeros(shape, dtype=np.int64)
+        self.labels = np.zeros(self.micro_batch, dtype=np.int64)
+        self.rows = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
+        """Add one pair; True when the batch is full."""
+        r, la, lb = self.rows, len(a), len(b)
+        ids = self.ids[r]
+        ids[0] = CLS_ID
+        ids[1:1 + la] = a
+        ids[1 + la] = SEP_ID
+        ids[2 + la:2 + la + lb] = b
+        ids[2 + la + lb] = SEP_ID
+        self.types[r, 2 + la:3 + la + lb] = 1
+        self.mask[r, :3 + la + lb] = 1
+        self.labels[r] = label
+        self.rows += 1
+        return self.rows == self.micro_batch
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        out = tuple(torch.from_numpy(x) for x in (self.ids, self.types, self.mask, self.labels))
+        self._new()
+        return out
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):
-    def __init__(self, shards: list[str], seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 256,
-                 short_seq_prob: float = 0.1):
-        readers = world_size * max(1, num_workers)
-        if len(shards) < readers:
-            raise ValueError(
-                f"data.shards: {len(shards)} train shards cannot feed {world_size} ranks × "
-                f"{max(1, num_workers)} workers (each reader needs at least one shard); "
-                "re-run `mlm-dist prepare` with a smaller --docs-per-shard or lower data.num_workers")
+    """The batches of one rank; each dataloader worker runs one reader."""
+
+    def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
+                 short_seq_prob: float, positions: dict[int, tuple[int, int, int]],
+                 worker_offset: int):
         self.shards = shards
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.short_seq_prob = short_seq_prob
-
-    def _documents(self, urls: list[str], rng: np.random.Generator) -> Iterator[list]:
-        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(
-            iter([{"url": u} for u in urls]))
-        buffer: list = []
-        for sample in samples:
-            buffer.append(decode_document(sample))
-            if len(buffer) >= self.shuffle_buffer:
-                # Swap-remove a random element: a shuffle buffer with O(1) pops.
-                j = int(rng.integers(len(buffer)))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+        self.workers = max(1, num_workers)
+        self.seed, self.shuffle_buffer, self.short_seq_prob = seed, shuffle_buffer, short_seq_prob
+        self.positions = positions
+        self.worker_offset = worker_offset
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        epoch = 0
-        pending: list[Example] = []
-        while True:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            urls = shards_for(self.shards, epoch, self.seed, self.rank, self.world_size,
-                              worker, self.num_workers)
-            builder = NspPairBuilder(self.seq_len, rng, self.short_seq_prob)
-            for example in builder(self._documents(urls, rng)):
-                pending.append(example)
-                if len(pending) == self.micro_batch:
-                    yield collate(pending)
-                    pending = []
-            epoch += 1
+        # The DataLoader always asks worker 0 first; after a resume the next batch is due from
+        # worker (batches consumed % W), so worker w plays that role. See ResumableLoader.
+        role = (worker + self.worker_offset) % self.workers
+        reader = self.rank * self.workers + role
+        stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
+                              self.seed, self.shuffle_buffer, self.short_seq_prob)
+        writer = BatchWriter(self.micro_batch, self.seq_len)
+        for a, b, label, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
+            if writer.add(a, b, label):
+                yield Batch(*writer.take(), reader=reader, position=position,
+                            skipped=stream.skips.documents)
 
 
-def build_loader(shards: list[str], seq_len: int, micro_batch: int, rank: int,
+class ResumableLoader:
+    """Iterator of Batches for one rank with a state_dict() that restores the exact stream.
+
+    The state is the position of every reader of this rank after the last batch *consumed*
+    (prefetched batches do not count), plus the number of batches consumed.
+    """
+
+    def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 256,
-                 short_seq_prob: float = 0.1, pin_memory: bool = False) -> Iterator[Batch]:
-    stream = PretrainingStream(shards, seq_len, micro_batch, rank, world_size, num_workers,
-                               seed, shuffle_buffer, short_seq_prob)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
-    return iter(loader)
+                 short_seq_prob: float = 0.1, pin_memory: bool = False,
+                 state: dict | None = None):
+        readers = world_size * max(1, num_workers)
+        if not shards:
+            raise ValueError("data.shards: the manifest lists no train shards")
+        state = state or {}
+        self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
+        self.batches = int(state.get("batches", 0))
+        self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
+        self.signature = {"seed": seed, "readers": readers, "shards": len(shards)}
+        if state and state.get("signature") != self.signature:
+            raise ValueError(
+                f"the saved data position was made with {state.get('signature')} and this run "
+                f"has {self.signature}; resume with the same seed, shards, ranks and "
+                "data.num_workers")
+        stream = PretrainingStream(shards, seq_len, micro_batch, rank, world_size, num_workers,
+                                   seed, shuffle_buffer, short_seq_prob, self.positions,
+                                   worker_offset=self.batches % max(1, num_workers))
+        self.loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+        self.iterator = iter(self.loader)
+        self.skipped_base = dict(self.skipped)
+
+    def __iter__(self) -> "ResumableLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.iterator)
+        self.positions[batch.reader] = batch.position
+        # A reader's skip count restarts at 0 with the process; add what it had before.
+        self.skipped[batch.reader] = self.skipped_base.get(batch.reader, 0) + batch.skipped
+        self.batches += 1
+        return batch
+
+    @property
+    def skipped_documents(self) -> int:
+        return sum(self.skipped.values())
+
+    def state_dict(self) -> dict:
+        return {"positions": {str(k): list(v) for k, v in self.positions.items()},
+                "batches": self.batches,
+                "skipped": {str(k): v for k, v in self.skipped.items()},
+                "signature": self.signature}
