@@ -3,29 +3,103 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from mlm_dist import slurm
 from mlm_dist.config import ConfigError
 
 
 def _tokenizer_train(args) -> None:
-    from mlm_dist.data.corpus import iter_documents
+    from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
     from mlm_dist.tokenizer import sentences_of, train_tokenizer
 
-    tok = train_tokenizer(sentences_of(iter_documents(args.input)), args.out, args.vocab_size,
-                          model_type=args.model_type, seed=args.seed,
+    files = resolve_inputs(args.input)  # every input problem surfaces before training starts
+    check_readable(files)
+    reader = CorpusReader(files, report=lambda line: print(line, file=sys.stderr, flush=True))
+    tok = train_tokenizer(sentences_of(d.sentences for d in reader.documents()), args.out,
+                          args.vocab_size, model_type=args.model_type, seed=args.seed,
                           input_sentence_size=args.input_sentence_size)
-    print(f"wrote {tok.path} ({tok.vocab_size} pieces)")
+    print(f"wrote {tok.path} ({tok.vocab_size} pieces) from {len(files)} input files")
+
+
+# `prepare` options that only make sense when building shards (not with --verify / --merge),
+# and their defaults; they default to None on the command line so a stray one is noticed.
+_PREPARE_BUILD_DEFAULTS = {"tokenizer": None, "out": None, "docs_per_shard": 2000,
+                           "valid_fraction": 0.02, "seed": 0, "num_partitions": 1,
+                           "partition_index": None}
 
 
 def _prepare(args) -> None:
+    if args.verify or args.merge:
+        flag = "--verify" if args.verify else "--merge"
+        stray = [k for k in _PREPARE_BUILD_DEFAULTS if getattr(args, k) is not None]
+        if stray:
+            raise ValueError(f"{flag} takes only a directory (and --workers, --quiet); drop "
+                             + ", ".join("--" + k.replace("_", "-") for k in stray))
+        return _prepare_verify(args) if args.verify else _prepare_merge(args)
+    for key, default in _PREPARE_BUILD_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.tokenizer is None or args.out is None:
+        raise ValueError("prepare --input needs --tokenizer DIR and --out DIR")
+    if args.num_partitions > 1 and args.partition_index is None:
+        raise ValueError(f"--num-partitions {args.num_partitions} needs --partition-index "
+                         f"(0..{args.num_partitions - 1}; in a Slurm array job, "
+                         "$SLURM_ARRAY_TASK_ID)")
     from mlm_dist.data.prepare import prepare_shards
+    from mlm_dist.data.workers import default_workers
 
     manifest = prepare_shards(args.input, args.tokenizer, args.out,
                               docs_per_shard=args.docs_per_shard,
-                              valid_fraction=args.valid_fraction, seed=args.seed)
+                              valid_fraction=args.valid_fraction, seed=args.seed,
+                              workers=default_workers() if args.workers is None else args.workers,
+                              num_partitions=args.num_partitions,
+                              partition_index=args.partition_index or 0,
+                              progress=not args.quiet)
+    _print_totals(manifest)
+    info = manifest.prepare
+    if info.invalid_utf8:
+        print(f"invalid UTF-8: {info.invalid_utf8} sequences replaced in {info.invalid_utf8_files} "
+              "files (named above)")
+    if info.partition is not None:
+        print(f"partition {info.partition} of {info.num_partitions} done; when all are, run "
+              f"`mlm-dist prepare --merge {args.out}`")
+
+
+def _prepare_verify(args) -> None:
+    from mlm_dist.data.verify import verify_shards
+    from mlm_dist.data.workers import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
+    checks = verify_shards(args.verify, workers=workers,
+                           progress=not args.quiet)
+    bad = [c for c in checks if c.problems]
+    for check in bad:
+        for problem in check.problems:
+            print(problem)
+    found = {k: sum(c.found[k] for c in checks) for k in ("documents", "sentences", "tokens")}
+    counts = ", ".join(f"{v} {k}" for k, v in found.items())
+    if bad:
+        print(f"{sum(len(c.problems) for c in bad)} problems in {len(bad)} of {len(checks)} shards "
+              f"of {args.verify} ({counts} readable); copy the bad shards again, or re-create "
+              "the directory with `mlm-dist prepare`")
+        sys.exit(2)
+    print(f"all {len(checks)} shards of {args.verify} match its manifest ({counts})")
+
+
+def _prepare_merge(args) -> None:
+    from mlm_dist.data.partitions import merge_partitions
+
+    manifest = merge_partitions(args.merge)
+    print(f"merged {manifest.prepare.num_partitions} partitions into "
+          f"{Path(args.merge) / 'manifest.json'}")
+    _print_totals(manifest)
+
+
+def _print_totals(manifest) -> None:
     for split in manifest.splits:
         t = manifest.totals(split)
         print(f"{split}: {t['shards']} shards, {t['documents']} documents, "
@@ -61,6 +135,58 @@ def _fill_mask(args) -> None:
                                                                  args.top_k)}))
 
 
+def _eval(args) -> None:
+    import torch
+
+    from mlm_dist.config import max_predictions
+    from mlm_dist.evaluate import evaluate
+    from mlm_dist.inference import load_checkpoint
+    from mlm_dist.tokenizer import Tokenizer
+
+    model, cfg, tokenizer_dir = load_checkpoint(args.checkpoint)
+    phase = cfg.schedule.phases[-1]
+    if args.seq_len:
+        phase = dataclasses.replace(phase, seq_len=args.seq_len, max_predictions=0)
+    if phase.seq_len > cfg.model.max_positions:
+        raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
+                          f"{cfg.model.max_positions}")
+    results = evaluate(model, args.data or cfg.data.shards,
+                       Tokenizer.load(tokenizer_dir).special_table(), phase.seq_len,
+                       args.micro_batch, args.batches,
+                       max_predictions(phase, cfg.masking.prob), cfg.masking.prob,
+                       rank=0, world_size=1, device=torch.device("cpu"), seed=args.seed)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "seq_len": phase.seq_len, **results}))
+
+
+def _consolidate(args) -> None:
+    import torch
+
+    from mlm_dist.inference import load_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"--out {out} already exists; choose another path")
+    model, cfg, _ = load_checkpoint(args.checkpoint)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(out)
+    print(f"wrote one fp32 state dict ({len(model.state_dict())} tensors) to {out}")
+
+
+def _bench_data(args) -> None:
+    from mlm_dist.bench_data import bench_loader
+    from mlm_dist.bench_masking import bench_masking
+
+    loader = [bench_loader(args.shards, seq_len, args.micro_batch, args.batches)
+              for seq_len in args.seq_len]
+    from mlm_dist.data.shards import Manifest
+
+    tokenizer = args.tokenizer or Manifest.load(args.shards).tokenizer.path
+    masking = bench_masking(tokenizer, batch=args.mask_batch, seq_len=args.mask_seq_len,
+                            repeats=args.repeats)
+    print(json.dumps({"loader": loader, "masking": masking}, indent=2))
+
+
 def _demo(args) -> None:
     from mlm_dist.demo import run_demo
 
@@ -74,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(
         dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train a SentencePiece tokenizer with BERT's specials")
-    t.add_argument("--input", nargs="+", required=True, help="text (.txt) or .jsonl files")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (their .txt .jsonl .txt.gz .jsonl.gz files) or glob "
+                        "patterns (quote them: expanded by mlm-dist)")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="directory to write tokenizer.model into")
     t.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
@@ -83,13 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentences sampled for training (bounds memory on big corpora)")
     t.set_defaults(func=_tokenizer_train)
 
-    pr = sub.add_parser("prepare", help="tokenize a corpus into WebDataset shards")
-    pr.add_argument("--input", nargs="+", required=True)
-    pr.add_argument("--tokenizer", required=True, help="directory holding tokenizer.model")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--docs-per-shard", type=int, default=2000)
-    pr.add_argument("--valid-fraction", type=float, default=0.02)
-    pr.add_argument("--seed", type=int, default=0)
+    pr = sub.add_parser(
+        "prepare", help="tokenize a corpus into WebDataset shards; verify or merge shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Three modes:\n"
+                    "  --input PATH… --tokenizer DIR --out DIR   tokenize a corpus into shards\n"
+                    "  --verify DIR   check every shard against DIR/manifest.json (size, sha256,\n"
+                    "                 samples decode, counts); exit code 2 if anything is wrong\n"
+                    "  --merge DIR    join the partial manifests of a partitioned run into\n"
+                    "                 DIR/manifest.json (all partitions must be present and agree)",
+        epilog="A huge corpus on many nodes (one Slurm array task per partition, one shared --out):\n"
+               "  sbatch --array=0-7 --wrap 'mlm-dist prepare --input \"corpus/*.jsonl.gz\" \\\n"
+               "      --tokenizer tok --out shards --num-partitions 8 \\\n"
+               "      --partition-index $SLURM_ARRAY_TASK_ID'\n"
+               "  mlm-dist prepare --merge shards        # after all 8 tasks succeeded\n"
+               "Input file k (after expansion and sorting) goes to partition k % P; partition i\n"
+               "writes train-pIIIII-NNNNNN.tar and manifest.pIIIII-of-PPPPP.json.")
+    mode = pr.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--input", nargs="+", metavar="PATH",
+                      help="text or .jsonl files (optionally .gz), directories (their .txt .jsonl "
+                           ".txt.gz .jsonl.gz files, recursively) or glob patterns (quote them)")
+    mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest")
+    mode.add_argument("--merge", metavar="DIR", help="merge the partition manifests of DIR")
+    pr.add_argument("--tokenizer", metavar="DIR", help="directory holding tokenizer.model")
+    pr.add_argument("--out", metavar="DIR", help="directory for the shards (never overwritten)")
+    pr.add_argument("--docs-per-shard", type=int, metavar="N", help="documents per shard (default 2000)")
+    pr.add_argument("--valid-fraction", type=float,
+                    help="probability that a document goes to valid (default 0.02)")
+    pr.add_argument("--seed", type=int, help="seed of the train/valid draw (default 0)")
+    pr.add_argument("--workers", type=int, metavar="N",
+                    help="processes tokenizing (or verifying); default: all cores this job may "
+                         "use. The shards are identical whatever the number")
+    pr.add_argument("--num-partitions", type=int, metavar="P",
+                    help="split the input files into P partitions (default 1: no partitioning)")
+    pr.add_argument("--partition-index", type=int, metavar="I",
+                    help="the partition this run prepares, 0..P-1")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 
     tr = sub.add_parser("train", help="pretrain (alone, or under deepspeed/torchrun/srun)")
@@ -108,11 +265,41 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("text", nargs="+")
     fm.set_defaults(func=_fill_mask)
 
+    ev = sub.add_parser("eval", help="validation loss, perplexity and accuracies (JSON)")
+    ev.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    ev.add_argument("--data", help="shard directory (default: the run's data.shards)")
+    ev.add_argument("--seq-len", type=int, default=0, help="default: the run's last phase")
+    ev.add_argument("--micro-batch", type=int, default=16)
+    ev.add_argument("--batches", type=int, default=20)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_eval)
+
+    co = sub.add_parser("consolidate", help="one fp32 state dict from a sharded checkpoint")
+    co.add_argument("--checkpoint", required=True)
+    co.add_argument("--out", required=True, help="file to write (torch.save)")
+    co.set_defaults(func=_consolidate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures (JSON)").add_subparsers(
+        dest="bench_command", required=True)
+    bd = bench.add_parser("data", help="loader sequences/s per worker; on-device masking cost "
+                          "against transformers' DataCollatorForLanguageModeling")
+    bd.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`")
+    bd.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
+    bd.add_argument("--micro-batch", type=int, default=32)
+    bd.add_argument("--batches", type=int, default=200)
+    bd.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
+                    "(default: the shards' tokenizer)")
+    bd.add_argument("--mask-batch", type=int, default=256)
+    bd.add_argument("--mask-seq-len", type=int, default=512)
+    bd.add_argument("--repeats", type=int, default=5)
+    bd.set_defaults(func=_bench_data)
+
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--steps", type=int, default=800)
     de.add_argument("--ranks", type=int, default=2)
     de.set_defaults(func=_demo)
+    slurm.add_parser(sub)
     return p
 
 

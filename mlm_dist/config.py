@@ -59,22 +59,53 @@ class MaskingConfig:
     mask_frac: float = 0.8
     random_frac: float = 0.1
     whole_word: bool = False
-    # Fixed number of predicted positions per sequence (static shapes, no host sync).
-    # 0 = derive from seq_len and prob with a margin that almost never truncates.
+
+
+@dataclass
+class SequencePhase:
+    """One stretch of the run at one sequence length (BERT: 90 % of steps at 128, then 512)."""
+
+    seq_len: int = 128
+    micro_batch: int = 8
+    global_batch: int = 16
+    until_step: int = 100  # the phase ends when this many optimizer steps are done in total
+    # Predicted positions per sequence, fixed so shapes are static (no host sync);
+    # 0 = derived from seq_len and masking.prob with a margin that almost never truncates.
     max_predictions: int = 0
+    # Optional re-warmup: the LR ramps up again over this many steps at the phase start.
+    warmup_steps: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    phases: list[SequencePhase] = field(default_factory=lambda: [SequencePhase()])
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].until_step
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that optimizer step `step` (0-based) belongs to."""
+        for i, phase in enumerate(self.phases):
+            if step < phase.until_step:
+                return i
+        return len(self.phases) - 1
+
+    def start_of(self, index: int) -> int:
+        return self.phases[index - 1].until_step if index else 0
 
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 128
-    micro_batch: int = 8
-    global_batch: int = 16
-    steps: int = 100
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 2
     grad_clip: float = 1.0
     log_every: int = 10
     seed: int = 1234
+    # A step whose gradients are not finite is skipped on every rank (DeepSpeed's overflow
+    # check under bf16/fp16). After this many skips in a row the run stops or rolls back.
+    max_consecutive_skips: int = 5
+    on_divergence: Literal["error", "rollback"] = "error"
 
 
 @dataclass
@@ -91,7 +122,19 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # optimizer steps between saves; 0 = only at the end
+    every_minutes: float = 0.0  # also save when this much wall time passed since the last
+    keep: int = 3  # newest complete checkpoints kept; 0 = keep all
     resume: bool = False
+    # How often (in optimizer steps) the ranks agree on signals and timed saves: one tiny
+    # all-reduce. SIGTERM/SIGUSR1 then save and exit 0 within one interval plus one save.
+    sync_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between evaluations; 0 = never during training
+    batches: int = 20  # micro-batches per evaluation (per rank)
+    seed: int = 0
 
 
 @dataclass
@@ -100,9 +143,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Extra DeepSpeed keys merged into the generated JSON; keys we derive may not be set here.
     deepspeed: dict = field(default_factory=dict)
 
@@ -154,6 +199,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}.{i}") for i, v in enumerate(value)]
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -192,12 +242,33 @@ def _apply_override(data: dict, override: str) -> None:
     # Values are parsed as YAML so `[1, 2]` and `{a: 1}` work; types are coerced afterwards.
     value = yaml.safe_load(raw) if raw.strip() else ""
     node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {p} is not a section")
-        node = child
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):  # e.g. schedule.phases.1.seq_len=512
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"{dotted}: {p} is not an index of a list of {len(node)}")
+            p = int(p)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {parts[i - 1]} is not a section")
+        if last:
+            node[p] = value
+        else:
+            if isinstance(node, dict) and p not in node:
+                node[p] = _default_data(dotted, parts[:i + 1])
+            node = node[p]
+
+
+def _default_data(dotted: str, parts: list) -> dict | list:
+    """The plain-data default of a section an override descends into (lists need their items)."""
+    node: Any = to_dict(RunConfig())
+    for p in parts:
+        if isinstance(node, list) and str(p).isdigit() and int(p) < len(node):
+            node = node[int(p)]
+        elif isinstance(node, dict) and p in node:
+            node = node[p]
+        else:
+            return {}  # unknown: _build names the key
+    return node if isinstance(node, (dict, list)) else {}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -248,15 +319,27 @@ def validate(cfg: RunConfig) -> None:
     for name in ("dropout", "attention_dropout"):
         _require(0.0 <= getattr(m, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 
-    _require(t.seq_len >= 8, "train.seq_len", "must be at least 8")
-    _require(t.seq_len <= m.max_positions, "train.seq_len",
-             f"{t.seq_len} exceeds model.max_positions {m.max_positions}; "
-             "raise model.max_positions or lower train.seq_len")
-    _require(t.micro_batch > 0, "train.micro_batch", "must be positive")
-    _require(t.global_batch > 0, "train.global_batch", "must be positive")
-    _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
-             f"{t.global_batch} is not divisible by train.micro_batch {t.micro_batch}")
-    _require(t.steps > 0, "train.steps", "must be positive")
+    phases = cfg.schedule.phases
+    _require(len(phases) > 0, "schedule.phases", "needs at least one phase")
+    previous_end = 0
+    for i, ph in enumerate(phases):
+        key = f"schedule.phases.{i}"
+        _require(ph.seq_len >= 8, f"{key}.seq_len", "must be at least 8")
+        _require(ph.seq_len <= m.max_positions, f"{key}.seq_len",
+                 f"{ph.seq_len} exceeds model.max_positions {m.max_positions}; "
+                 "raise model.max_positions or shorten the phase")
+        _require(ph.micro_batch > 0, f"{key}.micro_batch", "must be positive")
+        _require(ph.global_batch > 0, f"{key}.global_batch", "must be positive")
+        _require(ph.global_batch % ph.micro_batch == 0, f"{key}.global_batch",
+                 f"{ph.global_batch} is not divisible by micro_batch {ph.micro_batch}")
+        _require(ph.until_step > previous_end, f"{key}.until_step",
+                 f"{ph.until_step} must be greater than the previous phase's end "
+                 f"({previous_end}): phases run in order and may not overlap")
+        _require(0 <= ph.max_predictions <= ph.seq_len, f"{key}.max_predictions",
+                 f"must be in [0, seq_len={ph.seq_len}] (0 = derived)")
+        _require(0 <= ph.warmup_steps <= ph.until_step - previous_end, f"{key}.warmup_steps",
+                 "must be >= 0 and not longer than the phase")
+        previous_end = ph.until_step
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage",
              f"ZeRO stage {t.zero_stage} does not exist; use 0, 1, 2 or 3")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
@@ -267,16 +350,22 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= mk.random_frac <= 1.0, "masking.random_frac", "must be in [0, 1]")
     _require(mk.mask_frac + mk.random_frac <= 1.0, "masking.random_frac",
              "mask_frac + random_frac must not exceed 1")
-    _require(0 <= mk.max_predictions <= t.seq_len, "masking.max_predictions",
-             f"must be in [0, train.seq_len={t.seq_len}] (0 = derived)")
 
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
-    _require(0 <= o.warmup_steps <= t.steps, "optim.warmup_steps",
-             f"must be in [0, train.steps={t.steps}]")
+    total = cfg.schedule.total_steps
+    _require(0 <= o.warmup_steps <= total, "optim.warmup_steps",
+             f"must be in [0, total steps={total}] (the last phase's until_step)")
 
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(c.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    _require(c.keep >= 0, "checkpoint.keep", "must be >= 0 (0 = keep all)")
+    _require(c.sync_every >= 1, "checkpoint.sync_every", "must be >= 1")
+    _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _require(cfg.eval.batches >= 1, "eval.batches", "must be >= 1")
+    _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(cfg.data.max_skipped_samples >= 0, "data.max_skipped_samples", "must be >= 0")
@@ -286,19 +375,22 @@ def validate(cfg: RunConfig) -> None:
     _require(bool(cfg.out_dir), "out_dir", "is required")
 
 
-def validate_topology(cfg: RunConfig, world_size: int) -> int:
-    """Check the batch arithmetic for a data-parallel size; return gradient accumulation steps."""
-    t = cfg.train
-    per_step = t.micro_batch * world_size
-    _require(t.global_batch % per_step == 0, "train.global_batch",
-             f"{t.global_batch} is not divisible by micro_batch × ranks = "
-             f"{t.micro_batch} × {world_size} = {per_step}")
-    return t.global_batch // per_step
+def validate_topology(cfg: RunConfig, world_size: int) -> list[int]:
+    """Check every phase's batch arithmetic for a data-parallel size; return the gradient
+    accumulation steps of each phase (derived here, and only here)."""
+    accumulation = []
+    for i, ph in enumerate(cfg.schedule.phases):
+        per_step = ph.micro_batch * world_size
+        _require(ph.global_batch % per_step == 0, f"schedule.phases.{i}.global_batch",
+                 f"{ph.global_batch} is not divisible by micro_batch × ranks = "
+                 f"{ph.micro_batch} × {world_size} = {per_step}")
+        accumulation.append(ph.global_batch // per_step)
+    return accumulation
 
 
-def max_predictions(cfg: RunConfig) -> int:
+def max_predictions(phase: SequencePhase, prob: float) -> int:
     """Predicted positions per sequence: configured, or mean + 4 std of Binomial(seq_len, prob)."""
-    if cfg.masking.max_predictions:
-        return cfg.masking.max_predictions
-    n, p = cfg.train.seq_len, cfg.masking.prob
+    if phase.max_predictions:
+        return phase.max_predictions
+    n, p = phase.seq_len, prob
     return min(n, math.ceil(n * p + 4 * math.sqrt(n * p * (1 - p))) + 1)

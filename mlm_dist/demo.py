@@ -73,7 +73,7 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
 
     print(f"[4/5] pretraining on {ranks} DeepSpeed ranks", flush=True)
     resume = (run / "checkpoints" / "latest").exists()
-    launch_training(config, [f"data.shards={shards}", f"out_dir={run}", f"train.steps={steps}",
+    launch_training(config, [f"data.shards={shards}", f"out_dir={run}", f"schedule.phases.0.until_step={steps}",
                              f"checkpoint.resume={str(resume).lower()}"], ranks)
 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

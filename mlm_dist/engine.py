@@ -26,7 +26,7 @@ import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
-from mlm_dist.config import ConfigError, RunConfig, validate_topology  # noqa: E402
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase, validate_topology  # noqa: E402
 from mlm_dist.model import parameter_groups  # noqa: E402
 
 
@@ -95,12 +95,13 @@ DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from our config; `deepspeed:` extras merged and checked."""
-    t = cfg.train
-    grad_accum = validate_topology(cfg, world_size)
+    """The DeepSpeed JSON, generated from our config; `deepspeed:` extras merged and checked.
+    Batch settings are the first phase's; `set_phase` moves the engine to later ones."""
+    t, first = cfg.train, cfg.schedule.phases[0]
+    grad_accum = validate_topology(cfg, world_size)[0]
     ds = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "train_batch_size": first.global_batch,
+        "train_micro_batch_size_per_gpu": first.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
@@ -117,7 +118,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     for key, value in cfg.deepspeed.items():
         if key in DERIVED_KEYS:
             raise ConfigError(f"deepspeed.{key}: derived from the run config, set it there "
-                              "instead (train.* / optim.*)")
+                              "instead (schedule.phases / train.* / optim.*)")
         if key == "zero_optimization":
             if not isinstance(value, dict):
                 raise ConfigError("deepspeed.zero_optimization: expected a mapping")
@@ -129,17 +130,36 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
+def set_phase(engine, phase: SequencePhase) -> None:
+    """Point the engine's batch settings at a phase: micro batch, then global batch (which
+    DeepSpeed turns into gradient accumulation steps)."""
+    engine.set_train_micro_batch_size(phase.micro_batch)
+    engine.set_train_batch_size(phase.global_batch)
+
+
+def learning_rate_factor(cfg: RunConfig, step: int) -> float:
+    """The LR policy, one schedule over the whole run whatever the phases: linear warmup for
+    optim.warmup_steps, then linear decay to 0 at the last step. A phase with warmup_steps
+    scales that down to 0 at its start and ramps it back over its first steps (re-warmup)."""
+    o, total = cfg.optim, cfg.schedule.total_steps
+    if step < o.warmup_steps:
+        factor = (step + 1) / o.warmup_steps
+    else:
+        factor = max(0.0, (total - step) / max(1, total - o.warmup_steps))
+    index = cfg.schedule.phase_at(step)
+    into_phase = step - cfg.schedule.start_of(index)
+    rewarm = cfg.schedule.phases[index].warmup_steps
+    if index > 0 and into_phase < rewarm:
+        factor *= (into_phase + 1) / rewarm
+    return factor
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
-    o, steps = cfg.optim, cfg.train.steps
+    o = cfg.optim
     optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr,
                                   betas=(o.beta1, o.beta2), eps=o.eps)
-
-    def warmup_then_linear_decay(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        return max(0.0, (steps - step) / max(1, steps - o.warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler
 
 

@@ -20,7 +20,7 @@ _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", 
 
 
 class MetricLogger:
-    def __init__(self, tensorboard_dir: Path | None, cfg, topo):
+    def __init__(self, tensorboard_dir: Path | None, cfg, topo, n_params: int):
         self.cfg, self.topo = cfg, topo
         self.writer = None
         self.jsonl = None
@@ -34,6 +34,8 @@ class MetricLogger:
         self.tokens = 0
         self.last_time = time.perf_counter()
         self.history: list[dict] = []
+        self.n_params = n_params
+        self.skipped_steps = 0
 
     def text(self, tag: str, value: str) -> None:
         if self.writer is not None:
@@ -52,7 +54,22 @@ class MetricLogger:
         self.micro_steps += 1
         self.tokens += attention_mask.numel()
 
-    def flush(self, step: int, lr: float, grad_norm, data_wait: float, skipped: int) -> dict:
+    def skipped_step(self) -> None:
+        self.skipped_steps += 1
+
+    def log(self, step: int, record: dict) -> None:
+        """Write a record of scalars (evaluation results, for one) as they are."""
+        if self.writer is not None:
+            for tag, value in record.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+            print(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in record.items()),
+                  flush=True)
+            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.flush()
+
+    def flush(self, step: int, lr: float, grad_norm, seq_len: int, data_wait: float,
+              skipped: int) -> dict:
         # `skipped` is this rank's running total of documents lost to bad data.
         sums = torch.cat([self.sums, self.sums.new_tensor([float(skipped)])])
         dist.all_reduce(sums)  # the cadence's one host sync
@@ -71,7 +88,8 @@ class MetricLogger:
             "train/nsp_acc": s["nsp_acc"] / n,
             "train/lr": lr,
             "train/grad_norm": grad_norm if grad_norm is not None else math.nan,
-            "train/seq_len": self.cfg.train.seq_len,
+            "train/seq_len": seq_len,
+            "train/skipped_steps": self.skipped_steps,
             "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
             "perf/data_wait_frac": data_wait / elapsed,

@@ -48,9 +48,18 @@ def train_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    source_errors: list[Exception] = []  # SentencePiece would turn them into "INTERNAL: …" text
+
+    def non_empty(sentences: Iterable[str]) -> Iterator[str]:
+        try:
+            yield from (s for s in sentences if s.strip())
+        except Exception as e:
+            source_errors.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(s for s in sentences if s.strip()),
+            sentence_iterator=non_empty(sentences),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -65,6 +74,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
+        if source_errors:  # the corpus reader's own error (bad JSON, damaged .gz) says it best
+            raise source_errors[0] from None
         # The common cause is a vocab larger than the corpus supports; SentencePiece says so.
         raise ValueError(f"SentencePiece training failed: {e}") from None
     # Write under a temporary name first so a crash never leaves a half-written model behind.

@@ -1,8 +1,9 @@
 """The training loop: read it top to bottom.
 
     config -> process group -> tokenizer, shards -> model -> DeepSpeed engine -> (resume)
-    -> for each optimizer step: for each micro-batch: mask on device, forward, backward, step
-    -> log at a cadence, checkpoint at a cadence and at the end.
+    -> for each sequence phase: loader and masker at its length, engine at its batch size
+       -> for each optimizer step: for each micro-batch: mask on device, forward, backward, step
+       -> skipped-step guard, logging, evaluation, checkpoints and signals at their cadences.
 
 The loop knows nothing of attention; the model knows nothing of ranks.
 """
@@ -10,22 +11,31 @@ The loop knows nothing of attention; the model knows nothing of ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlm_dist import checkpoint
+from mlm_dist import checkpoint, faults
 from mlm_dist.config import RunConfig, dump_yaml, max_predictions, validate_topology
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.pipeline import ResumableLoader, carry_to_next_unit, manifest_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.data.shards import Manifest
-from mlm_dist.engine import build_engine, check_precision, init_distributed
+from mlm_dist.engine import build_engine, check_precision, init_distributed, set_phase
+from mlm_dist.evaluate import evaluate
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
 from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
 from mlm_dist.tokenizer import MASK_ID, Tokenizer
+
+
+class DivergenceError(RuntimeError):
+    pass
 
 
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer, Manifest]:
@@ -50,7 +60,7 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer, Manifest]:
 
 def prepare_run_dir(cfg: RunConfig, is_rank0: bool) -> Path:
     run_dir = Path(cfg.out_dir)
-    has_checkpoint = checkpoint.latest_tag(run_dir / checkpoint.CHECKPOINTS) is not None
+    has_checkpoint = checkpoint.latest_complete(run_dir / checkpoint.CHECKPOINTS) is not None
     if has_checkpoint and not cfg.checkpoint.resume:
         # Never train over an existing run: its checkpoints would be mixed with ours.
         raise FileExistsError(f"out_dir: {run_dir} already holds checkpoints; pass "
@@ -61,83 +71,214 @@ def prepare_run_dir(cfg: RunConfig, is_rank0: bool) -> Path:
     return run_dir
 
 
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) only raise a
+    flag here; the loop turns it into an agreed step, a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather(obj, world_size: int) -> list:
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def train(cfg: RunConfig) -> dict:
     cfg, tokenizer, manifest = resolve_data(cfg)
     topo = init_distributed()
     check_precision(cfg)
-    grad_accum = validate_topology(cfg, topo.world_size)
-    is_rank0 = topo.rank == 0
-    run_dir = prepare_run_dir(cfg, is_rank0)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    accumulation = validate_topology(cfg, topo.world_size)
+    rank0 = topo.rank == 0
+    run_dir = prepare_run_dir(cfg, rank0)
+    schedule, t = cfg.schedule, cfg.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     model = BertForPretraining(cfg.model)
     n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, cfg, topo.world_size)
     device = engine.device
-
-    start_step, data_state = 0, None
-    if cfg.checkpoint.resume:
-        state = checkpoint.resume(engine, run_dir)
-        if state is not None:
-            start_step = state["step"]
-            if len(state["data"]) != topo.world_size:
-                raise ValueError(f"checkpoint.resume: the checkpoint was written by "
-                                 f"{len(state['data'])} ranks and this run has "
-                                 f"{topo.world_size}; resume on the same number of ranks")
-            data_state = state["data"][topo.rank]
-            if is_rank0:
-                print(f"resumed from step {start_step}", flush=True)
-
-    t = cfg.train
-    masker = TokenMasker(tokenizer.special_table(), MASK_ID, max_predictions(cfg), t.seed,
-                         topo.rank, device, cfg.masking.prob, cfg.masking.mask_frac,
-                         cfg.masking.random_frac)
-    batches = ResumableLoader(manifest_shards(cfg.data.shards), t.seq_len, t.micro_batch,
-                              topo.rank, topo.world_size, cfg.data.num_workers, seed=t.seed,
-                              shuffle_buffer=cfg.data.shuffle_buffer,
-                              short_seq_prob=cfg.data.short_seq_prob,
-                              pin_memory=device.type == "cuda", state=data_state)
-    logger = MetricLogger(run_dir / "tensorboard" if is_rank0 else None, cfg, topo)
-    if is_rank0:
+    stop = StopSignals()
+    logger = MetricLogger(run_dir / "tensorboard" if rank0 else None, cfg, topo, n_params)
+    if rank0:
         print(f"model: {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks, "
-              f"ZeRO {t.zero_stage}, {t.precision}, grad accumulation {grad_accum}", flush=True)
+              f"ZeRO {t.zero_stage}, {t.precision}, phases "
+              + ", ".join(f"{p.seq_len} until step {p.until_step}" for p in schedule.phases),
+              flush=True)
         logger.text("config", f"```\n{dump_yaml(cfg)}\n```")
 
+    def restore_latest() -> tuple[int, dict | None]:
+        """Load the newest complete checkpoint: (step, this rank's data state)."""
+        state = checkpoint.resume(engine, run_dir)
+        if state is None:
+            return 0, None
+        if len(state["data"]) != topo.world_size:
+            raise ValueError(f"checkpoint.resume: the checkpoint was written by "
+                             f"{len(state['data'])} ranks and this run has "
+                             f"{topo.world_size}; resume on the same number of ranks")
+        set_rng_state(state["rng"][topo.rank])
+        return state["step"], {"phase": state["phase"], **state["data"][topo.rank]}
+
+    def save(step: int, phase_index: int, batches: ResumableLoader) -> Path:
+        client = {"step": step, "phase": phase_index,
+                  "data": gather(batches.state_dict(), topo.world_size),
+                  "rng": gather(rng_state(), topo.world_size)}
+        path = checkpoint.save(engine, run_dir, step, cfg, tokenizer.path, client, topo.rank,
+                               cfg.checkpoint.keep)
+        if rank0:
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+    step, data_state = 0, None
+    if cfg.checkpoint.resume:
+        step, data_state = restore_latest()
+        if rank0 and step:
+            print(f"resumed from step {step}", flush=True)
+
+    word_starts = tokenizer.word_start_table() if cfg.masking.whole_word else None
     engine.train()
-    step = start_step
-    data_wait = 0.0
-    while step < t.steps:
-        for micro in range(grad_accum):
-            waited = time.perf_counter()
-            batch = next(batches).to(device)
-            data_wait += time.perf_counter() - waited
-            masked = masker(batch.input_ids, step, micro)
-            mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
-                                            batch.attention_mask, masked.positions)
-            losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
-            engine.backward(losses["loss"])
-            engine.step()
-            logger.accumulate(losses, batch.attention_mask, masked.labels)
-        step += 1
-        if step % t.log_every == 0 or step == t.steps:
-            record = logger.flush(step, lr=engine.get_lr()[0],
-                                  grad_norm=engine.get_global_grad_norm(),
-                                  data_wait=data_wait, skipped=batches.skipped_documents)
-            data_wait = 0.0
-            if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
-                # Every rank sees the same reduced count at the same step, so all stop together.
-                raise BadDataError(
-                    f"{record['data/skipped_samples']:.0f} documents were skipped as bad data, "
-                    f"more than data.max_skipped_samples={cfg.data.max_skipped_samples}; the "
-                    "warnings above name the shards: check them with `mlm-dist prepare --verify`")
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
-            data_states = [None] * topo.world_size
-            dist.all_gather_object(data_states, batches.state_dict())
-            path = checkpoint.save(engine, run_dir, step, cfg, tokenizer.path,
-                                   {"step": step, "data": data_states}, is_rank0)
-            if is_rank0:
-                print(f"saved checkpoint {path}", flush=True)
+    consecutive_skips, last_save_time, data_wait = 0, time.monotonic(), 0.0
+    batches = None
+    try:
+        while step < schedule.total_steps:
+            # ---- a sequence phase: loader, masker and engine batch settings at its length
+            index = schedule.phase_at(step)
+            phase, grad_accum = schedule.phases[index], accumulation[index]
+            set_phase(engine, phase)
+            state = None
+            if data_state is not None:
+                # Same phase: the exact position. Earlier phase (resumed right at a boundary):
+                # its readers move on to their next work unit at the new length.
+                same = data_state.pop("phase") == index
+                state = data_state if same else carry_to_next_unit(data_state)
+            if batches is not None:
+                batches.close()
+            batches = ResumableLoader(manifest_shards(cfg.data.shards), phase.seq_len,
+                                      phase.micro_batch, topo.rank, topo.world_size,
+                                      cfg.data.num_workers, seed=t.seed,
+                                      shuffle_buffer=cfg.data.shuffle_buffer,
+                                      short_seq_prob=cfg.data.short_seq_prob,
+                                      pin_memory=device.type == "cuda", state=state)
+            k = max_predictions(phase, cfg.masking.prob)
+            masker = TokenMasker(tokenizer.special_table(), MASK_ID, k, t.seed, topo.rank, device,
+                                 cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac,
+                                 word_starts=word_starts)
+            rolled_back = False
+
+            while step < phase.until_step and not rolled_back:
+                # ---- one optimizer step
+                for micro in range(grad_accum):
+                    waited = time.perf_counter()
+                    batch = next(batches).to(device)
+                    data_wait += time.perf_counter() - waited
+                    masked = masker(batch.input_ids, step, micro)
+                    mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
+                                                    batch.attention_mask, masked.positions)
+                    losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
+                    if faults.nan_loss(step):
+                        losses["loss"] = losses["loss"] * math.nan
+                    engine.backward(losses["loss"])
+                    engine.step()
+                    logger.accumulate(losses, batch.attention_mask, masked.labels)
+                step += 1
+
+                # ---- divergence guard: DeepSpeed skipped the update on every rank (non-finite
+                # gradients under bf16/fp16); we count, and stop or roll back after too many.
+                if engine.was_step_applied():
+                    consecutive_skips = 0
+                else:
+                    consecutive_skips += 1
+                    logger.skipped_step()
+                    if consecutive_skips >= t.max_consecutive_skips:
+                        if t.on_divergence == "error" or checkpoint.latest_complete(
+                                run_dir / checkpoint.CHECKPOINTS) is None:
+                            raise DivergenceError(
+                                f"{consecutive_skips} optimizer steps in a row had non-finite "
+                                f"gradients (last at step {step}); lower optim.lr, or set "
+                                "train.on_divergence=rollback to restart from the last checkpoint")
+                        # Roll back the weights and optimizer; the data stream moves on, so the
+                        # batches that diverged are not replayed.
+                        step, _ = restore_latest()
+                        consecutive_skips, rolled_back = 0, True
+                        if rank0:
+                            print(f"rolled back to step {step} after {t.max_consecutive_skips} "
+                                  "skipped steps", flush=True)
+                        continue
+
+                if step % t.log_every == 0 or step == schedule.total_steps:
+                    record = logger.flush(step, lr=engine.get_lr()[0],
+                                          grad_norm=engine.get_global_grad_norm(),
+                                          seq_len=phase.seq_len, data_wait=data_wait,
+                                          skipped=batches.skipped_documents)
+                    data_wait = 0.0
+                    if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
+                        # Every rank sees the same reduced count at the same step: all stop.
+                        raise BadDataError(
+                            f"{record['data/skipped_samples']:.0f} documents were skipped as bad "
+                            f"data, more than data.max_skipped_samples="
+                            f"{cfg.data.max_skipped_samples}; the warnings above name the shards: "
+                            "check them with `mlm-dist prepare --verify`")
+
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    engine.eval()
+                    logger.log(step, evaluate(engine, cfg.data.shards, tokenizer.special_table(),
+                                              phase.seq_len, phase.micro_batch, cfg.eval.batches,
+                                              k, cfg.masking.prob, topo.rank, topo.world_size,
+                                              device, cfg.eval.seed))
+                    engine.train()
+
+                # ---- checkpoints: every N steps, every M minutes, at the end, or on a signal.
+                # Signals and clocks differ between ranks; one all-reduce makes them agree.
+                stopping = timed = False
+                if step % cfg.checkpoint.sync_every == 0 or step == schedule.total_steps:
+                    due = (cfg.checkpoint.every_minutes > 0 and rank0 and
+                           time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes)
+                    flags = torch.tensor([stop.received is not None, due], dtype=torch.int32,
+                                         device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stopping, timed = (bool(f) for f in flags.tolist())
+                if (stopping or timed or step == schedule.total_steps
+                        or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+                    save(step, index, batches)
+                    last_save_time = time.monotonic()
+                if stopping:
+                    if rank0:
+                        print(f"stopping at step {step} on a signal; resume with "
+                              "checkpoint.resume=true", flush=True)
+                    logger.close()
+                    return {"step": step, "stopped": True}
+                # the next phase builds its own loader; the position carries over
+                if step == phase.until_step and step < schedule.total_steps:
+                    data_state = {"phase": index, **batches.state_dict()}
+            if rolled_back:
+                data_state = {"phase": index, **batches.state_dict()}
+
+    finally:
+        if batches is not None:
+            batches.close()  # workers stop in order, whatever ended the loop
 
     summary = logger.close()
     dist.barrier()
-    return summary
+    return {"step": step, "stopped": False, **summary}

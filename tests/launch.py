@@ -16,7 +16,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 TINY_OVERRIDES = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.intermediate_size=128", "model.max_positions=64",
-    "train.seq_len=64", "train.micro_batch=8", "train.global_batch=16",
+    "schedule.phases=[{seq_len: 64, micro_batch: 8, global_batch: 16, until_step: 40}]",
     "train.log_every=5", "optim.warmup_steps=5", "data.shuffle_buffer=32",
 ]
 
@@ -27,8 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def env(faults: str = "") -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+             MLM_DIST_FAULTS=faults)
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     return e
@@ -46,12 +47,18 @@ def launcher_prefix(launcher: str, ranks: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
-          launcher: str = "deepspeed", check: bool = True, timeout: int = 300):
-    cmd = launcher_prefix(launcher, ranks) + [
+def train_command(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
+                  launcher: str = "deepspeed") -> list[str]:
+    return launcher_prefix(launcher, ranks) + [
         "train", "--config", str(TINY), f"data.shards={shards}", f"out_dir={out_dir}",
         *TINY_OVERRIDES, *overrides]
-    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True,
+
+
+def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
+          launcher: str = "deepspeed", check: bool = True, timeout: int = 300,
+          faults: str = ""):
+    cmd = train_command(shards, out_dir, *overrides, ranks=ranks, launcher=launcher)
+    proc = subprocess.run(cmd, env=env(faults), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n"
@@ -59,8 +66,13 @@ def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
     return proc
 
 
-def metrics(out_dir: Path) -> list[dict]:
+def records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    """The training records (evaluation records have val/* keys instead)."""
+    return [r for r in records(out_dir) if "train/loss" in r]
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -19,9 +19,10 @@ def write(tmp_path, data) -> Path:
 def test_yaml_scientific_notation_and_overrides_are_coerced(tmp_path):
     # PyYAML reads 1e-4 as the *string* "1e-4"; the field type decides.
     cfg = load_config(write(tmp_path, {"optim": {"lr": "1e-4"}, "data": {"shards": "s"}}),
-                      ["train.steps=7", "masking.whole_word=true", "optim.warmup_steps=2"])
+                      ["schedule.phases.0.until_step=7", "masking.whole_word=true",
+                       "optim.warmup_steps=2"])
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.steps == 7 and cfg.masking.whole_word is True
+    assert cfg.schedule.total_steps == 7 and cfg.masking.whole_word is True
 
 
 def test_every_shipped_config_loads_with_shards_given():
@@ -39,20 +40,33 @@ def test_resolved_config_round_trips(tmp_path):
     (["optim.lrr=1"], "optim.lrr: unknown key"),
     (["bogus=1"], "bogus: unknown key"),
     (["optim.lr=abc"], "optim.lr: expected a number"),
-    (["train.steps=1.5"], "train.steps: expected an integer"),
-    (["train.steps=true"], "train.steps: expected an integer"),
+    (["schedule.phases.0.until_step=1.5"], "schedule.phases.0.until_step: expected an integer"),
+    (["train.log_every=true"], "train.log_every: expected an integer"),
+    (["schedule.phases.3.seq_len=8"], "3 is not an index of a list of 1"),
+    (["schedule.phases=[{seq_len: 64, bogus: 1}]"], "schedule.phases.0.bogus: unknown key"),
     (["masking.whole_word=maybe"], "masking.whole_word: expected true/false"),
     (["train.precision=fp8"], "train.precision: expected one of"),
     (["train.zero_stage=4"], "train.zero_stage: ZeRO stage 4 does not exist"),
-    (["train.seq_len=1024"], "train.seq_len: 1024 exceeds model.max_positions 512"),
-    (["train.global_batch=20", "train.micro_batch=8"], "train.global_batch: 20 is not divisible"),
+    (["schedule.phases.0.seq_len=1024"],
+     "schedule.phases.0.seq_len: 1024 exceeds model.max_positions 512"),
+    (["schedule.phases.0.global_batch=20", "schedule.phases.0.micro_batch=8"],
+     "schedule.phases.0.global_batch: 20 is not divisible"),
+    (["schedule.phases=[{until_step: 90}, {until_step: 50}]"],
+     "schedule.phases.1.until_step: 50 must be greater than the previous phase's end (90)"),
+    (["schedule.phases=[{until_step: 90}, {until_step: 90}]"],
+     "schedule.phases.1.until_step: 90 must be greater"),
+    (["schedule.phases=[]"], "schedule.phases: needs at least one phase"),
+    (["schedule.phases=[{until_step: 9}, {until_step: 10, warmup_steps: 2}]"],
+     "schedule.phases.1.warmup_steps"),
     (["model.num_heads=5"], "model.num_heads: hidden_size 768 is not divisible"),
     (["masking.prob=0"], "masking.prob"),
     (["masking.mask_frac=0.95"], "masking.random_frac: mask_frac + random_frac"),
-    (["optim.warmup_steps=1000", "train.steps=10"], "optim.warmup_steps"),
+    (["optim.warmup_steps=1000", "schedule.phases.0.until_step=10"], "optim.warmup_steps"),
+    (["checkpoint.keep=-1"], "checkpoint.keep"),
+    (["train.on_divergence=ignore"], "train.on_divergence: expected one of"),
     (["data.shards="], "data.shards: is required"),
     (["optim=3"], "optim: expected a mapping"),
-    (["train.steps"], "expected key=value"),
+    (["train.log_every"], "expected key=value"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -70,15 +84,24 @@ def test_missing_or_broken_file(tmp_path):
 
 
 def test_topology_divisibility_and_grad_accumulation():
-    cfg = load_config(None, ["data.shards=x", "train.micro_batch=4", "train.global_batch=32"])
-    assert validate_topology(cfg, 2) == 4
-    assert validate_topology(cfg, 8) == 1
+    cfg = load_config(None, ["data.shards=x", "schedule.phases=[{micro_batch: 4, global_batch: 32,"
+                             " until_step: 10}, {micro_batch: 2, global_batch: 64, until_step: 20}]"])
+    assert validate_topology(cfg, 2) == [4, 16]
+    assert validate_topology(cfg, 8) == [1, 4]
     with pytest.raises(ConfigError, match="micro_batch × ranks = 4 × 3 = 12"):
         validate_topology(cfg, 3)
 
 
+def test_phase_lookup():
+    cfg = load_config(None, ["data.shards=x", "schedule.phases=[{until_step: 90},"
+                             " {seq_len: 512, micro_batch: 2, global_batch: 16, until_step: 100}]"])
+    s = cfg.schedule
+    assert [s.phase_at(i) for i in (0, 89, 90, 99)] == [0, 0, 1, 1]
+    assert s.total_steps == 100 and s.start_of(1) == 90
+
+
 def test_max_predictions_derived_or_configured():
-    cfg = load_config(None, ["data.shards=x", "train.seq_len=128"])
-    assert 20 < max_predictions(cfg) <= 40  # mean 19.2, margin of 4 std
-    cfg = load_config(None, ["data.shards=x", "masking.max_predictions=20"])
-    assert max_predictions(cfg) == 20
+    cfg = load_config(None, ["data.shards=x", "schedule.phases.0.seq_len=128"])
+    assert 20 < max_predictions(cfg.schedule.phases[0], 0.15) <= 40  # mean 19.2 + 4 std
+    cfg = load_config(None, ["data.shards=x", "schedule.phases.0.max_predictions=20"])
+    assert max_predictions(cfg.schedule.phases[0], 0.15) == 20

@@ -3,12 +3,12 @@
 import pytest
 
 from mlm_dist.config import ConfigError, load_config
-from mlm_dist.engine import deepspeed_config
+from mlm_dist.engine import deepspeed_config, learning_rate_factor
 
 
 def cfg(*overrides):
-    return load_config(None, ["data.shards=x", "train.micro_batch=4", "train.global_batch=32",
-                              *overrides])
+    return load_config(None, ["data.shards=x", "schedule.phases.0.micro_batch=4",
+                              "schedule.phases.0.global_batch=32", *overrides])
 
 
 def test_batch_arithmetic_and_precision_are_derived():
@@ -36,5 +36,16 @@ def test_extra_keys_merge_and_derived_keys_are_refused():
 
 
 def test_world_size_that_does_not_divide_the_batch():
-    with pytest.raises(ConfigError, match="train.global_batch"):
+    with pytest.raises(ConfigError, match="schedule.phases.0.global_batch"):
         deepspeed_config(cfg(), world_size=3)
+
+
+def test_learning_rate_is_one_schedule_across_phases_with_optional_rewarmup():
+    c = load_config(None, ["data.shards=x", "optim.warmup_steps=10",
+                           "schedule.phases=[{until_step: 90}, {until_step: 100}]"])
+    f = [learning_rate_factor(c, s) for s in range(100)]
+    assert f[0] == 0.1 and f[9] == 1.0 and f[99] > 0
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # continuous linear decay, no jump at 90
+    c.schedule.phases[1].warmup_steps = 5
+    g = [learning_rate_factor(c, s) for s in range(100)]
+    assert g[:90] == f[:90] and abs(g[90] - f[90] / 5) < 1e-12 and g[95:] == f[95:]

@@ -1,3 +1,4 @@
+import gzip
 import io
 import json
 import shutil
@@ -9,9 +10,14 @@ import webdataset as wds
 
 from mlm_dist.data.corpus import iter_documents, split_sentences
 from mlm_dist.data.demo_corpus import write_stdlib_corpus
-from mlm_dist.data.prepare import assign_splits, prepare_shards
-from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, decode_document, encode_document,
-                                  file_sha256, npy_bytes, shard_paths, token_dtype)
+from mlm_dist.cli import main
+from mlm_dist.data import encoding
+from mlm_dist.data.encoding import EncodedDocument
+from mlm_dist.data.partitions import merge_partitions
+from mlm_dist.data.prepare import assign_splits, prepare_shards, split_of
+from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, decode_document, document_key,
+                                  encode_document, encode_sample, file_sha256, npy_bytes,
+                                  shard_paths, tar_end, token_dtype)
 
 
 def read_samples(paths):
@@ -95,15 +101,22 @@ def test_valid_split_is_non_empty_and_disjoint_from_train(tiny_shards):
 
 
 def test_split_assignment_is_seeded_and_guarantees_both_splits():
-    docs = [[[i + 5]] for i in range(50)]
-    first = list(assign_splits(docs, 0.2, seed=1))
-    assert first == list(assign_splits(docs, 0.2, seed=1))
-    assert first != list(assign_splits(docs, 0.2, seed=2))
-    assert sorted(index for _, index, _ in first) == list(range(50))
+    docs = [EncodedDocument(file_index=i % 3, index=i // 3, fields={}, sentences=1, tokens=1)
+            for i in range(300)]
+    draws = [split_of(d, 1, 0.2) for d in docs]
+    assert draws == [split_of(d, 1, 0.2) for d in docs]
+    assert draws != [split_of(d, 2, 0.2) for d in docs]
+    assert 30 < draws.count("valid") < 90
+    # Mixed draws pass through unchanged.
+    assert list(assign_splits(zip(draws, docs), 0.2)) == list(zip(draws, docs))
     # Draws that never pick valid still leave one document for it; one document stays in train.
-    assert [split for split, _, _ in assign_splits(docs[:2], 1e-9, seed=0)] == ["train", "valid"]
-    assert [split for split, _, _ in assign_splits(docs[:1], 0.99, seed=0)] == ["train"]
-    assert {split for split, _, _ in assign_splits(docs, 0.0, seed=0)} == {"train"}
+    assert [s for s, _ in assign_splits([("train", 1), ("train", 2)], 1e-9)] == ["train", "valid"]
+    assert list(assign_splits([("valid", 1)], 0.99)) == [("train", 1)]
+    assert list(assign_splits([("valid", 1), ("valid", 2), ("train", 3)], 0.99)) == [
+        ("valid", 1), ("valid", 2), ("train", 3)]
+    assert list(assign_splits([("valid", 1), ("valid", 2)], 0.99)) == [("valid", 1), ("train", 2)]
+    assert {s for s, _ in assign_splits([("train", i) for i in range(5)], 0.0)} == {"train"}
+    assert list(assign_splits([], 0.5)) == []
 
 
 def test_prepare_is_deterministic(tmp_path, tiny_shards, tiny_corpus, tiny_tokenizer):
@@ -253,3 +266,221 @@ def test_stdlib_corpus_is_deterministic_real_text(tmp_path):
     with pytest.raises(FileExistsError):
         write_stdlib_corpus(tmp_path / "a.txt", max_documents=1)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- inputs, workers
+
+def write_corpus_files(directory, corpus, files=5):
+    """tiny_corpus's documents dealt over `files` files of every format (txt, jsonl, gz)."""
+    documents = list(iter_documents([corpus]))
+    directory.mkdir()
+    for k in range(files):
+        part = documents[k::files]
+        kind = ("txt", "jsonl", "txt.gz", "jsonl.gz")[k % 4]
+        text = ("".join(json.dumps({"text": " ".join(doc)}) + "\n" for doc in part)
+                if "jsonl" in kind else "".join("\n".join(doc) + "\n\n" for doc in part))
+        data = gzip.compress(text.encode(), mtime=0) if kind.endswith("gz") else text.encode()
+        (directory / f"part{k}.{kind}").write_bytes(data)
+    return directory
+
+
+def shard_bytes(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))}
+
+
+def test_gz_input_gives_the_same_shards_as_plain(tmp_path, tiny_shards, tiny_corpus, tiny_tokenizer):
+    gz = tmp_path / "tiny.txt.gz"
+    gz.write_bytes(gzip.compress(tiny_corpus.read_bytes()))
+    prepare_shards([gz], tiny_tokenizer.path.parent, tmp_path / "shards",
+                   docs_per_shard=40, valid_fraction=0.1, seed=0)
+    assert shard_bytes(tmp_path / "shards") == shard_bytes(tiny_shards)
+
+
+def test_invalid_utf8_is_counted_reported_and_recorded(tmp_path, capsys, tiny_tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "x.txt").write_bytes(b"caf\xe9 ok.\nAnother \xff line.\n\nSecond document here.\n")
+    (corpus / "y.txt").write_text("A clean document.\nWith two lines.\n")
+    main(["prepare", "--input", str(corpus), "--tokenizer", str(tiny_tokenizer.path.parent),
+          "--out", str(tmp_path / "shards"), "--workers", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert f"{corpus / 'x.txt'}: 2 invalid UTF-8 sequences replaced" in err
+    assert "y.txt" not in err
+    assert "train: 1 shards" in out and "2 sequences replaced in 1 files" in out
+    manifest = Manifest.load(tmp_path / "shards")
+    assert manifest.totals("train")["documents"] + manifest.totals("valid")["documents"] == 3
+    info = manifest.prepare
+    assert (info.files, info.invalid_utf8, info.invalid_utf8_files) == (2, 2, 1)
+
+
+def test_one_and_two_workers_write_identical_shards(tmp_path, monkeypatch, tiny_corpus, tiny_tokenizer):
+    # Small batches, so that many are in flight at once and order really is at stake.
+    monkeypatch.setattr(encoding, "SENTENCES_PER_BATCH", 16)
+    inputs = [write_corpus_files(tmp_path / "corpus", tiny_corpus)]
+    runs = {n: prepare_shards(inputs, tiny_tokenizer.path.parent, tmp_path / f"w{n}",
+                              docs_per_shard=20, valid_fraction=0.1, workers=n) for n in (1, 2)}
+    assert runs[1] == runs[2]
+    assert len(runs[1].splits["train"]) > 3
+    assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
+    assert [s.sha256 for s in runs[2].splits["train"]] == [
+        file_sha256(tmp_path / "w2" / s.path) for s in runs[2].splits["train"]]
+
+
+def test_shard_bytes_are_what_webdataset_writes():
+    buffer = io.BytesIO()
+    ours = b""
+    with wds.TarWriter(buffer, encoder=False, mtime=0) as tar:
+        for i, doc in enumerate([[[5, 6, 7], [8]], [list(range(5, 700))], [[9]] * 300]):
+            fields = encode_document(doc, np.uint16)
+            tar.write({"__key__": document_key(i, partition=3), **fields})
+            ours += encode_sample(document_key(i, partition=3), fields)
+    assert ours + tar_end(len(ours)) == buffer.getvalue()
+    for dtype in ("uint16", "int32", "uint8", "int64"):
+        for n in (0, 1, 7, 1000):
+            array = np.arange(n, dtype=dtype)
+            reference = io.BytesIO()
+            np.save(reference, array)
+            assert npy_bytes(array) == reference.getvalue(), (dtype, n)
+
+
+# ----------------------------------------------------------------------------- partitions
+
+def prepare_partition(inputs, tokenizer, out, index, count=2):
+    return prepare_shards(inputs, tokenizer.path.parent, out, docs_per_shard=20,
+                          valid_fraction=0.1, num_partitions=count, partition_index=index)
+
+
+def test_partitions_merge_into_what_one_run_makes(tmp_path, tiny_corpus, tiny_tokenizer):
+    inputs = [str(write_corpus_files(tmp_path / "corpus", tiny_corpus) / "part*")]
+    out = tmp_path / "shards"
+    parts = [prepare_partition(inputs, tiny_tokenizer, out, i) for i in (1, 0)]
+    assert [p.prepare.files for p in parts] == [2, 3]  # file k goes to partition k % 2
+    assert sorted(p.name for p in out.glob("manifest*")) == [
+        "manifest.p00000-of-00002.json", "manifest.p00001-of-00002.json"]
+    assert all(p.name.startswith(("train-p0000", "valid-p0000")) for p in out.glob("*.tar"))
+    with pytest.raises(FileNotFoundError, match="partial manifests.*prepare --merge"):
+        Manifest.load(out)  # a loader never sees half a partitioned run
+
+    main(["prepare", "--merge", str(out)])
+    merged = Manifest.load(out)
+    whole = prepare_shards(inputs, tiny_tokenizer.path.parent, tmp_path / "whole",
+                           docs_per_shard=20, valid_fraction=0.1)
+    samples, whole_samples = all_samples(out), all_samples(tmp_path / "whole")
+    assert len(samples) == sum(merged.totals(s)["documents"] for s in merged.splits)
+    assert all(key.startswith(("p00000-", "p00001-")) for key in samples)
+    assert sorted(map(str, samples.values())) == sorted(map(str, whole_samples.values()))
+    # A document's split is drawn from its identity, not its position in a partition, so the
+    # splits agree too (a partition would only deviate if one of its splits drew nothing).
+    for split in ("train", "valid"):
+        assert {k: v for k, v in merged.totals(split).items() if k != "shards"} == {
+            k: v for k, v in whole.totals(split).items() if k != "shards"}
+    assert (merged.prepare.files, merged.prepare.num_partitions, merged.prepare.partition) == (5, 2, None)
+    assert merged.prepare.inputs_sha256 == whole.prepare.inputs_sha256
+    with pytest.raises(FileExistsError, match="merged already"):
+        merge_partitions(out)
+
+
+def test_merge_refuses_missing_mismatched_or_escaping_partitions(tmp_path, tiny_corpus, tiny_tokenizer):
+    inputs = [write_corpus_files(tmp_path / "corpus", tiny_corpus)]
+    out = tmp_path / "shards"
+    prepare_partition(inputs, tiny_tokenizer, out, 0)
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 partitions are missing "
+                                                r"\(manifest.p00001-of-00002.json\).*--partition-index 1"):
+        merge_partitions(out)
+    prepare_partition(inputs, tiny_tokenizer, out, 1)
+    partial = out / "manifest.p00001-of-00002.json"
+    original = partial.read_text()
+    data = json.loads(original)
+    data["tokenizer"]["sha256"] = "0" * 64
+    partial.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="differ in tokenizer sha256.*same --tokenizer"):
+        merge_partitions(out)
+    data = json.loads(original)
+    data["splits"]["train"][0]["path"] = "../elsewhere.tar"
+    partial.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not a relative path inside the shard directory"):
+        merge_partitions(out)
+    assert not (out / MANIFEST_FILE).exists()
+    partial.write_text(original)
+    assert merge_partitions(out) == Manifest.load(out)
+
+
+def test_partition_refuses_only_its_own_outputs(tmp_path, tiny_corpus, tiny_tokenizer):
+    inputs = [write_corpus_files(tmp_path / "corpus", tiny_corpus, files=3)]
+    out = tmp_path / "shards"
+    prepare_partition(inputs, tiny_tokenizer, out, 0, count=3)
+    before = shard_bytes(out)
+    with pytest.raises(FileExistsError, match="partition 0 of 3 is already done"):
+        prepare_partition(inputs, tiny_tokenizer, out, 0, count=3)
+    (out / "train-p00001-000000.tar").write_bytes(b"left by a killed job")
+    with pytest.raises(FileExistsError, match=r"shards of partition 1 \(train-p00001-000000.tar\) "
+                                              r"but no manifest.p00001-of-00003.json.*Remove them"):
+        prepare_partition(inputs, tiny_tokenizer, out, 1, count=3)
+    (out / "train-p00001-000000.tar").unlink()
+    with pytest.raises(FileExistsError, match="--num-partitions 3, not 2"):
+        prepare_partition(inputs, tiny_tokenizer, out, 1, count=2)
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        prepare_shards(inputs, tiny_tokenizer.path.parent, out)
+    prepare_partition(inputs, tiny_tokenizer, out, 2, count=3)  # another partition is welcome
+    assert {k: v for k, v in shard_bytes(out).items() if k in before} == before
+    with pytest.raises(ValueError, match="--num-partitions 4 is more than the 3 input files"):
+        prepare_partition(inputs, tiny_tokenizer, tmp_path / "x", 0, count=4)
+    with pytest.raises(ValueError, match=r"--partition-index must be in 0..2"):
+        prepare_partition(inputs, tiny_tokenizer, tmp_path / "x", 3, count=3)
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- verify
+
+def verify(directory, capsys, *options):
+    """(exit code, stdout) of `mlm-dist prepare --verify directory`."""
+    try:
+        main(["prepare", "--verify", str(directory), "--quiet", *options])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().out
+
+
+def test_verify_passes_good_shards(tiny_shards, capsys):
+    code, out = verify(tiny_shards, capsys, "--workers", "2")
+    manifest = Manifest.load(tiny_shards)
+    documents = sum(manifest.totals(s)["documents"] for s in manifest.splits)
+    assert code == 0
+    assert f"all {sum(map(len, manifest.splits.values()))} shards" in out
+    assert f"({documents} documents" in out
+
+
+def test_verify_reports_every_damaged_shard(tmp_path, tiny_shards, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    with open(copy / "train-000000.tar", "r+b") as f:
+        f.truncate(5000)
+    with tarfile.open(copy / "train-000001.tar") as tar:
+        tokens = next(m for m in tar.getmembers() if m.name.endswith(".tokens.npy"))
+    data = bytearray((copy / "train-000001.tar").read_bytes())
+    data[tokens.offset_data + tokens.size - 1] ^= 0x01  # a token id changes: only sha256 can tell
+    (copy / "train-000001.tar").write_bytes(bytes(data))
+    data = bytearray((copy / "train-000002.tar").read_bytes())
+    data[0] ^= 0x20  # in the first member's name: the tar header checksum fails
+    (copy / "train-000002.tar").write_bytes(bytes(data))
+    (copy / "valid-000000.tar").unlink()
+    code, out = verify(copy, capsys, "--workers", "1")
+    assert code == 2
+    lines = out.splitlines()
+    named = lambda name: [line for line in lines if name in line]  # noqa: E731
+    assert "5000 bytes" in named("train-000000.tar")[0]
+    assert any("damaged tar" in line for line in named("train-000000.tar"))
+    assert len(named("train-000001.tar")) == 1 and "sha256" in named("train-000001.tar")[0]
+    assert any("damaged tar" in line and "checksum" in line for line in named("train-000002.tar"))
+    assert named("valid-000000.tar") == [f"{copy / 'valid-000000.tar'}: missing (listed in manifest.json)"]
+    assert not named("train-000003.tar")
+    assert "in 4 of" in lines[-1] and "copy the bad shards again" in lines[-1]
+
+
+def test_verify_refuses_a_manifest_path_outside_the_directory(tmp_path, tiny_shards, capsys):
+    write_manifest_with_shard_path(tmp_path / "m", tiny_shards, "../train-000000.tar")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--verify", str(tmp_path / "m"), "--quiet"])
+    assert exit_.value.code == 2
+    assert "not a relative path inside the shard directory" in capsys.readouterr().err

@@ -1,8 +1,10 @@
+import gzip
 import io
 
 import pytest
 import sentencepiece as spm
 
+from mlm_dist.cli import main
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, SEP_ID, SPECIAL_TOKENS, Tokenizer,
                                 sentences_of, train_tokenizer)
@@ -60,3 +62,27 @@ def test_load_rejects_foreign_sentencepiece_model(tmp_path, tiny_corpus):
 def test_load_missing_tokenizer_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="mlm-dist tokenizer train"):
         Tokenizer.load(tmp_path / "nowhere")
+
+
+def test_cli_trains_on_directories_globs_and_gz_and_reports_bad_bytes(tmp_path, capsys, tiny_corpus):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "sub" / "a.txt.gz").write_bytes(gzip.compress(tiny_corpus.read_bytes()))
+    (corpus / "b.txt").write_bytes(b"caf\xe9 ok.\nAnother sentence.\n")
+    main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
+          "--out", str(tmp_path / "tok")])
+    out, err = capsys.readouterr()
+    assert f"{corpus / 'b.txt'}: 1 invalid UTF-8 sequence replaced" in err
+    assert "from 2 input files" in out
+    # The same text through a glob gives the same model: inputs, not their packaging, matter.
+    main(["tokenizer", "train", "--input", str(corpus / "**" / "*.*"), "--vocab-size", "400",
+          "--out", str(tmp_path / "tok2")])
+    assert Tokenizer.load(tmp_path / "tok").sha256 == Tokenizer.load(tmp_path / "tok2").sha256
+
+
+def test_corpus_errors_surface_as_themselves(tmp_path, tiny_corpus):
+    (tmp_path / "x.jsonl").write_text('{"text": "Fine. Fine."}\nnot json\n')
+    with pytest.raises(ValueError, match=r"^.*x.jsonl:2: not valid JSON"):
+        train_tokenizer(sentences_of(iter_documents([tiny_corpus, tmp_path / "x.jsonl"])),
+                        tmp_path / "tok", vocab_size=400)
+    assert not (tmp_path / "tok" / MODEL_FILE).exists()

@@ -24,7 +24,7 @@ REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_ac
 @pytest.fixture(scope="module")
 def zero2_run(tiny_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2") / "run"
-    train(tiny_shards, out, "train.zero_stage=2", "train.steps=40", "optim.lr=2e-3")
+    train(tiny_shards, out, "train.zero_stage=2", "schedule.phases.0.until_step=40", "optim.lr=2e-3")
     return out
 
 
@@ -56,9 +56,9 @@ def test_tensorboard_has_the_scalars_and_config(zero2_run):
 def test_resume_continues_from_latest(zero2_run, tiny_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(zero2_run, run)
-    proc = train(tiny_shards, run, "train.steps=50", launcher="alone", check=False)
+    proc = train(tiny_shards, run, "schedule.phases.0.until_step=50", launcher="alone", check=False)
     assert proc.returncode == 2 and "checkpoint.resume=true" in proc.stderr  # never mixes runs
-    proc = train(tiny_shards, run, "train.zero_stage=2", "train.steps=50", "optim.lr=2e-3",
+    proc = train(tiny_shards, run, "train.zero_stage=2", "schedule.phases.0.until_step=50", "optim.lr=2e-3",
                  "checkpoint.resume=true")
     assert "resumed from step 40" in proc.stdout
     assert [r["step"] for r in metrics(run)][-3:] == [40, 45, 50]
@@ -88,7 +88,7 @@ def test_export_hf_from_sharded_checkpoint(zero2_run, tmp_path):
 
 def test_zero3_two_ranks_then_fill_mask(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    train(tiny_shards, out, "train.zero_stage=3", "train.steps=10")
+    train(tiny_shards, out, "train.zero_stage=3", "schedule.phases.0.until_step=10")
     assert metrics(out)[-1]["step"] == 10
     assert len(list((out / "checkpoints" / "step_00000010").glob("*zero_pp_rank_*"))) >= 2
     proc = cli("fill-mask", "--checkpoint", str(out), "--top-k", "3", "The [MASK] is open.")
@@ -104,15 +104,15 @@ def test_two_ranks_two_workers_over_uneven_shards(tiny_corpus, tiny_tokenizer, t
     shards = write_shards(tmp_path / "shards", corpus_documents(tiny_corpus, tiny_tokenizer),
                           [1, 5, 90], tiny_tokenizer)
     out = tmp_path / "run"
-    train(shards, out, "train.steps=40", "data.num_workers=2", "train.micro_batch=4",
-          "train.global_batch=8", "train.log_every=10")
+    train(shards, out, "schedule.phases.0.until_step=40", "data.num_workers=2", "schedule.phases.0.micro_batch=4",
+          "schedule.phases.0.global_batch=8", "train.log_every=10")
     assert [r["step"] for r in metrics(out)] == [10, 20, 30, 40]
     assert metrics(out)[-1]["data/skipped_samples"] == 0
 
 
 def test_alone_zero0_bf16_exports_fp32_master_weights(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    train(tiny_shards, out, "train.steps=5", "train.zero_stage=0", launcher="alone")
+    train(tiny_shards, out, "schedule.phases.0.until_step=5", "train.zero_stage=0", launcher="alone")
     assert metrics(out)[-1]["step"] == 5
     model, _, _ = load_checkpoint(out)
     w = model.layers[0].ffn.up.weight
@@ -122,7 +122,7 @@ def test_alone_zero0_bf16_exports_fp32_master_weights(tiny_shards, tmp_path):
 
 def test_same_command_under_torchrun(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    train(tiny_shards, out, "train.steps=5", "train.zero_stage=1", launcher="torchrun")
+    train(tiny_shards, out, "schedule.phases.0.until_step=5", "train.zero_stage=1", launcher="torchrun")
     assert metrics(out)[-1]["step"] == 5
 
 

@@ -1,17 +1,34 @@
 """Reading raw corpora into documents of sentences.
 
-Two formats, chosen by file suffix:
-  *.txt (or anything else)  one sentence per line, a blank line between documents
-  *.jsonl                   one JSON object per line with a "text" field; one document per line,
-                            split into sentences here
+Two formats, chosen by file name:
+  *.jsonl, *.jsonl.gz      one JSON object per line with a "text" field; one document per line,
+                           split into sentences here
+  anything else            plain text: one sentence per line, a blank line between documents
+                           (*.txt, *.txt.gz and any other name; *.gz is read through gzip)
+
+Inputs are files, directories (every file with a known suffix below them, sorted) and glob
+patterns (expanded here with the glob module, sorted, never by a shell). Bytes that are not
+UTF-8 are replaced by U+FFFD and counted per file, so a damaged corpus is reported, not hidden.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
+import os
 import re
+import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+KNOWN_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # what a directory contributes
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ENCODED_REPLACEMENT = "\ufffd".encode()
+# JSON can spell unpaired surrogates ("\ud800"), which no UTF-8 encoder (SentencePiece's
+# included) accepts; they are invalid text like bad bytes are, and are replaced and counted too.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket, which stays
 # with its sentence) followed by whitespace and something that starts a sentence.
@@ -28,10 +45,163 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def _text_documents(path: Path) -> Iterator[list[str]]:
+# ----------------------------------------------------------------------------- naming inputs
+
+def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """The input files named by files, directories and glob patterns, in a fixed order.
+
+    Each argument keeps its place; what a directory or pattern expands to is sorted, so every
+    node of a partitioned run computes the same list. A file named twice is an error: its
+    documents would be trained on twice and could land in both train and valid.
+    """
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not inputs:
+        raise ValueError("no inputs given; pass --input files, directories or glob patterns "
+                         f"({', '.join(KNOWN_SUFFIXES)})")
+    files: list[Path] = []
+    named_by: dict[Path, str] = {}
+    for argument in inputs:
+        for path in _expand(str(argument)):
+            real = path.resolve()
+            if real in named_by:
+                raise ValueError(f"input {path} is named twice (by {named_by[real]!r} and "
+                                 f"{str(argument)!r}); name each file once")
+            named_by[real] = str(argument)
+            files.append(path)
+    return files
+
+
+def _expand(argument: str) -> list[Path]:
+    path = Path(argument)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _files_below(path)
+    if _GLOB_CHARS.search(argument):  # a literal name with [ ] in it was taken above
+        matches = sorted(glob.glob(argument, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"--input pattern {argument!r} matches nothing; check the "
+                                    "pattern (it is expanded by mlm-dist, not by a shell)")
+        return [file for match in matches for file in _expand_match(Path(match))]
+    raise FileNotFoundError(f"input {argument} does not exist; give files, directories or glob "
+                            "patterns")
+
+
+def _expand_match(path: Path) -> list[Path]:
+    # A pattern may match directories ("corpus/*"), which contribute their files like any other.
+    return _files_below(path) if path.is_dir() else [path] if path.is_file() else []
+
+
+def _files_below(directory: Path) -> list[Path]:
+    """Files with a known suffix anywhere below `directory`, sorted; hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        # Pruning in place steers os.walk; hidden directories (.git, .cache) are not corpus.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / name for name in filenames
+                     if name.endswith(KNOWN_SUFFIXES) and not name.startswith("."))
+    if not found:
+        raise FileNotFoundError(f"directory {directory} holds no input files: looked for "
+                                f"{', '.join(KNOWN_SUFFIXES)} files (name files with other "
+                                "suffixes directly or with a glob pattern)")
+    return sorted(found, key=lambda p: p.parts)
+
+
+def check_readable(files: Iterable[Path]):
+    """Open each file once, so a permission problem or a mislabelled .gz stops the run up front."""
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError as e:
+            raise ValueError(f"input {path} cannot be read ({e.strerror or e}); fix its "
+                             "permissions or leave it out") from None
+        if path.name.endswith(".gz") and head and head != _GZIP_MAGIC:
+            raise ValueError(f"input {path} is named .gz but is not gzip-compressed; rename it "
+                             "without .gz, or compress it")
+
+
+# ----------------------------------------------------------------------------- reading
+
+class Document(NamedTuple):
+    file_index: int  # where its file stands in the whole input list (all partitions)
+    index: int  # where it stands among its file's documents
+    sentences: list[str]
+
+
+class CorpusReader:
+    """Streams the documents of `files`, counting invalid UTF-8 per file.
+
+    `file_indices` are the files' places in the whole input list when this reader gets only
+    some of them (one partition); they make a document's identity independent of partitioning.
+    `report` is called with a line such as "x.txt: 3 invalid UTF-8 sequences replaced" as soon
+    as a file with invalid text has been read.
+    """
+
+    def __init__(self, files: list[Path], file_indices: list[int] | None = None,
+                 report: Callable[[str], None] | None = None):
+        self.files = files
+        self.file_indices = list(range(len(files))) if file_indices is None else file_indices
+        self.report = report
+        self.invalid_utf8: dict[Path, int] = {}  # only files that had any
+        self.files_opened = 0  # for progress reports
+
+    def documents(self) -> Iterator[Document]:
+        for file_index, path in zip(self.file_indices, self.files):
+            self.files_opened += 1
+            invalid = [0]  # the file's readers add to it as they go
+            lines = _decoded_lines(path, invalid)
+            read = _jsonl_documents(path, lines, invalid) if _is_jsonl(path) else _text_documents(lines)
+            for index, sentences in enumerate(read):
+                yield Document(file_index, index, sentences)
+            if invalid[0]:
+                self.invalid_utf8[path] = invalid[0]
+                if self.report is not None:
+                    self.report(invalid_utf8_message(path, invalid[0]))
+
+
+def iter_documents(inputs: Iterable[str | Path]) -> Iterator[list[str]]:
+    """Yield each document (a list of sentences) of each input, in order."""
+    for document in CorpusReader(resolve_inputs(inputs)).documents():
+        yield document.sentences
+
+
+def invalid_utf8_message(path: Path, count: int) -> str:
+    return f"{path}: {count} invalid UTF-8 sequence{'s' if count != 1 else ''} replaced"
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _decoded_lines(path: Path, invalid: list[int]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; invalid UTF-8 replaced and added to invalid[0].
+
+    Read as bytes and decoded line by line, because a text-mode file replaces bad bytes
+    without telling anyone how many there were.
+    """
+    opened = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    with opened as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = raw.decode("utf-8", errors="replace")
+                    # Each invalid sequence became one U+FFFD; U+FFFDs that were validly
+                    # encoded in the file already are not ours to count.
+                    invalid[0] += text.count("\ufffd") - raw.count(_ENCODED_REPLACEMENT)
+                    yield lineno, text
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"input {path} is a damaged gzip file ({e}); compress or download "
+                             "it again") from None
+
+
+def _text_documents(lines: Iterator[tuple[int, str]]) -> Iterator[list[str]]:
     doc: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    for _, physical_line in lines:
+        # Lines end in \n, \r\n or a lone \r (old Mac files), as in Python's text mode.
+        for line in physical_line.rstrip("\r\n").split("\r"):
             line = line.strip()
             if line:
                 doc.append(line)
@@ -42,31 +212,21 @@ def _text_documents(path: Path) -> Iterator[list[str]]:
         yield doc
 
 
-def _jsonl_documents(path: Path) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
-                                 "each line of a .jsonl file must be one object") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f'{path}:{lineno}: expected an object with a "text" string')
-            sentences = split_sentences(text)
-            if sentences:
-                yield sentences
-
-
-def iter_documents(paths: Iterable[str | Path]) -> Iterator[list[str]]:
-    """Yield each document (a list of sentences) of each file, in order."""
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"input {path} does not exist or is not a file")
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path)
-        else:
-            yield from _text_documents(path)
+def _jsonl_documents(path: Path, lines: Iterator[tuple[int, str]],
+                     invalid: list[int]) -> Iterator[list[str]]:
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                             "each line of a .jsonl file must be one object") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f'{path}:{lineno}: expected an object with a "text" string')
+        text, surrogates = _SURROGATE.subn("\ufffd", text)
+        invalid[0] += surrogates
+        sentences = split_sentences(text)
+        if sentences:
+            yield sentences

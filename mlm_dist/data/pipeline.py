@@ -17,6 +17,7 @@ every reader, which is what a checkpoint saves.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -204,6 +205,14 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                             skipped=stream.skips.documents)
 
 
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """Slurm signals every process of a job step, workers included. The rank turns SIGTERM and
+    SIGUSR1 into a checkpoint and an orderly exit (which ends its workers); a worker dying on
+    them first would fail the rank instead."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class ResumableLoader:
     """Iterator of Batches for one rank with a state_dict() that restores the exact stream.
 
@@ -233,7 +242,11 @@ class ResumableLoader:
                                    worker_offset=self.batches % max(1, num_workers))
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None,
+            # Its own generator: creating a loader must not advance the global torch RNG that
+            # dropout draws from, or a resumed run would drift from the uninterrupted one.
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_leave_stop_signals_to_the_rank)
         self.iterator = iter(self.loader)
         self.skipped_base = dict(self.skipped)
 
@@ -252,8 +265,21 @@ class ResumableLoader:
     def skipped_documents(self) -> int:
         return sum(self.skipped.values())
 
+    def close(self) -> None:
+        """Stop the workers now, in order. Dropping the iterator shuts them down through their
+        queues; left to interpreter exit, multiprocessing would SIGTERM them instead, which
+        they ignore (see above), and wait forever."""
+        self.iterator = self.loader = None
+
     def state_dict(self) -> dict:
         return {"positions": {str(k): list(v) for k, v in self.positions.items()},
                 "batches": self.batches,
                 "skipped": {str(k): v for k, v in self.skipped.items()},
                 "signature": self.signature}
+
+
+def carry_to_next_unit(state: dict) -> dict:
+    """A loader state moved to the start of each reader's next work unit: how the data position
+    crosses into a phase with another sequence length (its examples are built differently)."""
+    positions = {k: [epoch, unit + 1, 0] for k, (epoch, unit, _) in state["positions"].items()}
+    return {**state, "positions": positions}

@@ -1,69 +1,107 @@
 """Corpus → token-id shards: the `mlm-dist prepare` step.
 
-Documents stream through: read (corpus.iter_documents), tokenized a batch of sentences at a
-time, assigned to train or valid, written into numbered tar shards. Memory holds one batch, never
-the corpus. Each shard is written as `<name>.tmp` and renamed once complete, and manifest.json is
-written last, so a directory with a manifest is always whole; a failed run removes what it wrote.
+Documents stream through: read (corpus.CorpusReader) in this process, tokenized in batches on
+`workers` processes (results taken back in order, so the shards are byte-identical whatever the
+number of workers), assigned to train or valid, written into numbered tar shards. Memory holds
+a few batches, never the corpus. Each shard is written as `<name>.tmp` and renamed once
+complete, and the manifest is written last, so a directory with a manifest is always whole; a
+failed run removes what it wrote.
+
+With --num-partitions P --partition-index i only partition i of the input files is read, and
+names carry the partition (see partitions.py) so that P jobs can share one --out directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
+from contextlib import closing
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypeVar
 
-import numpy as np
-import webdataset as wds
+from tqdm import tqdm
 
-from mlm_dist.data.corpus import iter_documents
-from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, ShardInfo, TokenizerInfo, document_key,
-                                  encode_document, file_sha256, token_dtype)
+from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
+from mlm_dist.data.encoding import DocumentEncoder, EncodedDocument, document_batches
+from mlm_dist.data.partitions import (check_out_dir, check_partition, inputs_sha256,
+                                      partial_manifest_name, partition_file_indices, shard_prefix)
+from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, PrepareInfo, ShardInfo, TokenizerInfo,
+                                  document_key, encode_sample, tar_end, token_dtype)
+from mlm_dist.data.workers import check_workers, ordered_map
 from mlm_dist.tokenizer import Tokenizer
 
-# Sentences handed to SentencePiece per call: large enough to amortize the call, small enough
-# that memory stays a few MB whatever the corpus size.
-TOKENIZE_BATCH_SENTENCES = 8192
 SPLITS = ("train", "valid")
+T = TypeVar("T")
 
 
 def prepare_shards(
-    inputs: list[str | Path],
+    inputs: Iterable[str | Path] | str | Path,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     docs_per_shard: int = 2000,
     valid_fraction: float = 0.02,
     seed: int = 0,
+    workers: int = 1,
+    num_partitions: int = 1,
+    partition_index: int = 0,
+    progress: bool = False,
 ) -> Manifest:
     """Tokenize `inputs` into train/valid shards in `out_dir`; return the manifest (it has the stats).
 
-    Each document goes to valid with probability `valid_fraction`, drawn from a generator seeded
-    with `seed`, so the same inputs always give the same split and the same shard bytes.
+    `inputs` are files, directories and glob patterns (corpus.resolve_inputs). Each document
+    goes to valid with probability `valid_fraction`, by a draw seeded with `seed` and the
+    document's identity (its file's place in the input list, its place in the file), so the
+    split of a document does not depend on the number of workers or partitions.
     """
-    inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     out = Path(out_dir)
-    _check_arguments(inputs, out, docs_per_shard, valid_fraction)
+    _check_options(docs_per_shard, valid_fraction, seed)
+    check_workers(workers)
+    check_partition(num_partitions, partition_index)
+    all_files = resolve_inputs(inputs)
+    file_indices = partition_file_indices(len(all_files), num_partitions, partition_index)
+    files = [all_files[k] for k in file_indices]
+    check_readable(files)
+    check_out_dir(out, num_partitions, partition_index)
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
+    partition = partition_index if num_partitions > 1 else None
     out.mkdir(parents=True, exist_ok=True)
 
-    writers = {split: SplitWriter(out, split, dtype, docs_per_shard) for split in SPLITS}
+    writers = {split: SplitWriter(out, shard_prefix(split, partition), docs_per_shard)
+               for split in SPLITS}
+    bar = tqdm(desc="prepare", unit=" docs", file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress else True)  # None: only when stderr is a terminal
+    reader = CorpusReader(files, file_indices, report=lambda line: bar.write(line, file=sys.stderr))
     try:
-        documents = tokenized_documents(iter_documents(inputs), tokenizer)
-        for split, index, sentences in assign_splits(documents, valid_fraction, seed):
-            writers[split].write(index, sentences)
+        batches = ordered_map(DocumentEncoder(tokenizer.path, dtype),
+                              document_batches(reader.documents()), workers)
+        with bar, closing(batches):
+            documents = _counted(batches, bar, reader)
+            drawn = ((split_of(doc, seed, valid_fraction), (index, doc))
+                     for index, doc in enumerate(documents))
+            for split, (index, doc) in assign_splits(drawn, valid_fraction):
+                writers[split].write(document_key(index, partition), doc)
         for writer in writers.values():
             writer.close()
-        if not writers["train"].shards:
-            raise ValueError(f"no document in {', '.join(map(str, inputs))} has any text; inputs must "
-                             "be .txt (one sentence a line, blank line between documents) or "
-                             '.jsonl ({"text": ...} per line)')
+        if partition is None and not writers["train"].shards:
+            raise ValueError(f"no document in {_named(files)} has any text; inputs must be text "
+                             "(one sentence a line, blank line between documents) or .jsonl "
+                             '({"text": ...} per line), optionally .gz')
         manifest = Manifest(
             tokenizer=TokenizerInfo(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
                                     path=str(Path(tokenizer.path).resolve().parent)),
             dtype=dtype.name,
             splits={split: writer.shards for split, writer in writers.items()},
+            prepare=PrepareInfo(files=len(files), inputs_sha256=inputs_sha256(all_files),
+                                seed=seed, valid_fraction=float(valid_fraction),
+                                invalid_utf8=sum(reader.invalid_utf8.values()),
+                                invalid_utf8_files=len(reader.invalid_utf8),
+                                num_partitions=num_partitions, partition=partition),
         )
-        manifest.save(out)
+        manifest.save(out, MANIFEST_FILE if partition is None
+                      else partial_manifest_name(partition, num_partitions))
     except BaseException:
         # Half a shard set is useless and would make the next attempt refuse this directory.
         for writer in writers.values():
@@ -72,104 +110,101 @@ def prepare_shards(
     return manifest
 
 
-def _check_arguments(inputs: list[Path], out: Path, docs_per_shard: int, valid_fraction: float):
+def _check_options(docs_per_shard: int, valid_fraction: float, seed: int):
     """Every mistake we can see up front is reported before a single document is tokenized."""
-    if not inputs:
-        raise ValueError("no inputs given; pass at least one --input file (.txt or .jsonl)")
-    for path in inputs:
-        if not path.is_file():
-            raise FileNotFoundError(f"input {path} does not exist or is not a file")
     if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or docs_per_shard < 1:
         raise ValueError(f"docs_per_shard must be a positive integer, got {docs_per_shard!r}")
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the shards")
-    if (out / MANIFEST_FILE).exists() or any(out.glob("*.tar")):
-        raise FileExistsError(f"{out} already holds shards; choose a new --out directory "
-                              "(shards are never overwritten)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
-def tokenized_documents(documents: Iterable[list[str]], tokenizer: Tokenizer) -> Iterator[list[list[int]]]:
-    """Each document as token ids per sentence; empty sentences and empty documents dropped."""
-    batch: list[list[str]] = []
-    batch_sentences = 0
-    for document in documents:
-        batch.append(document)
-        batch_sentences += len(document)
-        if batch_sentences >= TOKENIZE_BATCH_SENTENCES:
-            yield from _encode_documents(batch, tokenizer)
-            batch, batch_sentences = [], 0
-    yield from _encode_documents(batch, tokenizer)
+def _named(files: list[Path]) -> str:
+    return ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
 
 
-def _encode_documents(documents: list[list[str]], tokenizer: Tokenizer) -> Iterator[list[list[int]]]:
-    if not documents:
-        return
-    ids = tokenizer.encode_batch([s for document in documents for s in document])
-    start = 0
-    for document in documents:
-        sentences = [s for s in ids[start:start + len(document)] if s]
-        start += len(document)
-        if sentences:
-            yield sentences
+def _counted(batches: Iterator[list[EncodedDocument]], bar: tqdm,
+             reader: CorpusReader) -> Iterator[EncodedDocument]:
+    """The documents of each batch, counted on the progress bar (documents/s and tokens/s)."""
+    tokens, start = 0, time.monotonic()
+    for batch in batches:
+        yield from batch
+        tokens += sum(doc.tokens for doc in batch)
+        rate = tokens / max(time.monotonic() - start, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tokens/s, file {reader.files_opened}/{len(reader.files)}",
+                            refresh=False)
+        bar.update(len(batch))
 
 
-def assign_splits(documents: Iterable, valid_fraction: float, seed: int) -> Iterator[tuple[str, int, list]]:
-    """Yield (split, document index, document), deciding each document with one seeded draw.
+# ----------------------------------------------------------------------------- train / valid
 
-    Two guarantees on top of the draws: the first document always goes to train (so train is
-    never empty), and when valid_fraction > 0 and there are two or more documents, valid gets at
-    least one. For the second, while valid is still empty the latest train document is held back
-    one step; if the stream ends with valid empty, that held document goes to valid instead.
+def split_of(document: EncodedDocument, seed: int, valid_fraction: float) -> str:
+    """The split a document draws: a hash of (seed, file index, index in file), so uniform and
+    independent of anything but the document (unlike a stream of draws, which would depend on
+    how many documents came before it in this partition)."""
+    digest = hashlib.blake2b(f"{seed}/{document.file_index}/{document.index}".encode(),
+                             digest_size=8).digest()
+    return "valid" if int.from_bytes(digest, "little") < valid_fraction * 2.0**64 else "train"
+
+
+def assign_splits(drawn: Iterable[tuple[str, T]], valid_fraction: float) -> Iterator[tuple[str, T]]:
+    """Pass on (split, document) as drawn, except where a split would end up empty.
+
+    Two guarantees on top of the draws: train is never empty, and when valid_fraction > 0 and
+    there are two or more documents, valid is not either. Only a stream in which every draw
+    chose the same split needs a fix, so while that is so the latest document is held back; if
+    the stream ends that way, the held document goes to the other split (to valid only when
+    valid_fraction > 0 and there are two or more documents).
     """
-    rng = np.random.default_rng(seed)
-    held = None  # (index, document) of the latest train document, while valid is empty
-    valid_seen = False
-    for index, document in enumerate(documents):
-        draws_valid = rng.random() < valid_fraction  # drawn for every document: stable sequence
-        if index > 0 and draws_valid:
-            if held is not None:
-                yield ("train", *held)
-                held = None
-            valid_seen = True
-            yield "valid", index, document
-        elif index > 0 and valid_fraction > 0 and not valid_seen:
-            if held is not None:
-                yield ("train", *held)
-            held = (index, document)
-        else:
-            yield "train", index, document
-    if held is not None:
-        yield ("valid", *held)
+    drawn = iter(drawn)
+    held = next(drawn, None)  # (split, document): the latest, while all draws chose one split
+    if held is None:
+        return
+    same = 1
+    for split, document in drawn:
+        yield held
+        if split != held[0]:  # both splits have a document: nothing left to guarantee
+            yield split, document
+            yield from drawn
+            return
+        held, same = (split, document), same + 1
+    split, document = held
+    if split == "valid":
+        split = "train"
+    elif valid_fraction > 0 and same >= 2:
+        split = "valid"
+    yield split, document
 
+
+# ----------------------------------------------------------------------------- writing
 
 class SplitWriter:
     """Writes one split's documents into numbered shards of at most `docs_per_shard` documents."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, docs_per_shard: int):
+    def __init__(self, out_dir: Path, prefix: str, docs_per_shard: int):
         self.out_dir = out_dir
-        self.split = split
-        self.dtype = dtype
+        self.prefix = prefix  # "train", or "train-p00003" for partition 3
         self.docs_per_shard = docs_per_shard
         self.shards: list[ShardInfo] = []
         self.written: list[Path] = []  # every file this writer created, finished or not
         self._file = None
-        self._tar = None
+        self._sha256 = None
+        self._size = 0
         self._counts = {}
 
-    def write(self, index: int, sentences: list[list[int]]):
-        if self._tar is None:
+    def write(self, key: str, document: EncodedDocument):
+        if self._file is None:
             self._open_shard()
-        self._tar.write({"__key__": document_key(index), **encode_document(sentences, self.dtype)})
+        self._append(encode_sample(key, document.fields))
         self._counts["documents"] += 1
-        self._counts["sentences"] += len(sentences)
-        self._counts["tokens"] += sum(len(s) for s in sentences)
+        self._counts["sentences"] += document.sentences
+        self._counts["tokens"] += document.tokens
         if self._counts["documents"] >= self.docs_per_shard:
             self._close_shard()
 
     def close(self):
-        if self._tar is not None:
+        if self._file is not None:
             self._close_shard()
 
     def discard(self):
@@ -180,26 +215,32 @@ class SplitWriter:
             path.unlink(missing_ok=True)
 
     def _shard_name(self) -> str:
-        return f"{self.split}-{len(self.shards):06d}.tar"
+        return f"{self.prefix}-{len(self.shards):06d}.tar"
 
     def _open_shard(self):
         tmp = self.out_dir / (self._shard_name() + ".tmp")
         self.written.append(tmp)
         self._file = open(tmp, "wb")
-        # mtime=0: the same corpus gives byte-identical shards, hence the same sha256.
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+        # Hashed as written: reading every shard back would double the I/O of a big corpus.
+        self._sha256 = hashlib.sha256()
+        self._size = 0
         self._counts = {"documents": 0, "sentences": 0, "tokens": 0}
 
+    def _append(self, data: bytes):
+        self._file.write(data)
+        self._sha256.update(data)
+        self._size += len(data)
+
     def _close_shard(self):
-        self._tar.close()
+        self._append(tar_end(self._size))
         self._file.flush()
         # On disk before the rename, so a crash cannot leave a finished name over unwritten data.
         os.fsync(self._file.fileno())
         self._file.close()
-        self._tar = self._file = None
+        self._file = None
         name = self._shard_name()
         tmp, final = self.out_dir / (name + ".tmp"), self.out_dir / name
         tmp.replace(final)
         self.written.append(final)
-        self.shards.append(ShardInfo(path=name, sha256=file_sha256(final),
-                                     bytes=final.stat().st_size, **self._counts))
+        self.shards.append(ShardInfo(path=name, sha256=self._sha256.hexdigest(), bytes=self._size,
+                                     **self._counts))
