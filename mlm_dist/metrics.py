@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from mlm_dist.masking import IGNORE_INDEX
 
 # Sums kept on the device, in this order.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
-         "skipped")
+         "sequences", "skipped", "data_wait_frac")
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """Peak memory of this rank: allocator peak on an accelerator, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
 
 
 class MetricLogger:
@@ -48,7 +56,7 @@ class MetricLogger:
             losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
             (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
-            eligible.float(),
+            eligible.float(), eligible.new_tensor(attention_mask.shape[0]).float(),
         ])
         self.sums = values if self.sums is None else self.sums + values
         self.micro_steps += 1
@@ -69,14 +77,22 @@ class MetricLogger:
             self.jsonl.flush()
 
     def flush(self, step: int, lr: float, grad_norm, seq_len: int, data_wait: float,
-              skipped: int) -> dict:
+              skipped: int, steps: int) -> dict:
+        """`steps`: optimizer steps since the last flush."""
         # `skipped` is this rank's running total of documents lost to bad data.
-        sums = torch.cat([self.sums, self.sums.new_tensor([float(skipped)])])
-        dist.all_reduce(sums)  # the cadence's one host sync
-        s = dict(zip(_SUMS, sums.tolist()))
-        n = self.micro_steps * self.topo.world_size
         now = time.perf_counter()
         elapsed = now - self.last_time
+        rank_tps, rank_wait = self.tokens / elapsed, data_wait / elapsed
+        sums = torch.cat([self.sums, self.sums.new_tensor([float(skipped), rank_wait])])
+        # Per-rank extremes in one MAX reduction (min as -max): the slowest rank and the one
+        # starved for data are what a cluster run needs to see.
+        extremes = sums.new_tensor([rank_tps, -rank_tps, rank_wait,
+                                    peak_memory_bytes(self.topo.device)])
+        dist.all_reduce(sums)  # the cadence's host syncs: these two reductions
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        s = dict(zip(_SUMS, sums.tolist()))
+        tps_max, neg_tps_min, wait_max, memory_max = extremes.tolist()
+        n = self.micro_steps * self.topo.world_size
         if grad_norm is not None and not isinstance(grad_norm, float):
             grad_norm = float(grad_norm)
         record = {
@@ -92,7 +108,13 @@ class MetricLogger:
             "train/skipped_steps": self.skipped_steps,
             "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
-            "perf/data_wait_frac": data_wait / elapsed,
+            "perf/tokens_per_s_rank_min": -neg_tps_min,
+            "perf/tokens_per_s_rank_max": tps_max,
+            "perf/samples_per_s": s["sequences"] / elapsed,
+            "perf/step_time_ms": 1000 * elapsed / max(1, steps),
+            "perf/data_wait_frac": s["data_wait_frac"] / self.topo.world_size,
+            "perf/data_wait_frac_rank_max": wait_max,
+            "perf/peak_memory_gb_rank_max": memory_max / 2**30,
             "data/skipped_samples": s["skipped"],
         }
         self.history.append(record)

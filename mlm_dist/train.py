@@ -14,6 +14,7 @@ import dataclasses
 import math
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def train(cfg: RunConfig) -> dict:
               + ", ".join(f"{p.seq_len} until step {p.until_step}" for p in schedule.phases),
               flush=True)
         logger.text("config", f"```\n{dump_yaml(cfg)}\n```")
+    hosts = gather(socket.gethostname(), topo.world_size)
+    if rank0:
+        logger.text("run", f"world size {topo.world_size} on {len(set(hosts))} host(s): "
+                    + ", ".join(f"rank {r}: {h}" for r, h in enumerate(hosts)))
 
     def restore_latest() -> tuple[int, dict | None]:
         """Load the newest complete checkpoint: (step, this rank's data state)."""
@@ -160,6 +165,7 @@ def train(cfg: RunConfig) -> dict:
     word_starts = tokenizer.word_start_table() if cfg.masking.whole_word else None
     engine.train()
     consecutive_skips, last_save_time, data_wait = 0, time.monotonic(), 0.0
+    last_log_step = step
     batches = None
     try:
         while step < schedule.total_steps:
@@ -231,8 +237,9 @@ def train(cfg: RunConfig) -> dict:
                     record = logger.flush(step, lr=engine.get_lr()[0],
                                           grad_norm=engine.get_global_grad_norm(),
                                           seq_len=phase.seq_len, data_wait=data_wait,
-                                          skipped=batches.skipped_documents)
-                    data_wait = 0.0
+                                          skipped=batches.skipped_documents,
+                                          steps=step - last_log_step)
+                    data_wait, last_log_step = 0.0, step
                     if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
                         # Every rank sees the same reduced count at the same step: all stop.
                         raise BadDataError(

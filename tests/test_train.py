@@ -18,7 +18,10 @@ from mlm_dist.tokenizer import Tokenizer
 
 REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc",
                  "train/nsp_acc", "train/lr", "train/grad_norm", "train/seq_len",
-                 "perf/tokens_per_s", "data/mask_rate"}
+                 "perf/tokens_per_s", "data/mask_rate", "perf/tokens_per_s_rank_min",
+                 "perf/tokens_per_s_rank_max", "perf/data_wait_frac", "perf/samples_per_s",
+                 "perf/step_time_ms", "perf/peak_memory_gb_rank_max", "train/skipped_steps",
+                 "data/skipped_samples"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,12 @@ def test_tensorboard_has_the_scalars_and_config(zero2_run):
     assert REQUIRED_TAGS <= set(tags["scalars"]), REQUIRED_TAGS - set(tags["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert any("config" in t for t in tags["tensors"])  # add_text is stored as a tensor
+    run_text = events.Tensors("run/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "world size 2" in run_text and "rank 1:" in run_text
+    last = metrics(zero2_run)[-1]
+    assert (last["perf/tokens_per_s_rank_min"] <= last["perf/tokens_per_s_rank_max"]
+            <= last["perf/tokens_per_s"])
+    assert 0 <= last["perf/data_wait_frac"] <= last["perf/data_wait_frac_rank_max"] <= 1
 
 
 def test_resume_continues_from_latest(zero2_run, tiny_shards, tmp_path):
