@@ -104,11 +104,22 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def resume(engine, run_dir: Path) -> dict | None:
-    """Load the newest complete checkpoint of `run_dir` into the engine; return our state."""
+def saved_world_size(tag_dir: Path) -> int:
+    return json.loads((tag_dir / COMPLETE).read_text())["world_size"]
+
+
+def resume(engine, run_dir: Path, universal=None) -> dict | None:
+    """Load the newest complete checkpoint of `run_dir` into the engine; return our state.
+    `universal(tag_dir) -> dir`: when given, load through DeepSpeed's universal checkpoint
+    made by it (rank 0 converts, the others wait), for a run on another number of ranks."""
     tag_dir = latest_complete(run_dir / CHECKPOINTS)
     if tag_dir is None:
         return None
+    if universal is not None:
+        if dist.get_rank() == 0:
+            universal(tag_dir)
+        dist.barrier()
+        tag_dir = tag_dir.parent / "universal" / tag_dir.name
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")

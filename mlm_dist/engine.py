@@ -6,6 +6,7 @@ runs alone, under `deepspeed`, `torchrun` or `srun`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -69,7 +70,8 @@ def init_distributed() -> Topology:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         # Ranks on one host share its cores; without this each rank spawns a thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # The cores this process may use (Slurm and taskset bind them), not the machine's.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
         device = torch.device("cpu")
     else:
         accelerator.set_device(local_rank)
@@ -94,9 +96,10 @@ DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "optimizer", "scheduler")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON, generated from our config; `deepspeed:` extras merged and checked.
-    Batch settings are the first phase's; `set_phase` moves the engine to later ones."""
+    Batch settings are the first phase's; `set_phase` moves the engine to later ones.
+    `load_universal`: checkpoints are loaded from DeepSpeed's universal (topology-free) form."""
     t, first = cfg.train, cfg.schedule.phases[0]
     grad_accum = validate_topology(cfg, world_size)[0]
     ds = {
@@ -110,6 +113,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
@@ -163,12 +168,31 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
     return optimizer, scheduler
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int,
+                 load_universal: bool = False):
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size))
+        config=deepspeed_config(cfg, world_size, load_universal))
     return engine
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `tag_dir` (parameters and optimizer state per
+    parameter, independent of the number of ranks), made once next to it. Rank 0 only."""
+    out = tag_dir.parent / "universal" / tag_dir.name
+    if not (out / "mp_rank_00_model_states.pt").is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        # Our checkpoints lack the Megatron-specific layout hints DeepSpeed asks for; with
+        # inject_missing_state it derives them from the parameter shapes themselves.
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out),
+                                  num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            ds_to_universal.main(args)
+    return out
 
 
 def consolidated_state_dict(checkpoint_dir: str, tag: str,

@@ -24,10 +24,12 @@ import torch.distributed as dist
 
 from mlm_dist import checkpoint, faults
 from mlm_dist.config import RunConfig, dump_yaml, max_predictions, validate_topology
-from mlm_dist.data.pipeline import ResumableLoader, carry_to_next_unit, manifest_shards
+from mlm_dist.data.pipeline import (ResumableLoader, carry_to_next_unit, manifest_shards,
+                                    regroup)
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.data.shards import Manifest
-from mlm_dist.engine import build_engine, check_precision, init_distributed, set_phase
+from mlm_dist.engine import (build_engine, check_precision, init_distributed, set_phase,
+                             to_universal)
 from mlm_dist.evaluate import evaluate
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
@@ -119,7 +121,11 @@ def train(cfg: RunConfig) -> dict:
 
     model = BertForPretraining(cfg.model)
     n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
-    engine = build_engine(model, cfg, topo.world_size)
+    # A checkpoint written by another number of ranks is loaded in DeepSpeed's universal form.
+    newest = checkpoint.latest_complete(run_dir / checkpoint.CHECKPOINTS)
+    universal = bool(cfg.checkpoint.resume and newest is not None
+                     and checkpoint.saved_world_size(newest) != topo.world_size)
+    engine = build_engine(model, cfg, topo.world_size, load_universal=universal)
     device = engine.device
     stop = StopSignals()
     logger = MetricLogger(run_dir / "tensorboard" if rank0 else None, cfg, topo, n_params)
@@ -136,15 +142,20 @@ def train(cfg: RunConfig) -> dict:
 
     def restore_latest() -> tuple[int, dict | None]:
         """Load the newest complete checkpoint: (step, this rank's data state)."""
-        state = checkpoint.resume(engine, run_dir)
+        state = checkpoint.resume(engine, run_dir, to_universal if universal else None)
         if state is None:
             return 0, None
-        if len(state["data"]) != topo.world_size:
-            raise ValueError(f"checkpoint.resume: the checkpoint was written by "
-                             f"{len(state['data'])} ranks and this run has "
-                             f"{topo.world_size}; resume on the same number of ranks")
-        set_rng_state(state["rng"][topo.rank])
-        return state["step"], {"phase": state["phase"], **state["data"][topo.rank]}
+        if len(state["data"]) == topo.world_size:
+            set_rng_state(state["rng"][topo.rank])
+            return state["step"], {"phase": state["phase"], **state["data"][topo.rank]}
+        # Another number of ranks: the data position carries over shard by shard (and the
+        # resumed run is no longer bit-identical to any uninterrupted one).
+        if rank0:
+            print(f"resuming a {len(state['data'])}-rank checkpoint on {topo.world_size} ranks",
+                  flush=True)
+        data = regroup(state["data"], manifest_shards(cfg.data.shards), topo.world_size,
+                       cfg.data.num_workers)
+        return state["step"], {"phase": state["phase"], **data}
 
     def save(step: int, phase_index: int, batches: ResumableLoader) -> Path:
         client = {"step": step, "phase": phase_index,

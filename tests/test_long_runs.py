@@ -145,3 +145,21 @@ def test_consolidate_writes_one_fp32_state_dict(tiny_shards, tmp_path):
     assert all(t.dtype == torch.float32 for t in state.values())
     assert torch.equal(state["layers.0.ffn.up.weight"],
                        load_checkpoint(run)[0].state_dict()["layers.0.ffn.up.weight"])
+
+
+def test_resume_on_another_number_of_ranks(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_shards, run, "schedule.phases.0.until_step=8", "checkpoint.every=4",
+          "train.log_every=1")
+    before = metrics(run)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    truncate_to(moved, 4)
+    proc = train(tiny_shards, moved, "schedule.phases.0.until_step=8", "checkpoint.every=4",
+                 "train.log_every=1", "checkpoint.resume=true", launcher="alone", ranks=1)
+    assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stdout
+    after = metrics(moved)
+    assert [r["step"] for r in after] == [5, 6, 7, 8]
+    # weights and Adam moments came back: the loss goes on from where it was, not from scratch
+    assert abs(after[0]["train/loss"] - before[4]["train/loss"]) < 0.5
+    assert after[0]["train/lr"] == before[4]["train/lr"]

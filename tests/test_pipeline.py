@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from data_fixtures import corpus_documents, write_shards
-from mlm_dist.data.pipeline import ResumableLoader, Shard, manifest_shards, work_units
+from mlm_dist.data.pipeline import (Consumed, ResumableLoader, Shard, manifest_shards, regroup,
+                                    work_units)
 from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
 
@@ -131,3 +132,26 @@ def test_bad_data_is_skipped_counted_and_named(uneven_shards, tmp_path, caplog):
     assert "train-000001.tar" in messages and "train-000004.tar" in messages
     # 3 missing + the 59 documents past the cut, counted against the manifest, every epoch
     assert stream.skipped_documents >= 3 + 59
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (2, 3)])
+def test_regroup_onto_another_rank_count_never_repeats_a_shard(uneven_shards, old_world,
+                                                               new_world):
+    shards = manifest_shards(uneven_shards)
+    old = [loader(uneven_shards, rank=r, world=old_world, micro=2) for r in range(old_world)]
+    for r, stream in enumerate(old):
+        take(stream, 40 + 25 * r)  # readers at different places, some in a later epoch
+    state = regroup([s.state_dict() for s in old], shards, new_world, num_workers=0)
+    consumed = state["consumed"]
+    epoch = consumed["epoch"]
+    new_units = [u for r in range(new_world)
+                 for u in work_units(shards, epoch, 0, r, new_world,
+                                     Consumed(epoch, frozenset(consumed["shards"])))]
+    new_paths = [u.shard.path for u in new_units]
+    consumed_paths = {shards[i].path for i in consumed["shards"]}
+    assert not consumed_paths & set(new_paths)  # nothing read twice in the epoch
+    assert consumed_paths | set(new_paths) == {s.path for s in shards}  # and nothing lost
+    # the regrouped loaders run, and keep the exclusion in their own state
+    resumed = loader(uneven_shards, rank=0, world=new_world, micro=2, state=state)
+    assert len(take(resumed, 5)) == 5
+    assert resumed.state_dict()["consumed"] == consumed

@@ -72,17 +72,29 @@ def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
 
 
 @dataclass(frozen=True)
+class Consumed:
+    """Shards (indices into the shard list) already read in `epoch` by an earlier topology."""
+    epoch: int
+    shards: frozenset
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     shard: Shard
     modulus: int  # this unit is the documents whose index % modulus == remainder
     remainder: int
 
 
-def work_units(shards: list[Shard], epoch: int, seed: int, reader: int,
-               readers: int) -> list[WorkUnit]:
-    """What one reader reads in one epoch. Over all readers: every document exactly once."""
+def work_units(shards: list[Shard], epoch: int, seed: int, reader: int, readers: int,
+               consumed: Consumed | None = None) -> list[WorkUnit]:
+    """What one reader reads in one epoch. Over all readers: every document exactly once
+    (less the shards already consumed in that epoch by a run on another number of ranks)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    n = len(shards)
+    if consumed is not None and epoch == consumed.epoch:
+        order = np.array([i for i in order if i not in consumed.shards], dtype=np.int64)
+        if len(order) == 0:
+            return []
+    n = len(order)
     if n >= readers:
         return [WorkUnit(shards[i], 1, 0) for i in order[reader::readers]]
     # Fewer shards than readers: readers r, r+n, r+2n, ... share shard order[r % n].
@@ -101,13 +113,15 @@ class ReaderStream:
     seed: int
     shuffle_buffer: int
     short_seq_prob: float
+    consumed: Consumed | None = None
     skips: SkipCounter = field(default_factory=SkipCounter)
 
     def examples(self, start: tuple[int, int, int] = (0, 0, 0)):
         """Yield (a, b, nsp_label, position after this example)."""
         epoch, unit_index, offset = start
         while True:
-            units = work_units(self.shards, epoch, self.seed, self.reader, self.readers)
+            units = work_units(self.shards, epoch, self.seed, self.reader, self.readers,
+                               self.consumed)
             for u in range(unit_index, len(units)):
                 skip = offset if u == unit_index else 0
                 emitted = 0
@@ -180,7 +194,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
                  short_seq_prob: float, positions: dict[int, tuple[int, int, int]],
-                 worker_offset: int):
+                 worker_offset: int, consumed: Consumed | None):
         self.shards = shards
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
@@ -188,6 +202,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self.seed, self.shuffle_buffer, self.short_seq_prob = seed, shuffle_buffer, short_seq_prob
         self.positions = positions
         self.worker_offset = worker_offset
+        self.consumed = consumed
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -197,7 +212,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         role = (worker + self.worker_offset) % self.workers
         reader = self.rank * self.workers + role
         stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
-                              self.seed, self.shuffle_buffer, self.short_seq_prob)
+                              self.seed, self.shuffle_buffer, self.short_seq_prob, self.consumed)
         writer = BatchWriter(self.micro_batch, self.seq_len)
         for a, b, label, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
             if writer.add(a, b, label):
@@ -237,9 +252,12 @@ class ResumableLoader:
                 f"the saved data position was made with {state.get('signature')} and this run "
                 f"has {self.signature}; resume with the same seed, shards, ranks and "
                 "data.num_workers")
+        consumed = state.get("consumed")
+        self.consumed = consumed and Consumed(consumed["epoch"], frozenset(consumed["shards"]))
         stream = PretrainingStream(shards, seq_len, micro_batch, rank, world_size, num_workers,
                                    seed, shuffle_buffer, short_seq_prob, self.positions,
-                                   worker_offset=self.batches % max(1, num_workers))
+                                   worker_offset=self.batches % max(1, num_workers),
+                                   consumed=self.consumed)
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,
@@ -272,10 +290,14 @@ class ResumableLoader:
         self.iterator = self.loader = None
 
     def state_dict(self) -> dict:
-        return {"positions": {str(k): list(v) for k, v in self.positions.items()},
-                "batches": self.batches,
-                "skipped": {str(k): v for k, v in self.skipped.items()},
-                "signature": self.signature}
+        state = {"positions": {str(k): list(v) for k, v in self.positions.items()},
+                 "batches": self.batches,
+                 "skipped": {str(k): v for k, v in self.skipped.items()},
+                 "signature": self.signature}
+        if self.consumed is not None:
+            state["consumed"] = {"epoch": self.consumed.epoch,
+                                 "shards": sorted(int(i) for i in self.consumed.shards)}
+        return state
 
 
 def carry_to_next_unit(state: dict) -> dict:
@@ -283,3 +305,33 @@ def carry_to_next_unit(state: dict) -> dict:
     crosses into a phase with another sequence length (its examples are built differently)."""
     positions = {k: [epoch, unit + 1, 0] for k, (epoch, unit, _) in state["positions"].items()}
     return {**state, "positions": positions}
+
+
+def regroup(states: list[dict], shards: list[Shard], world_size: int, num_workers: int) -> dict:
+    """The data position of a run on other ranks, for this run's readers, at shard granularity.
+
+    Readers are dealt shards differently when their number changes, so positions cannot carry
+    over one by one. Instead: find the earliest epoch any old reader was in, collect every shard
+    an old reader had started or finished in that epoch, and let the new readers share the rest
+    of that epoch. A shard that was partly read is not read again: nothing is repeated, at the
+    cost of the unread rest of at most one shard per old reader.
+    """
+    signature = states[0]["signature"]
+    seed, old_readers = signature["seed"], signature["readers"]
+    positions = {int(k): v for st in states for k, v in st["positions"].items()}
+    at = {r: positions.get(r, (0, 0, 0)) for r in range(old_readers)}
+    epoch = min(e for e, _, _ in at.values())
+    previous = states[0].get("consumed")
+    earlier = (Consumed(previous["epoch"], frozenset(previous["shards"]))
+               if previous else None)
+    index = {s.path: i for i, s in enumerate(shards)}
+    consumed = set(earlier.shards) if earlier and earlier.epoch == epoch else set()
+    for r, (e, unit, offset) in at.items():
+        units = work_units(shards, epoch, seed, r, old_readers, earlier)
+        done = units if e > epoch else units[:unit + (1 if offset else 0)]
+        consumed.update(index[u.shard.path] for u in done)
+    readers = world_size * max(1, num_workers)
+    return {"positions": {str(r): [epoch, 0, 0] for r in range(readers)},
+            "batches": 0, "skipped": {},
+            "signature": {"seed": seed, "readers": readers, "shards": len(shards)},
+            "consumed": {"epoch": epoch, "shards": sorted(consumed)}}
