@@ -4,7 +4,7 @@ Layout of a run directory:
     config.yaml                     the resolved config of the run
     metrics.jsonl, tensorboard/     what rank 0 logged
     checkpoints/step_00000100/      one DeepSpeed tag: per-rank ZeRO shards + model states,
-                                    run_config.yaml and tokenizer.model (self-describing),
+                                    run_config.yaml and the tokenizer's files (self-describing),
                                     complete.json (written last: the checkpoint counts)
     checkpoints/latest              tag of the newest complete checkpoint
 
@@ -31,7 +31,6 @@ from mlm_dist.config import RunConfig, dump_yaml, load_config
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
 COMPLETE = "complete.json"
 _TAG = re.compile(r"step_(\d{8,})$")
 
@@ -65,7 +64,7 @@ def latest_complete(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save(engine, run_dir: Path, step: int, cfg: RunConfig, tokenizer_path: Path,
+def save(engine, run_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path],
          client_state: dict, rank: int, keep: int) -> Path:
     """Collective: every rank calls it. Returns the tag directory once it is complete."""
     root = run_dir / CHECKPOINTS
@@ -80,7 +79,8 @@ def save(engine, run_dir: Path, step: int, cfg: RunConfig, tokenizer_path: Path,
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         (tag_dir / RUN_CONFIG).write_text(dump_yaml(cfg))
-        shutil.copyfile(tokenizer_path, tag_dir / TOKENIZER_FILE)
+        for f in tokenizer_files:  # tokenizer.model, or a HF tokenizer's files
+            shutil.copyfile(f, tag_dir / f.name)
         _write_atomically(tag_dir / COMPLETE, json.dumps(
             {"step": step, "world_size": dist.get_world_size(), "time": time.time()}))
         _write_atomically(root / "latest", tag_dir.name)

@@ -138,23 +138,47 @@ def _fill_mask(args) -> None:
 def _eval(args) -> None:
     import torch
 
-    from mlm_dist.config import max_predictions
+    from mlm_dist.config import SequencePhase, load_config, max_predictions
     from mlm_dist.evaluate import evaluate
-    from mlm_dist.inference import load_checkpoint
     from mlm_dist.tokenizer import Tokenizer
 
-    model, cfg, tokenizer_dir = load_checkpoint(args.checkpoint)
+    source = Path(args.checkpoint)
+    if (source / "config.json").is_file():
+        # A Hugging Face BERT folder: the "before" of a domain adaptation.
+        from mlm_dist.hf_export import pretrained_model_config, pretrained_state_dict
+        from mlm_dist.model import BertForPretraining
+
+        if not args.data:
+            raise ConfigError("--data is required to evaluate a Hugging Face folder")
+        cfg = load_config(None, [f"data.shards={args.data}"])
+        cfg.model = pretrained_model_config(source, cfg.model)
+        model = BertForPretraining(cfg.model)
+        model.load_state_dict(pretrained_state_dict(source), strict=True)
+        model.eval()
+        tokenizer_dir = source
+    else:
+        from mlm_dist.inference import load_checkpoint
+
+        model, cfg, tokenizer_dir = load_checkpoint(source)
     phase = cfg.schedule.phases[-1]
     if args.seq_len:
-        phase = dataclasses.replace(phase, seq_len=args.seq_len, max_predictions=0)
+        phase = SequencePhase(seq_len=args.seq_len)
     if phase.seq_len > cfg.model.max_positions:
         raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
                           f"{cfg.model.max_positions}")
-    results = evaluate(model, args.data or cfg.data.shards,
-                       Tokenizer.load(tokenizer_dir).special_table(), phase.seq_len,
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    data = args.data or cfg.data.shards
+    from mlm_dist.data.shards import Manifest
+
+    if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
+        raise ValueError(f"--data {data} was not prepared with this model's tokenizer "
+                         f"({tokenizer.path}); the ids would not mean what the model learned")
+    results = evaluate(model, data, tokenizer.special_table(), phase.seq_len,
                        args.micro_batch, args.batches,
                        max_predictions(phase, cfg.masking.prob), cfg.masking.prob,
-                       rank=0, world_size=1, device=torch.device("cpu"), seed=args.seed)
+                       rank=0, world_size=1, device=torch.device("cpu"), seed=args.seed,
+                       special_ids=(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id,
+                                    tokenizer.mask_id))
     print(json.dumps({"checkpoint": str(args.checkpoint), "seq_len": phase.seq_len, **results}))
 
 
@@ -266,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     fm.set_defaults(func=_fill_mask)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and accuracies (JSON)")
-    ev.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    ev.add_argument("--checkpoint", required=True,
+                    help="run dir, checkpoints dir, step dir, or a Hugging Face BERT folder")
     ev.add_argument("--data", help="shard directory (default: the run's data.shards)")
     ev.add_argument("--seq-len", type=int, default=0, help="default: the run's last phase")
     ev.add_argument("--micro-batch", type=int, default=16)

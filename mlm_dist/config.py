@@ -36,6 +36,9 @@ class ModelConfig:
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+    # A Hugging Face BERT folder to continue pretraining from (domain adaptation): its shape
+    # and weights; the shards must be prepared with its tokenizer (`prepare --tokenizer DIR`).
+    init_from: str = ""
 
 
 @dataclass

@@ -17,17 +17,21 @@ import torch.distributed as dist
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import pretraining_loss
-from mlm_dist.tokenizer import MASK_ID
+from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 
 @torch.no_grad()
 def evaluate(forward: Callable, shards_dir: str, special_table, seq_len: int, micro_batch: int,
              batches: int, max_predictions: int, mask_prob: float, rank: int, world_size: int,
-             device: torch.device, seed: int = 0) -> dict[str, float]:
-    """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`."""
+             device: torch.device, seed: int = 0,
+             special_ids: tuple[int, int, int, int] = (CLS_ID, SEP_ID, PAD_ID, MASK_ID)
+             ) -> dict[str, float]:
+    """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`.
+    special_ids: the tokenizer's ([CLS], [SEP], [PAD], [MASK])."""
     stream = ResumableLoader(manifest_shards(shards_dir, "valid"), seq_len, micro_batch, rank,
-                             world_size, num_workers=0, seed=seed, shuffle_buffer=1)
-    masker = TokenMasker(special_table, MASK_ID, max_predictions, seed=seed, rank=rank,
+                             world_size, num_workers=0, seed=seed, shuffle_buffer=1,
+                             special_ids=special_ids[:3])
+    masker = TokenMasker(special_table, special_ids[3], max_predictions, seed=seed, rank=rank,
                          device=device, prob=mask_prob)
     # mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, sequences
     sums = torch.zeros(6, dtype=torch.float64, device=device)

@@ -15,6 +15,7 @@ alone, without sentencepiece installed and without the network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -193,6 +194,44 @@ def hf_bert_config(cfg: ModelConfig):
     )
 
 
+def pretrained_model_config(hf_dir: str | Path, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with its shape taken from a Hugging Face BERT folder's config.json (`init_from`):
+    the shape is the checkpoint's, never configured a second time."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: {path} does not exist; point it at a Hugging "
+                                "Face BERT folder (config.json, weights, tokenizer)")
+    hf = json.loads(path.read_text())
+    problems = [f"{k}={hf.get(k)!r} (need {v!r})" for k, v in
+                (("model_type", "bert"), ("hidden_act", "gelu"),
+                 ("position_embedding_type", "absolute")) if hf.get(k, v) != v]
+    if problems:
+        raise ValueError(f"model.init_from: {path} is not a BERT mlm_dist can continue: "
+                         + ", ".join(problems))
+    return dataclasses.replace(
+        cfg, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12))
+
+
+def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Our state dict from a Hugging Face BertForPreTraining (or BertForMaskedLM/BertModel
+    with heads missing: then the mapping names what is missing) folder's weights."""
+    d = Path(hf_dir)
+    if (d / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        hf_sd = load_file(str(d / "model.safetensors"))
+    elif (d / "pytorch_model.bin").is_file():
+        hf_sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"model.init_from: no model.safetensors or pytorch_model.bin "
+                                f"in {d}")
+    return from_hf_state_dict({k: v.float() for k, v in hf_sd.items()})
+
+
 def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     """A `transformers` fast tokenizer that gives the same ids as our `Tokenizer.encode`.
 
@@ -298,10 +337,14 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
                          f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
 
     hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in to_hf_state_dict(state_dict).items()}
-    model = BertForPreTraining(hf_bert_config(cfg))
+    config = hf_bert_config(cfg)
+    config.pad_token_id = ours.pad_id
+    model = BertForPreTraining(config)
     # strict=True: any shape or name mismatch is an error here, never a random weight later.
     model.load_state_dict(hf_sd, strict=True)
-    tokenizer = hf_tokenizer(ours.path, model_max_length=cfg.max_positions)
+    # A model continued from a Hugging Face BERT keeps that BERT's WordPiece tokenizer files.
+    wordpiece = not hasattr(ours, "sp")
+    tokenizer = None if wordpiece else hf_tokenizer(ours.path, model_max_length=cfg.max_positions)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so the final rename stays on one filesystem; mkdir (not mkdtemp) so the
@@ -310,9 +353,13 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     tmp.mkdir()
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
-        shutil.copyfile(ours.path, tmp / MODEL_FILE)
+        if wordpiece:
+            for f in ours.files:
+                shutil.copyfile(f, tmp / f.name)
+        else:
+            tokenizer.save_pretrained(tmp)
+            _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
+            shutil.copyfile(ours.path, tmp / MODEL_FILE)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a directory elsewhere
         os.replace(tmp, out)

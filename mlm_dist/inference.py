@@ -9,7 +9,7 @@ import torch
 from mlm_dist import checkpoint
 from mlm_dist.config import RunConfig
 from mlm_dist.model import BertForPretraining
-from mlm_dist.tokenizer import CLS_ID, MASK_ID, SEP_ID, Tokenizer
+from mlm_dist.tokenizer import Tokenizer
 
 
 def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Path]:
@@ -32,11 +32,11 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Pa
 def fill_mask(model: BertForPretraining, tokenizer: Tokenizer, text: str,
               top_k: int = 5) -> list[list[dict]]:
     """For each [MASK] in `text`, the top-k (token, probability) completions."""
-    ids = [CLS_ID] + tokenizer.encode(text, parse_mask=True) + [SEP_ID]
-    if MASK_ID not in ids:
+    ids = [tokenizer.cls_id] + tokenizer.encode(text, parse_mask=True) + [tokenizer.sep_id]
+    if tokenizer.mask_id not in ids:
         raise ValueError(f"fill-mask: no [MASK] in {text!r}")
     input_ids = torch.tensor([ids])
-    positions = (input_ids[0] == MASK_ID).nonzero().view(1, -1)
+    positions = (input_ids[0] == tokenizer.mask_id).nonzero().view(1, -1)
     mlm_logits, _ = model(input_ids, torch.zeros_like(input_ids), torch.ones_like(input_ids),
                           positions)
     probs = mlm_logits.float().softmax(-1)[0]

@@ -86,8 +86,14 @@ def train_tokenizer(
 
 
 class Tokenizer:
+    """Our SentencePiece tokenizer. `Tokenizer.load` also opens a Hugging Face BERT WordPiece
+    tokenizer (see wordpiece.py), which has the same interface and other special ids."""
+
+    pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+
     def __init__(self, model_path: Path):
         self.path = model_path
+        self.files = [model_path]
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         for i, tok in enumerate(SPECIAL_TOKENS):
             if self.sp.id_to_piece(i) != tok:
@@ -99,9 +105,14 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         p = Path(path)
         model = p / MODEL_FILE if p.is_dir() else p
+        if p.is_dir() and not model.is_file():
+            from mlm_dist.wordpiece import WordPieceTokenizer, is_wordpiece_dir
+            if is_wordpiece_dir(p):
+                return WordPieceTokenizer(p)
         if not model.is_file():
-            raise FileNotFoundError(f"no tokenizer at {model}; train one with "
-                                    "`mlm-dist tokenizer train --input … --out DIR`")
+            raise FileNotFoundError(f"no tokenizer at {p}: expected {MODEL_FILE} (train one with "
+                                    "`mlm-dist tokenizer train --input … --out DIR`) or a "
+                                    "Hugging Face BERT tokenizer (tokenizer.json or vocab.txt)")
         return cls(model)
 
     @property

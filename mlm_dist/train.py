@@ -34,7 +34,7 @@ from mlm_dist.evaluate import evaluate
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
 from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
-from mlm_dist.tokenizer import MASK_ID, Tokenizer
+from mlm_dist.tokenizer import Tokenizer
 
 
 class DivergenceError(RuntimeError):
@@ -50,12 +50,23 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer, Manifest]:
         raise ValueError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
                          f"{cfg.data.shards} were made with; point data.tokenizer at that one "
                          "or re-run `mlm-dist prepare`")
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    model_cfg = cfg.model
+    if model_cfg.init_from:
+        from mlm_dist.hf_export import pretrained_model_config
+
+        model_cfg = pretrained_model_config(model_cfg.init_from, model_cfg)
+        theirs = Tokenizer.load(model_cfg.init_from)
+        if theirs.sha256 != tokenizer.sha256:
+            raise ValueError(
+                f"model.init_from: the shards in {cfg.data.shards} were not made with "
+                f"{model_cfg.init_from}'s tokenizer; re-run `mlm-dist prepare --tokenizer "
+                f"{model_cfg.init_from} …` so token ids mean what the model learned")
+    vocab = model_cfg.vocab_size or tokenizer.vocab_size
     if vocab != tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size: {vocab} does not match the tokenizer's "
                          f"{tokenizer.vocab_size}; leave it 0 to take it from the tokenizer")
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab),
+        cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab),
         data=dataclasses.replace(cfg.data, tokenizer=str(Path(tokenizer.path).parent.resolve()),
                                  shards=str(Path(cfg.data.shards).resolve())))
     return cfg, tokenizer, manifest
@@ -120,6 +131,11 @@ def train(cfg: RunConfig) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     model = BertForPretraining(cfg.model)
+    if cfg.model.init_from:
+        from mlm_dist.hf_export import pretrained_state_dict
+
+        # strict: a missing head or a shape mismatch is an error, never a random weight
+        model.load_state_dict(pretrained_state_dict(cfg.model.init_from), strict=True)
     n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
     # A checkpoint written by another number of ranks is loaded in DeepSpeed's universal form.
     newest = checkpoint.latest_complete(run_dir / checkpoint.CHECKPOINTS)
@@ -161,7 +177,7 @@ def train(cfg: RunConfig) -> dict:
         client = {"step": step, "phase": phase_index,
                   "data": gather(batches.state_dict(), topo.world_size),
                   "rng": gather(rng_state(), topo.world_size)}
-        path = checkpoint.save(engine, run_dir, step, cfg, tokenizer.path, client, topo.rank,
+        path = checkpoint.save(engine, run_dir, step, cfg, tokenizer.files, client, topo.rank,
                                cfg.checkpoint.keep)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)
@@ -174,6 +190,7 @@ def train(cfg: RunConfig) -> dict:
             print(f"resumed from step {step}", flush=True)
 
     word_starts = tokenizer.word_start_table() if cfg.masking.whole_word else None
+    special_ids = (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id)
     engine.train()
     consecutive_skips, last_save_time, data_wait = 0, time.monotonic(), 0.0
     last_log_step = step
@@ -197,9 +214,11 @@ def train(cfg: RunConfig) -> dict:
                                       cfg.data.num_workers, seed=t.seed,
                                       shuffle_buffer=cfg.data.shuffle_buffer,
                                       short_seq_prob=cfg.data.short_seq_prob,
-                                      pin_memory=device.type == "cuda", state=state)
+                                      pin_memory=device.type == "cuda", state=state,
+                                      special_ids=special_ids[:3])
             k = max_predictions(phase, cfg.masking.prob)
-            masker = TokenMasker(tokenizer.special_table(), MASK_ID, k, t.seed, topo.rank, device,
+            masker = TokenMasker(tokenizer.special_table(), tokenizer.mask_id, k, t.seed,
+                                 topo.rank, device,
                                  cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac,
                                  word_starts=word_starts)
             rolled_back = False
@@ -264,7 +283,7 @@ def train(cfg: RunConfig) -> dict:
                     logger.log(step, evaluate(engine, cfg.data.shards, tokenizer.special_table(),
                                               phase.seq_len, phase.micro_batch, cfg.eval.batches,
                                               k, cfg.masking.prob, topo.rank, topo.world_size,
-                                              device, cfg.eval.seed))
+                                              device, cfg.eval.seed, special_ids))
                     engine.train()
 
                 # ---- checkpoints: every N steps, every M minutes, at the end, or on a signal.

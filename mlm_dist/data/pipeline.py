@@ -28,7 +28,7 @@ import torch
 from mlm_dist.data.nsp import NspPairBuilder
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.shards import Manifest
-from mlm_dist.tokenizer import CLS_ID, SEP_ID
+from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 
 @dataclass
@@ -155,13 +155,15 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
 class BatchWriter:
     """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays."""
 
-    def __init__(self, micro_batch: int, seq_len: int):
+    def __init__(self, micro_batch: int, seq_len: int,
+                 special_ids: tuple[int, int, int] = (CLS_ID, SEP_ID, PAD_ID)):
         self.micro_batch, self.seq_len = micro_batch, seq_len
+        self.cls_id, self.sep_id, self.pad_id = special_ids
         self._new()
 
     def _new(self) -> None:
         shape = (self.micro_batch, self.seq_len)
-        self.ids = np.zeros(shape, dtype=np.int64)  # zeros = [PAD]
+        self.ids = np.full(shape, self.pad_id, dtype=np.int64)
         self.types = np.zeros(shape, dtype=np.int64)
         self.mask = np.zeros(shape, dtype=np.int64)
         self.labels = np.zeros(self.micro_batch, dtype=np.int64)
@@ -171,11 +173,11 @@ class BatchWriter:
         """Add one pair; True when the batch is full."""
         r, la, lb = self.rows, len(a), len(b)
         ids = self.ids[r]
-        ids[0] = CLS_ID
+        ids[0] = self.cls_id
         ids[1:1 + la] = a
-        ids[1 + la] = SEP_ID
+        ids[1 + la] = self.sep_id
         ids[2 + la:2 + la + lb] = b
-        ids[2 + la + lb] = SEP_ID
+        ids[2 + la + lb] = self.sep_id
         self.types[r, 2 + la:3 + la + lb] = 1
         self.mask[r, :3 + la + lb] = 1
         self.labels[r] = label
@@ -194,7 +196,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
                  short_seq_prob: float, positions: dict[int, tuple[int, int, int]],
-                 worker_offset: int, consumed: Consumed | None):
+                 worker_offset: int, consumed: Consumed | None,
+                 special_ids: tuple[int, int, int]):
         self.shards = shards
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
@@ -203,6 +206,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self.positions = positions
         self.worker_offset = worker_offset
         self.consumed = consumed
+        self.special_ids = special_ids
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -213,7 +217,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         reader = self.rank * self.workers + role
         stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
                               self.seed, self.shuffle_buffer, self.short_seq_prob, self.consumed)
-        writer = BatchWriter(self.micro_batch, self.seq_len)
+        writer = BatchWriter(self.micro_batch, self.seq_len, self.special_ids)
         for a, b, label, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
             if writer.add(a, b, label):
                 yield Batch(*writer.take(), reader=reader, position=position,
@@ -238,7 +242,9 @@ class ResumableLoader:
     def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 256,
                  short_seq_prob: float = 0.1, pin_memory: bool = False,
-                 state: dict | None = None):
+                 state: dict | None = None,
+                 special_ids: tuple[int, int, int] = (CLS_ID, SEP_ID, PAD_ID)):
+        """special_ids: ([CLS], [SEP], [PAD]) of the tokenizer the shards were made with."""
         readers = world_size * max(1, num_workers)
         if not shards:
             raise ValueError("data.shards: the manifest lists no train shards")
@@ -257,7 +263,7 @@ class ResumableLoader:
         stream = PretrainingStream(shards, seq_len, micro_batch, rank, world_size, num_workers,
                                    seed, shuffle_buffer, short_seq_prob, self.positions,
                                    worker_offset=self.batches % max(1, num_workers),
-                                   consumed=self.consumed)
+                                   consumed=self.consumed, special_ids=special_ids)
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,

@@ -75,7 +75,7 @@ def prepare_shards(
                disable=None if progress else True)  # None: only when stderr is a terminal
     reader = CorpusReader(files, file_indices, report=lambda line: bar.write(line, file=sys.stderr))
     try:
-        batches = ordered_map(DocumentEncoder(tokenizer.path, dtype),
+        batches = ordered_map(DocumentEncoder(Path(tokenizer.path).parent, dtype),
                               document_batches(reader.documents()), workers)
         with bar, closing(batches):
             documents = _counted(batches, bar, reader)
