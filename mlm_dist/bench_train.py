@@ -1,0 +1,486 @@
+"""`mlm-dist bench train` (step throughput and MFU, against Hugging Face) and `mlm-dist bench
+memory` (bytes per rank under ZeRO 0/1/2/3, against the ZeRO paper's formulas).
+
+bench train times full training steps in one process, one device:
+
+  ours  the batch on the device -> TokenMasker (max_predictions slots per sequence) -> our
+        BertForPretraining (MLM head on the masked slots only) -> pretraining_loss -> backward
+        -> gradient clipping -> the optimizer the run would use (optimizers.build_optimizer)
+  HF    the same rows as the list of dicts a Trainer hands its collator ->
+        DataCollatorForLanguageModeling -> transformers.BertForPreTraining (SDPA attention,
+        prediction head on every position) -> backward -> clipping -> fused AdamW (the
+        Trainer's default optimizer on torch >= 2.8)
+
+Same dimensions, batch, sequence length, dropout and precision on both sides (bf16: torch.autocast
+around the forward, fp32 weights, as the HF Trainer runs bf16). No DeepSpeed: on one rank
+ZeRO-0 adds nothing to the model's forward and backward, its bf16 mode would make the two
+sides differ in precision handling, and importing and initialising it costs more than the
+comparison; the step here is what each rank of a run computes between its collectives.
+
+The two sides alternate step by step (and swap order every round), and a large matmul in the
+run's dtype is timed in every round too, so the machine's noise hits the three figures alike.
+Figures are medians over the timed rounds. FLOPs per token are those of flops.py; ours counts
+the head on K/S of the positions (it projects K slots), HF's on all of them.
+
+Nothing is downloaded: HF's collator gets a word-level tokenizer over the same vocabulary size,
+with the specials at our ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlm_dist.config import RunConfig, SequencePhase, load_config
+from mlm_dist.config import max_predictions as derived_max_predictions
+from mlm_dist.flops import MatmulTimer, cuda_peak_from_table, model_flops_per_token
+from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+
+DEFAULT_VOCAB = 30522  # BERT's WordPiece vocabulary, when the config leaves vocab_size to the tokenizer
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# bench commands do not read data; load_config still wants the key set
+_NO_SHARDS = "data.shards=unused-by-bench"
+
+
+def bench_config(config: str | None, overrides: list[str] = (), vocab_size: int = 0) -> RunConfig:
+    cfg = load_config(config, [_NO_SHARDS, *overrides])
+    vocab = cfg.model.vocab_size or vocab_size or DEFAULT_VOCAB
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
+              max_predictions: int | None) -> SequencePhase:
+    """The config's phase at seq_len (its micro batch and max_predictions), or a new one."""
+    phases = cfg.schedule.phases
+    match = [p for p in phases if seq_len in (None, p.seq_len)]
+    phase = match[0] if match else SequencePhase(seq_len=seq_len, micro_batch=phases[0].micro_batch,
+                                                 max_predictions=0)
+    phase = dataclasses.replace(phase, micro_batch=micro_batch or phase.micro_batch)
+    if max_predictions:
+        phase = dataclasses.replace(phase, max_predictions=max_predictions)
+    if phase.seq_len > cfg.model.max_positions:
+        raise ValueError(f"--seq-len {phase.seq_len} exceeds model.max_positions "
+                         f"{cfg.model.max_positions}")
+    return dataclasses.replace(phase, max_predictions=derived_max_predictions(phase, cfg.masking.prob))
+
+
+def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """[CLS] A [SEP] B [SEP] rows of random ordinary ids; one row in ten shorter and padded (as
+    BERT's short_seq_prob), every row's A/B split at a random point; NSP labels 0/1."""
+    rng = np.random.default_rng(seed)
+    first = len(SPECIAL_TOKENS)
+    input_ids = np.full((batch, seq_len), PAD_ID, dtype=np.int64)
+    token_type_ids = np.zeros((batch, seq_len), dtype=np.int64)
+    attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
+    for row in range(batch):
+        n = seq_len - 3 if rng.random() >= 0.1 else int(rng.integers(2, seq_len - 2))
+        cut = int(rng.integers(1, n))
+        body = rng.integers(first, vocab_size, size=n)
+        input_ids[row, :n + 3] = np.concatenate([[CLS_ID], body[:cut], [SEP_ID], body[cut:], [SEP_ID]])
+        token_type_ids[row, cut + 2:n + 3] = 1
+        attention_mask[row, :n + 3] = 1
+    nsp = rng.integers(0, 2, size=batch)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask, "next_sentence_label": nsp}
+
+
+def special_table(vocab_size: int) -> np.ndarray:
+    table = np.zeros(vocab_size, dtype=bool)
+    table[:len(SPECIAL_TOKENS)] = True
+    return table
+
+
+def hf_collator_tokenizer(vocab_size: int, model_max_length: int):
+    """A transformers fast tokenizer over `vocab_size` word-level ids, specials at our ids:
+    all DataCollatorForLanguageModeling needs (mask id, special ids, vocabulary size, pad)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[1]))
+    names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
+                     SPECIAL_TOKENS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+                                  **names)
+    assert tok.mask_token_id == MASK_ID and tok.pad_token_id == PAD_ID and len(tok) == vocab_size
+    return tok
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class OursStep:
+    """One training step of our stack; nothing in it waits for the host."""
+
+    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device: torch.device,
+                 precision: str, compile: bool = False, checkpoint_activations: bool = False):
+        from mlm_dist.masking import TokenMasker
+        from mlm_dist.model import BertForPretraining, parameter_groups, pretraining_loss
+        from mlm_dist.optimizers import build_optimizer
+
+        self.device, self.precision, self.loss_fn = device, precision, pretraining_loss
+        torch.manual_seed(cfg.train.seed)
+        self.model = BertForPretraining(cfg.model, checkpoint_activations=checkpoint_activations)
+        self.model.to(device).train()
+        o = cfg.optim
+        self.optimizer = build_optimizer(parameter_groups(self.model, o.weight_decay), o.name,
+                                         o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, device)
+        self.params = list(self.model.parameters())
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.grad_clip = cfg.train.grad_clip
+        self.masker = TokenMasker(special_table(cfg.model.vocab_size), MASK_ID,
+                                  phase.max_predictions, cfg.train.seed, 0, device,
+                                  cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac)
+        t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
+        self.input_ids, self.token_type_ids = t["input_ids"], t["token_type_ids"]
+        self.attention_mask, self.nsp = t["attention_mask"], t["next_sentence_label"]
+
+    def __call__(self, step: int) -> None:
+        masked = self.masker(self.input_ids, step)
+        with _autocast(self.device, self.precision):
+            mlm_logits, nsp_logits = self.forward(masked.input_ids, self.token_type_ids,
+                                                  self.attention_mask, masked.positions)
+        losses = self.loss_fn(mlm_logits, masked.labels, nsp_logits, self.nsp)
+        losses["loss"].backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class HFStep:
+    """One step as a Hugging Face Trainer takes it (collator in the step: the Trainer's
+    default dataloader_num_workers=0 runs it in the training process)."""
+
+    def __init__(self, cfg: RunConfig, rows: dict, device: torch.device, precision: str,
+                 attn_implementation: str = "sdpa"):
+        from transformers import BertForPreTraining, DataCollatorForLanguageModeling
+
+        from mlm_dist.hf_export import hf_bert_config
+
+        self.device, self.precision = device, precision
+        torch.manual_seed(cfg.train.seed)
+        self.model = BertForPreTraining(hf_bert_config(cfg.model))
+        self.model.set_attn_implementation(attn_implementation)
+        self.model.to(device).train()
+        no_decay = ("bias", "LayerNorm.weight")
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.endswith(no_decay)],
+                   "weight_decay": cfg.optim.weight_decay},
+                  {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+        o = cfg.optim
+        fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           **fused)
+        self.params = [p for _, p in named]
+        self.grad_clip = cfg.train.grad_clip
+        tokenizer = hf_collator_tokenizer(cfg.model.vocab_size, cfg.model.max_positions)
+        self.collator = DataCollatorForLanguageModeling(
+            tokenizer=tokenizer, mlm_probability=cfg.masking.prob,
+            mask_replace_prob=cfg.masking.mask_frac, random_replace_prob=cfg.masking.random_frac)
+        self.examples = [{k: (v[row].tolist() if v.ndim == 2 else int(v[row]))
+                          for k, v in rows.items()} for row in range(len(rows["input_ids"]))]
+        self.collator_seconds: list[float] = []
+
+    def __call__(self, step: int) -> None:
+        start = time.perf_counter()
+        batch = self.collator(self.examples)
+        self.collator_seconds.append(time.perf_counter() - start)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with _autocast(self.device, self.precision):
+            out = self.model(**batch)
+        out.loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _timed(fn, device: torch.device, *args) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | None = None,
+                steps: int = 10, warmup: int = 2, compare_hf: bool = False,
+                precision: str | None = None, device: str | None = None,
+                max_predictions: int | None = None, compile: bool = False,
+                checkpoint_activations: bool = False, matmul_size: int = 4096,
+                seed: int = 0) -> dict:
+    """Time `steps` rounds (after `warmup`) of our step, HF's step (with compare_hf) and a
+    matmul; return the figures as a JSON-able dict."""
+    precision = precision or cfg.train.precision
+    if precision not in _DTYPES:
+        raise ValueError(f"--precision: expected one of {list(_DTYPES)}, got {precision!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    phase = phase_for(cfg, seq_len, micro_batch, max_predictions)
+    m = cfg.model
+    rows = synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len, seed)
+    tokens = phase.micro_batch * phase.seq_len
+
+    sides = {"ours": OursStep(cfg, phase, rows, device, precision, compile, checkpoint_activations)}
+    if compare_hf:
+        sides["hf"] = HFStep(cfg, rows, device, precision)
+    dtype = _DTYPES[precision]
+    matmul = MatmulTimer(device, dtype, matmul_size)
+
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: list[float] = []
+    for round_ in range(warmup + steps):
+        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            seconds = _timed(sides[name], device, round_)
+            if round_ >= warmup:
+                times[name].append(seconds)
+        flops = matmul()
+        if round_ >= warmup:
+            peaks.append(flops)
+
+    peak = statistics.median(peaks)
+    result = {
+        "model": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                  "num_heads": m.num_heads, "intermediate_size": m.intermediate_size,
+                  "vocab_size": m.vocab_size,
+                  "parameters": sum(p.numel() for p in sides["ours"].model.parameters())},
+        "seq_len": phase.seq_len, "micro_batch": phase.micro_batch, "tokens_per_step": tokens,
+        "precision": precision + (" autocast" if precision != "fp32" else ""),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
+        "compile": compile, "checkpoint_activations": checkpoint_activations,
+        "peak": {"dtype": str(dtype).replace("torch.", ""), "matmul": f"{matmul_size}^3",
+                 "flops_per_s": peak, "flops_per_s_best": max(peaks),
+                 "source": "measured, one matmul per round between the steps"},
+    }
+    if device.type == "cuda":
+        result["peak"]["table_flops_per_s"] = cuda_peak_from_table(result["device"], dtype)
+    for name, seconds in times.items():
+        step_s = statistics.median(seconds)
+        fraction = phase.max_predictions / phase.seq_len if name == "ours" else 1.0
+        per_token = model_flops_per_token(m, phase.seq_len, fraction)
+        tokens_per_s = tokens / step_s
+        entry = {
+            "tokens_per_s": round(tokens_per_s, 1),
+            "step_ms": round(step_s * 1e3, 2),
+            "step_ms_min": round(min(seconds) * 1e3, 2),
+            "sparse_head": name == "ours",
+            "predicted_fraction": round(fraction, 4),
+            "flops_per_token": per_token,
+            "model_flops_per_s": tokens_per_s * per_token,
+            "mfu": round(tokens_per_s * per_token / peak, 4),
+        }
+        if name == "ours":
+            entry["max_predictions"] = phase.max_predictions
+        else:
+            entry["collator_ms"] = round(
+                statistics.median(sides[name].collator_seconds[warmup:]) * 1e3, 2)
+        result[name] = entry
+    if compare_hf:
+        result["ratio"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# bench memory: one deepspeed launch of N ranks per ZeRO stage
+
+
+def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
+                    optimizer_bytes_per_param: int = 8) -> dict:
+    """Bytes per rank the ZeRO paper predicts (Rajbhandari et al. 2020, section 5.1).
+
+    Mixed precision Adam: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states with K = 12 (fp32
+    master copy, momentum, variance). Stage 1 partitions the optimizer states over the N ranks,
+    stage 2 the gradients too, stage 3 the parameters too. In fp32 there is no master copy:
+    4Ψ + 4Ψ + 8Ψ.
+    """
+    low = 4 if precision == "fp32" else 2
+    k = optimizer_bytes_per_param + (0 if precision == "fp32" else 4)
+    params, grads, states = low * psi, low * psi, k * psi
+    if stage >= 1:
+        states /= ranks
+    if stage >= 2:
+        grads /= ranks
+    if stage >= 3:
+        params /= ranks
+    return {"params": int(params), "grads": int(grads), "optimizer": int(states),
+            "total": int(params + grads + states)}
+
+
+def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2, 3),
+                 ranks: int = 2, seq_len: int | None = None, micro_batch: int | None = None,
+                 steps: int = 2, vocab_size: int = 0, timeout: int = 900) -> dict:
+    """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
+    mlm_dist.bench_memory_rank) and gather their byte counts next to the formula's."""
+    from mlm_dist import bench_memory_rank
+
+    cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
+    precision = cfg.train.precision
+    results = []
+    for stage in stages:
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
+    for stage in stages:
+        with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                   "--master_port", str(_free_port()), "--module", "mlm_dist.bench_memory_rank",
+                   "--stage", str(stage), "--out", tmp, "--steps", str(steps),
+                   "--vocab-size", str(cfg.model.vocab_size)]
+            if config:
+                cmd += ["--config", str(config)]
+            if seq_len:
+                cmd += ["--seq-len", str(seq_len)]
+            if micro_batch:
+                cmd += ["--micro-batch", str(micro_batch)]
+            cmd += list(overrides)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if not torch.cuda.is_available():
+                env["DS_ACCELERATOR"] = "cpu"
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            files = sorted(Path(tmp).glob("rank*.json"))
+            if proc.returncode != 0 or len(files) != ranks:
+                raise RuntimeError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
+                                   f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                   f"{proc.stderr[-5000:]}")
+            per_rank = [json.loads(f.read_text()) for f in files]
+        psi = per_rank[0]["parameters"]
+        predicted = zero_prediction(stage, psi, ranks, precision)
+        results.append({"stage": stage, "predicted": predicted, "ranks": per_rank})
+    return {"parameters": results[0]["ranks"][0]["parameters"] if results else 0,
+            "ranks": ranks, "precision": precision, "bytes_per_param_formula":
+            "stage 0: (2+2+12)Ψ, 1: (2+2+12/N)Ψ, 2: (2+(2+12)/N)Ψ, 3: (2+2+12)Ψ/N",
+            "zero_settings": bench_memory_rank.ZERO_SETTINGS_NOTE, "stages": results}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def memory_table(report: dict) -> str:
+    """A human-readable table (MiB) of measured vs predicted, one line per stage (rank 0)."""
+    mib = 2 ** 20
+    lines = [f"Ψ = {report['parameters'] / 1e6:.2f}M parameters, {report['ranks']} ranks, "
+             f"{report['precision']}; MiB per rank (measured / ZeRO formula)",
+             f"{'stage':>5} {'params':>17} {'grads':>17} {'optimizer':>17} {'total':>17} "
+             f"{'peak RSS':>9} {'RSS-base':>9}"]
+    for s in report["stages"]:
+        r, p = s["ranks"][0], s["predicted"]
+
+        def pair(key):
+            return f"{r[key] / mib:8.1f}/{p[key] / mib:<8.1f}"
+
+        lines.append(f"{s['stage']:>5} {pair('params')} {pair('grads')} {pair('optimizer')} "
+                     f"{pair('total')} {r['peak_rss'] / mib:9.0f} "
+                     f"{(r['peak_rss'] - r['baseline_rss']) / mib:9.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _train_cmd(args) -> None:
+    cfg = bench_config(args.config, args.overrides, args.vocab_size)
+    result = bench_train(cfg, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                         steps=args.steps, warmup=args.warmup, compare_hf=args.compare_hf,
+                         precision=args.precision, device=args.device,
+                         max_predictions=args.max_predictions, compile=args.compile,
+                         checkpoint_activations=args.checkpoint_activations,
+                         matmul_size=args.matmul_size, seed=args.seed)
+    print(json.dumps(result, indent=2))
+
+
+def _memory_cmd(args) -> None:
+    report = bench_memory(args.config, args.overrides, stages=args.stages, ranks=args.ranks,
+                          seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
+                          vocab_size=args.vocab_size)
+    print(memory_table(report), file=sys.stderr)
+    print(json.dumps(report, indent=2))
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `bench train` and `bench memory` under `mlm-dist bench`."""
+    t = bench_subparsers.add_parser(
+        "train", help="training-step throughput and MFU of our stack (optionally against "
+                      "transformers' BertForPreTraining), JSON",
+        description=__doc__.split("\n\n")[1])
+    t.add_argument("--config", required=True, help="YAML run config (model dims, masking, optim)")
+    t.add_argument("--seq-len", type=int, help="default: the config's first phase")
+    t.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
+    t.add_argument("--max-predictions", type=int,
+                   help="MLM slots per sequence (default: the phase's, or derived from seq_len)")
+    t.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    t.add_argument("--compare-hf", action="store_true",
+                   help="also time transformers' BertForPreTraining + DataCollatorForLanguageModeling, "
+                        "interleaved")
+    t.add_argument("--precision", choices=sorted(_DTYPES),
+                   help="default: train.precision (bf16/fp16 = autocast)")
+    t.add_argument("--device", help="default: cuda if available, else cpu")
+    t.add_argument("--compile", action="store_true", help="torch.compile our model")
+    t.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each encoder layer in backward (saves memory, costs time)")
+    t.add_argument("--vocab-size", type=int, default=0,
+                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
+    t.add_argument("--matmul-size", type=int, default=4096, help="n of the n^3 peak matmul")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=4")
+    t.set_defaults(func=_train_cmd)
+
+    m = bench_subparsers.add_parser(
+        "memory", help="bytes per rank (params, grads, optimizer states, peak RSS) under ZeRO "
+                       "stages on N ranks, against the ZeRO paper's formulas, JSON")
+    m.add_argument("--config", required=True, help="YAML run config")
+    m.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    m.add_argument("--ranks", type=int, default=2)
+    m.add_argument("--seq-len", type=int, help="default: the config's first phase")
+    m.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
+    m.add_argument("--steps", type=int, default=2, help="training steps per rank (>= 2: the "
+                   "figures are taken in the last one, with optimizer states allocated)")
+    m.add_argument("--vocab-size", type=int, default=0,
+                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
+    m.add_argument("overrides", nargs="*", help="dotted config overrides")
+    m.set_defaults(func=_memory_cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mlm_dist.bench_train train|memory …` (the same as `mlm-dist bench …`)."""
+    parser = argparse.ArgumentParser(prog="python -m mlm_dist.bench_train")
+    add_parser(parser.add_subparsers(dest="bench_command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

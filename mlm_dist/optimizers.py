@@ -1,0 +1,139 @@
+"""Optimizers for pretraining: AdamW (torch's fused kernel where the device has one) and LAMB.
+
+LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+2019, Algorithm 2) is Adam with a per-tensor ("layer-wise") trust ratio that lets BERT train
+with batches of 32k-64k sequences. For each parameter tensor w with gradient g at step t:
+
+    m = β1·m + (1-β1)·g            v = β2·v + (1-β2)·g²
+    m̂ = m / (1-β1^t)               v̂ = v / (1-β2^t)            (bias correction)
+    r = m̂ / (√v̂ + ε) + λ·w                                     (decoupled weight decay)
+    ratio = ‖w‖ / ‖r‖,  or 1 when either norm is 0               (a fresh zero-initialised
+                                                                  bias, or no update at all)
+    w = w - lr · ratio · r
+
+Everything stays on the device: the trust ratio is a tensor, never a Python float, so a step
+never waits for the host (no .item()).
+
+The trust ratio needs each tensor whole. DeepSpeed ZeRO (stages 1-3) hands the optimizer flat
+partitions of many tensors, so under ZeRO the ratio would be taken per partition instead of
+per layer: use LAMB with ZeRO stage 0 (DeepSpeed then keeps one fp32 master per tensor).
+
+This module does not import DeepSpeed; engine.py picks DeepSpeed's FusedLamb on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+OPTIMIZERS = ("adamw", "lamb")
+
+
+class Lamb(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True):
+        if lr <= 0.0:
+            raise ValueError(f"Lamb: lr must be positive, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"Lamb: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+            beta1, beta2 = group["betas"]
+            grads, exp_avgs, exp_avg_sqs = [], [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+            # One step count per group: all of its tensors started together (a tensor whose
+            # grad was None on some step would need its own; keep them separate then).
+            steps = {self.state[p]["step"] for p in params}
+            for step in sorted(steps):
+                index = [i for i, p in enumerate(params) if self.state[p]["step"] == step]
+                self._update([params[i] for i in index], [grads[i] for i in index],
+                             [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
+                             step, group, beta1, beta2)
+        return loss
+
+    @staticmethod
+    def _update(params, grads, exp_avgs, exp_avg_sqs, step, group, beta1, beta2):
+        if group["bias_correction"]:
+            correction1 = 1.0 - beta1 ** step
+            correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        else:
+            correction1 = correction2_sqrt = 1.0
+        # Moments (in place): m = β1 m + (1-β1) g ; v = β2 v + (1-β2) g²
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        # r = (m / c1) / (sqrt(v) / sqrt(c2) + eps)  ==  m̂ / (√v̂ + ε)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, correction2_sqrt)
+        torch._foreach_add_(denominators, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denominators)
+        del denominators
+        if correction1 != 1.0:
+            torch._foreach_div_(updates, correction1)
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+        # Trust ratio per tensor, in fp32 at least whatever the parameter dtype.
+        acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        weight_norms = torch.stack([n.to(acc) for n in torch._foreach_norm(params)])
+        update_norms = torch.stack([n.to(acc) for n in torch._foreach_norm(updates)])
+        usable = (weight_norms > 0) & (update_norms > 0)
+        ratios = torch.where(usable, weight_norms / update_norms.clamp(min=1e-38),
+                             torch.ones_like(weight_norms))
+        scales = (ratios * -group["lr"]).unbind()
+        torch._foreach_mul_(updates, [s.to(u.dtype) for s, u in zip(scales, updates)])
+        torch._foreach_add_(params, updates)
+
+
+def fused_adamw_available(device: torch.device | str) -> bool:
+    """torch.optim.AdamW(fused=True) has kernels for CUDA (and XPU/MPS) and, since torch 2.4,
+    for CPU tensors."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+        return version >= (2, 4)
+    return kind in ("cuda", "xpu", "mps")
+
+
+def build_optimizer(param_groups: list[dict], name: str, lr: float, betas: tuple[float, float],
+                    eps: float, weight_decay: float, device: torch.device | str = "cpu",
+                    fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW or LAMB over `param_groups` (model.parameter_groups: decayed / not decayed; each
+    group's own weight_decay wins over `weight_decay`).
+
+    AdamW uses torch's fused kernel (one pass over p, g, m, v per tensor) when `fused` and the
+    device has it: the same update as the per-tensor loop, faster on CPU and GPU alike."""
+    if name == "adamw":
+        kwargs = {"fused": True} if fused and fused_adamw_available(device) else {}
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
+                                 weight_decay=weight_decay, **kwargs)
+    if name == "lamb":
+        return Lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
