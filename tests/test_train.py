@@ -144,3 +144,18 @@ def test_user_errors_stop_before_any_work(tiny_shards, tmp_path, override, messa
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_past_the_budget_stops_the_run(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "train-000001.tar").unlink()
+    ok = tmp_path / "ok"
+    train(shards, ok, "schedule.phases.0.until_step=10", "train.log_every=5", launcher="alone")
+    assert metrics(ok)[-1]["data/skipped_samples"] > 0  # skipped, counted, and the run went on
+    proc = train(shards, tmp_path / "strict", "schedule.phases.0.until_step=10",
+                 "train.log_every=5", "data.max_skipped_samples=0", launcher="alone",
+                 check=False)
+    assert proc.returncode == 2
+    assert "more than data.max_skipped_samples=0" in proc.stderr
+    assert "train-000001.tar" in proc.stderr  # the warning names the shard
