@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--vocab-size", type=int, default=0)
+    p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     phase = dataclasses.replace(phase, global_batch=phase.micro_batch * world * ACCUMULATION,
                                 until_step=steps, warmup_steps=0)
     torch.manual_seed(cfg.train.seed)
-    model = BertForPretraining(cfg.model)
+    model = BertForPretraining(cfg.model, checkpoint_activations=args.checkpoint_activations
+                               or None)
     psi = num_parameters(model)
     bucket = max(10_000, psi // 16)
     zero = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         schedule=ScheduleConfig(phases=[phase]),
         optim=dataclasses.replace(cfg.optim, warmup_steps=0), deepspeed=extra)
     check_precision(cfg)
-    engine = build_engine(model, cfg, world)
+    engine = build_engine(model, cfg, topo)
     device = engine.device
 
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
               **held, "after_step": after_step, "peak_rss": _peak_rss(),
               "baseline_rss": baseline_rss, "seq_len": phase.seq_len,
               "micro_batch": phase.micro_batch, "precision": cfg.train.precision,
+              "checkpoint_activations": model.checkpoint_activations,
               "optimizer_class": type(engine.optimizer).__name__,
               "loss": float(losses["loss"])}
     out = Path(args.out)

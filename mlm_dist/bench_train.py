@@ -39,16 +39,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from mlm_dist.config import RunConfig, SequencePhase, load_config
 from mlm_dist.config import max_predictions as derived_max_predictions
-from mlm_dist.flops import MatmulTimer, cuda_peak_from_table, model_flops_per_token
-from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+
+# torch, numpy, transformers and deepspeed are imported where they are used, so that
+# registering these commands costs `mlm-dist --help` nothing.
 
 DEFAULT_VOCAB = 30522  # BERT's WordPiece vocabulary, when the config leaves vocab_size to the tokenizer
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 # bench commands do not read data; load_config still wants the key set
 _NO_SHARDS = "data.shards=unused-by-bench"
 
@@ -75,9 +79,13 @@ def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
     return dataclasses.replace(phase, max_predictions=derived_max_predictions(phase, cfg.masking.prob))
 
 
-def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
     """[CLS] A [SEP] B [SEP] rows of random ordinary ids; one row in ten shorter and padded (as
     BERT's short_seq_prob), every row's A/B split at a random point; NSP labels 0/1."""
+    import numpy as np
+
+    from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+
     rng = np.random.default_rng(seed)
     first = len(SPECIAL_TOKENS)
     input_ids = np.full((batch, seq_len), PAD_ID, dtype=np.int64)
@@ -95,7 +103,12 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
             "attention_mask": attention_mask, "next_sentence_label": nsp}
 
 
-def special_table(vocab_size: int) -> np.ndarray:
+def special_table(vocab_size: int):
+    """bool[V] numpy array, True at the special ids."""
+    import numpy as np
+
+    from mlm_dist.tokenizer import SPECIAL_TOKENS
+
     table = np.zeros(vocab_size, dtype=bool)
     table[:len(SPECIAL_TOKENS)] = True
     return table
@@ -106,6 +119,8 @@ def hf_collator_tokenizer(vocab_size: int, model_max_length: int):
     all DataCollatorForLanguageModeling needs (mask id, special ids, vocabulary size, pad)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
+
+    from mlm_dist.tokenizer import MASK_ID, PAD_ID, SPECIAL_TOKENS
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
@@ -119,13 +134,17 @@ def hf_collator_tokenizer(vocab_size: int, model_max_length: int):
     return tok
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device, precision: str):
+    import torch
+
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=_dtype(precision))
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -133,15 +152,19 @@ def _sync(device: torch.device) -> None:
 class OursStep:
     """One training step of our stack; nothing in it waits for the host."""
 
-    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device: torch.device,
+    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device,
                  precision: str, compile: bool = False, checkpoint_activations: bool = False):
+        import torch
+
         from mlm_dist.masking import TokenMasker
+        from mlm_dist.tokenizer import MASK_ID
         from mlm_dist.model import BertForPretraining, parameter_groups, pretraining_loss
         from mlm_dist.optimizers import build_optimizer
 
         self.device, self.precision, self.loss_fn = device, precision, pretraining_loss
         torch.manual_seed(cfg.train.seed)
-        self.model = BertForPretraining(cfg.model, checkpoint_activations=checkpoint_activations)
+        self.model = BertForPretraining(cfg.model,
+                                        checkpoint_activations=checkpoint_activations or None)
         self.model.to(device).train()
         o = cfg.optim
         self.optimizer = build_optimizer(parameter_groups(self.model, o.weight_decay), o.name,
@@ -157,6 +180,8 @@ class OursStep:
         self.attention_mask, self.nsp = t["attention_mask"], t["next_sentence_label"]
 
     def __call__(self, step: int) -> None:
+        import torch
+
         masked = self.masker(self.input_ids, step)
         with _autocast(self.device, self.precision):
             mlm_logits, nsp_logits = self.forward(masked.input_ids, self.token_type_ids,
@@ -173,8 +198,9 @@ class HFStep:
     """One step as a Hugging Face Trainer takes it (collator in the step: the Trainer's
     default dataloader_num_workers=0 runs it in the training process)."""
 
-    def __init__(self, cfg: RunConfig, rows: dict, device: torch.device, precision: str,
+    def __init__(self, cfg: RunConfig, rows: dict, device, precision: str,
                  attn_implementation: str = "sdpa"):
+        import torch
         from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
         from mlm_dist.hf_export import hf_bert_config
@@ -204,6 +230,8 @@ class HFStep:
         self.collator_seconds: list[float] = []
 
     def __call__(self, step: int) -> None:
+        import torch
+
         start = time.perf_counter()
         batch = self.collator(self.examples)
         self.collator_seconds.append(time.perf_counter() - start)
@@ -217,7 +245,7 @@ class HFStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _timed(fn, device: torch.device, *args) -> float:
+def _timed(fn, device, *args) -> float:
     _sync(device)
     start = time.perf_counter()
     fn(*args)
@@ -226,22 +254,31 @@ def _timed(fn, device: torch.device, *args) -> float:
 
 
 def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | None = None,
-                steps: int = 10, warmup: int = 2, compare_hf: bool = False,
+                steps: int = 10, warmup: int = 3, compare_hf: bool = False,
                 precision: str | None = None, device: str | None = None,
                 max_predictions: int | None = None, compile: bool = False,
                 checkpoint_activations: bool = False, matmul_size: int = 4096,
-                seed: int = 0) -> dict:
+                seed: int = 0, tune_allocator: bool = True) -> dict:
     """Time `steps` rounds (after `warmup`) of our step, HF's step (with compare_hf) and a
-    matmul; return the figures as a JSON-able dict."""
+    matmul; return the figures as a JSON-able dict.
+
+    tune_allocator: on a CPU, allocator.tune_cpu_allocator() first (for the whole process, so
+    both sides alike), as a CPU training run would."""
+    import torch
+
+    from mlm_dist.allocator import tune_cpu_allocator
+    from mlm_dist.flops import MatmulTimer, cuda_peak_from_table, model_flops_per_token
+
     precision = precision or cfg.train.precision
-    if precision not in _DTYPES:
-        raise ValueError(f"--precision: expected one of {list(_DTYPES)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32")
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
     phase = phase_for(cfg, seq_len, micro_batch, max_predictions)
+    tuned = device.type == "cpu" and tune_allocator and tune_cpu_allocator()
     m = cfg.model
     rows = synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len, seed)
     tokens = phase.micro_batch * phase.seq_len
@@ -249,7 +286,7 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
     sides = {"ours": OursStep(cfg, phase, rows, device, precision, compile, checkpoint_activations)}
     if compare_hf:
         sides["hf"] = HFStep(cfg, rows, device, precision)
-    dtype = _DTYPES[precision]
+    dtype = _dtype(precision)
     matmul = MatmulTimer(device, dtype, matmul_size)
 
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -274,7 +311,9 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
         "precision": precision + (" autocast" if precision != "fp32" else ""),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
-        "compile": compile, "checkpoint_activations": checkpoint_activations,
+        "compile": compile,
+        "checkpoint_activations": sides["ours"].model.checkpoint_activations,
+        "cpu_allocator_tuned": tuned,
         "peak": {"dtype": str(dtype).replace("torch.", ""), "matmul": f"{matmul_size}^3",
                  "flops_per_s": peak, "flops_per_s_best": max(peaks),
                  "source": "measured, one matmul per round between the steps"},
@@ -335,9 +374,12 @@ def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
 
 def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2, 3),
                  ranks: int = 2, seq_len: int | None = None, micro_batch: int | None = None,
-                 steps: int = 2, vocab_size: int = 0, timeout: int = 900) -> dict:
+                 steps: int = 2, vocab_size: int = 0, checkpoint_activations: bool = False,
+                 timeout: int = 900) -> dict:
     """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
     mlm_dist.bench_memory_rank) and gather their byte counts next to the formula's."""
+    import torch
+
     from mlm_dist import bench_memory_rank
 
     cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
@@ -347,9 +389,10 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
     for stage in stages:
+        port = _free_port()
         with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(_free_port()), "--module", "mlm_dist.bench_memory_rank",
+                   "--master_port", str(port), "--module", "mlm_dist.bench_memory_rank",
                    "--stage", str(stage), "--out", tmp, "--steps", str(steps),
                    "--vocab-size", str(cfg.model.vocab_size)]
             if config:
@@ -358,12 +401,18 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
                 cmd += ["--seq-len", str(seq_len)]
             if micro_batch:
                 cmd += ["--micro-batch", str(micro_batch)]
+            if checkpoint_activations:
+                cmd.append("--checkpoint-activations")
             cmd += list(overrides)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                      timeout=timeout)
+            finally:
+                remove_shm_buffers(port)
             files = sorted(Path(tmp).glob("rank*.json"))
             if proc.returncode != 0 or len(files) != ranks:
                 raise RuntimeError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
@@ -377,6 +426,20 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
             "ranks": ranks, "precision": precision, "bytes_per_param_formula":
             "stage 0: (2+2+12)Ψ, 1: (2+2+12/N)Ψ, 2: (2+(2+12)/N)Ψ, 3: (2+2+12)Ψ/N",
             "zero_settings": bench_memory_rank.ZERO_SETTINGS_NOTE, "stages": results}
+
+
+def remove_shm_buffers(port: int) -> int:
+    """Delete the /dev/shm segments DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp) created
+    for a finished launch on `port`: it never unlinks them, ~66 MiB per rank and launch, and a
+    tmpfs full of them ends in the OOM killer. Returns how many were removed."""
+    removed = 0
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _free_port() -> int:
@@ -417,14 +480,16 @@ def _train_cmd(args) -> None:
                          precision=args.precision, device=args.device,
                          max_predictions=args.max_predictions, compile=args.compile,
                          checkpoint_activations=args.checkpoint_activations,
-                         matmul_size=args.matmul_size, seed=args.seed)
+                         matmul_size=args.matmul_size, seed=args.seed,
+                         tune_allocator=not args.default_malloc)
     print(json.dumps(result, indent=2))
 
 
 def _memory_cmd(args) -> None:
     report = bench_memory(args.config, args.overrides, stages=args.stages, ranks=args.ranks,
                           seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
-                          vocab_size=args.vocab_size)
+                          vocab_size=args.vocab_size,
+                          checkpoint_activations=args.checkpoint_activations)
     print(memory_table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
 
@@ -441,11 +506,12 @@ def add_parser(bench_subparsers) -> None:
     t.add_argument("--max-predictions", type=int,
                    help="MLM slots per sequence (default: the phase's, or derived from seq_len)")
     t.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    t.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3; the "
+                   "CPU heap settles over the first steps)")
     t.add_argument("--compare-hf", action="store_true",
                    help="also time transformers' BertForPreTraining + DataCollatorForLanguageModeling, "
                         "interleaved")
-    t.add_argument("--precision", choices=sorted(_DTYPES),
+    t.add_argument("--precision", choices=PRECISIONS,
                    help="default: train.precision (bf16/fp16 = autocast)")
     t.add_argument("--device", help="default: cuda if available, else cpu")
     t.add_argument("--compile", action="store_true", help="torch.compile our model")
@@ -455,6 +521,9 @@ def add_parser(bench_subparsers) -> None:
                    help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
     t.add_argument("--matmul-size", type=int, default=4096, help="n of the n^3 peak matmul")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default on a CPU: no mmap/trim for big "
+                        "blocks, see allocator.py; applies to both sides)")
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=4")
     t.set_defaults(func=_train_cmd)
 
@@ -470,6 +539,8 @@ def add_parser(bench_subparsers) -> None:
                    "figures are taken in the last one, with optimizer states allocated)")
     m.add_argument("--vocab-size", type=int, default=0,
                    help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
+    m.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each encoder layer in backward (peak RSS shows the saving)")
     m.add_argument("overrides", nargs="*", help="dotted config overrides")
     m.set_defaults(func=_memory_cmd)
 

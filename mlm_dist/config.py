@@ -39,6 +39,8 @@ class ModelConfig:
     # A Hugging Face BERT folder to continue pretraining from (domain adaptation): its shape
     # and weights; the shards must be prepared with its tokenizer (`prepare --tokenizer DIR`).
     init_from: str = ""
+    # Recompute each encoder layer in the backward pass instead of keeping its activations.
+    checkpoint_activations: bool = False
 
 
 @dataclass
@@ -109,11 +111,14 @@ class TrainConfig:
     # check under bf16/fp16). After this many skips in a row the run stops or rolls back.
     max_consecutive_skips: int = 5
     on_divergence: Literal["error", "rollback"] = "error"
+    compile: bool = False  # torch.compile the model (through DeepSpeed's engine.compile)
+    # Peak FLOP/s of one device for perf/mfu; 0 = a table for known GPUs, else measured.
+    peak_flops: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "lamb"] = "adamw"  # LAMB for very large batches
     lr: float = 1e-4
     weight_decay: float = 0.01
     beta1: float = 0.9

@@ -29,6 +29,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase, validate_topology  # noqa: E402
 from mlm_dist.model import parameter_groups  # noqa: E402
+from mlm_dist.optimizers import build_optimizer as make_optimizer  # noqa: E402
 
 
 @dataclass
@@ -159,21 +160,24 @@ def learning_rate_factor(cfg: RunConfig, step: int) -> float:
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
     o = cfg.optim
-    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    optimizer = make_optimizer(parameter_groups(model, o.weight_decay), o.name, lr=o.lr,
+                               betas=(o.beta1, o.beta2), eps=o.eps,
+                               weight_decay=o.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int,
+def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology,
                  load_universal: bool = False):
-    optimizer, scheduler = build_optimizer(model, cfg)
+    optimizer, scheduler = build_optimizer(model, cfg, topo.device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, load_universal))
+        config=deepspeed_config(cfg, topo.world_size, load_universal))
+    if cfg.train.compile:
+        engine.compile()
     return engine
 
 

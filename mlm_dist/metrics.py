@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mlm_dist.masking import IGNORE_INDEX
+from mlm_dist.flops import device_peak_flops
 
 # Sums kept on the device, in this order.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
@@ -44,6 +44,12 @@ class MetricLogger:
         self.history: list[dict] = []
         self.n_params = n_params
         self.skipped_steps = 0
+        # MFU's denominator: one device's peak for the run's dtype; on a CPU measured once here
+        # with a 2048³ matmul (a fraction of a second), on a known GPU from a table.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision,
+                                                                   torch.float32)
+        self.peak_flops, self.peak_source = device_peak_flops(
+            topo.device, dtype, override=cfg.train.peak_flops, size=2048)
 
     def text(self, tag: str, value: str) -> None:
         if self.writer is not None:
@@ -77,8 +83,9 @@ class MetricLogger:
             self.jsonl.flush()
 
     def flush(self, step: int, lr: float, grad_norm, seq_len: int, data_wait: float,
-              skipped: int, steps: int) -> dict:
-        """`steps`: optimizer steps since the last flush."""
+              skipped: int, steps: int, flops_per_token: float) -> dict:
+        """`steps`: optimizer steps since the last flush; `flops_per_token`: the model's
+        training FLOPs per token at this sequence length (flops.model_flops_per_token)."""
         # `skipped` is this rank's running total of documents lost to bad data.
         now = time.perf_counter()
         elapsed = now - self.last_time
@@ -111,6 +118,7 @@ class MetricLogger:
             "perf/tokens_per_s_rank_min": -neg_tps_min,
             "perf/tokens_per_s_rank_max": tps_max,
             "perf/samples_per_s": s["sequences"] / elapsed,
+            "perf/mfu": (self.tokens / elapsed) * flops_per_token / self.peak_flops,
             "perf/step_time_ms": 1000 * elapsed / max(1, steps),
             "perf/data_wait_frac": s["data_wait_frac"] / self.topo.world_size,
             "perf/data_wait_frac_rank_max": wait_max,

@@ -10,18 +10,95 @@ embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that
   is the largest matmul in the model at small hidden sizes (H x 30k per position); doing it for
   the ~20 predicted positions of a 128-token sequence instead of all 128 saves most of it.
 
+Speed choices that leave the numbers (and the parameters) as they are:
+
+- Under autocast the residual stream is kept in the autocast dtype from the embeddings on, as
+  DeepSpeed's bf16 mode keeps it (LayerNorm still accumulates in fp32 inside its kernel).
+  Otherwise the fp32 embedding output makes every residual add and LayerNorm fp32, and every
+  Linear casts its input again.
+- On a CPU, attention is the plain matmul-softmax-matmul, and dropout draws its mask from 16-bit
+  slices of 64-bit random words: PyTorch's CPU SDPA runs its fused kernel only without dropout
+  (with dropout it falls back to an unfused path several times slower than this one), and its
+  bernoulli_ costs about three times these random bits. On CUDA both stay PyTorch's fused kernels.
+- `checkpoint_activations` recomputes each encoder layer in the backward pass
+  (torch.utils.checkpoint, the dropout masks replayed from the saved RNG state): activation
+  memory falls from O(layers) to O(1) layers for about a third more compute.
+
 This file knows nothing of ranks, DeepSpeed or data loading.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mlm_dist.config import ModelConfig
 
 IGNORE_INDEX = -100  # label value meaning "no prediction here" (F.cross_entropy's default)
+
+
+class _CpuDropout(torch.autograd.Function):
+    """Inverted dropout with the keep mask drawn from 16-bit slices of 64-bit random words:
+    four mask entries per draw of the CPU generator. The drop probability is p rounded to a
+    multiple of 1/65536 (0.1 -> 0.1000061), and the scale 1/(1 - that), so the output stays
+    unbiased. Only the bool mask is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        drop = round(p * 65536)
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64,
+                              device=x.device)
+        keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768
+        ctx.scale = 65536 / (65536 - drop)
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x, 0).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type == "cpu" and p < 1.0:
+        return _CpuDropout.apply(x, p)
+    return F.dropout(x, p, training=True)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the faster CPU mask of `dropout` (no parameters, no state)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+              dropout_p: float, training: bool) -> torch.Tensor:
+    """softmax(q kᵀ / √d + bias) v with dropout on the probabilities; [B, heads, S, d] in and out.
+
+    CUDA (and anything not a CPU): F.scaled_dot_product_attention, flash / memory-efficient
+    kernels with dropout inside. CPU: the same arithmetic written out, which at BERT's sequence
+    lengths beats PyTorch's CPU SDPA with dropout (an unfused fallback) and without it.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=dropout_p if training else 0.0)
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))
+    probs = torch.softmax(scores + bias, dim=-1)
+    return torch.matmul(dropout(probs, dropout_p, training), v)
 
 
 class Embeddings(nn.Module):
@@ -33,7 +110,7 @@ class Embeddings(nn.Module):
         self.positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
@@ -63,11 +140,9 @@ class SelfAttention(nn.Module):
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_bias.to(q.dtype),  # no-op unless autocast made q lower precision
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
+        y = attention(q, k, v,
+                      attn_bias.to(q.dtype),  # no-op unless autocast made q lower precision
+                      self.attention_dropout, self.training)
         y = y.transpose(1, 2).reshape(batch, seq_len, hidden)
         return self.out(y)
 
@@ -97,7 +172,7 @@ class EncoderLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, attn_bias)))
@@ -128,7 +203,10 @@ class MaskedLMHead(nn.Module):
 
 
 class BertForPretraining(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """checkpoint_activations: recompute each encoder layer during backward instead of keeping
+    its activations (None: the config's `checkpoint_activations`, default off)."""
+
+    def __init__(self, cfg: ModelConfig, checkpoint_activations: bool | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved from the tokenizer before "
@@ -137,6 +215,9 @@ class BertForPretraining(nn.Module):
             raise ValueError(f"model.hidden_size {cfg.hidden_size} is not divisible by "
                              f"model.num_heads {cfg.num_heads}")
         self.cfg = cfg
+        if checkpoint_activations is None:
+            checkpoint_activations = bool(getattr(cfg, "checkpoint_activations", False))
+        self.checkpoint_activations = checkpoint_activations
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # tanh(W h_[CLS] + b)
@@ -170,6 +251,10 @@ class BertForPretraining(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits [B, 2])."""
         x = self.embeddings(input_ids, token_type_ids)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The residual stream in the autocast dtype (see the module docstring).
+            x = x.to(torch.get_autocast_dtype(device_type))
 
         # One additive bias shared by every layer, [B, 1, 1, S]: it broadcasts over heads and
         # query positions, so no query attends to a padded key. A large finite negative (not
@@ -178,8 +263,12 @@ class BertForPretraining(nn.Module):
         keep = attention_mask[:, None, None, :].to(x.dtype)
         attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
 
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, attn_bias)
+            if recompute:
+                x = checkpoint(layer, x, attn_bias, use_reentrant=False)
+            else:
+                x = layer(x, attn_bias)
 
         nsp_logits = self.nsp_head(torch.tanh(self.pooler(x[:, 0])))
 

@@ -31,6 +31,7 @@ from mlm_dist.data.shards import Manifest
 from mlm_dist.engine import (build_engine, check_precision, init_distributed, set_phase,
                              to_universal)
 from mlm_dist.evaluate import evaluate
+from mlm_dist.flops import model_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
 from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
@@ -141,7 +142,7 @@ def train(cfg: RunConfig) -> dict:
     newest = checkpoint.latest_complete(run_dir / checkpoint.CHECKPOINTS)
     universal = bool(cfg.checkpoint.resume and newest is not None
                      and checkpoint.saved_world_size(newest) != topo.world_size)
-    engine = build_engine(model, cfg, topo.world_size, load_universal=universal)
+    engine = build_engine(model, cfg, topo, load_universal=universal)
     device = engine.device
     stop = StopSignals()
     logger = MetricLogger(run_dir / "tensorboard" if rank0 else None, cfg, topo, n_params)
@@ -268,7 +269,9 @@ def train(cfg: RunConfig) -> dict:
                                           grad_norm=engine.get_global_grad_norm(),
                                           seq_len=phase.seq_len, data_wait=data_wait,
                                           skipped=batches.skipped_documents,
-                                          steps=step - last_log_step)
+                                          steps=step - last_log_step,
+                                          flops_per_token=model_flops_per_token(
+                                              cfg.model, phase.seq_len, k / phase.seq_len))
                     data_wait, last_log_step = 0.0, step
                     if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
                         # Every rank sees the same reduced count at the same step: all stop.

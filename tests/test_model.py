@@ -227,3 +227,136 @@ def test_state_dict_mapping_rejects_unknown_and_missing_parameters():
     hf_sd = to_hf_state_dict(sd)
     with pytest.raises(KeyError, match="no counterpart"):
         from_hf_state_dict({**hf_sd, "bert.encoder.layer.0.crossattention.x": torch.zeros(1)})
+
+
+# ---- speed paths: CPU attention and dropout, bf16 residual stream, activation checkpointing,
+# ---- no host synchronisation
+
+
+def test_cpu_attention_matches_sdpa():
+    from mlm_dist.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 10)
+    bias[1, ..., 6:] = torch.finfo(torch.float32).min
+    out = attention(q, k, v, bias, dropout_p=0.1, training=False)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_dropout_keeps_the_right_share_scales_and_masks_the_gradient():
+    from mlm_dist.model import dropout
+
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.allclose(y[kept], torch.full_like(y[kept], scale))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(sum)/dx = mask * scale
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    xb = torch.randn(3, 7, 5, dtype=torch.bfloat16)
+    yb = dropout(xb, 0.5, training=True)
+    assert yb.dtype == torch.bfloat16 and yb.shape == xb.shape
+    assert torch.equal(yb[yb != 0], (xb * 2)[yb != 0])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = tiny_config()  # dropout on: the recomputed layers must replay the same masks
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    positions = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    labels = input_ids.gather(1, positions)
+    results = []
+    for flag in (False, True):
+        model = perturbed_model(cfg)
+        model.checkpoint_activations = flag
+        model.train()
+        torch.manual_seed(7)
+        mlm, nsp = model(input_ids, token_type_ids, attention_mask, positions)
+        loss = pretraining_loss(mlm, labels, nsp, torch.tensor([0, 1, 0]))["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+    assert BertForPretraining(cfg, checkpoint_activations=True).checkpoint_activations
+
+
+def test_autocast_keeps_the_residual_stream_in_bf16_and_stays_close_to_fp32():
+    cfg = tiny_config(dropout=0.0, attention_dropout=0.0)
+    model = perturbed_model(cfg).eval()
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    with torch.no_grad():
+        ref, _ = model(input_ids, token_type_ids, attention_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = model(input_ids, token_type_ids, attention_mask)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_no_host_sync_in_masking_forward_loss_and_backward():
+    """Every aten op of a training step is recorded: none may be one that makes the host wait
+    for the device (.item(), bool()/int() of a tensor, .tolist() -> _local_scalar_dense;
+    nonzero(), boolean indexing, masked_select -> an output size only the device knows)."""
+    import numpy as np
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlm_dist.masking import TokenMasker
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops.add(name)
+            if name.startswith(("index", "_index_put")) and len(args) > 1 and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
+                self.ops.add("boolean indexing")  # nonzero() inside the kernel
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config()
+    model = perturbed_model(cfg).train()
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    special = np.zeros(cfg.vocab_size, dtype=bool)
+    special[:5] = True
+    maskers = [TokenMasker(special, 4, 6, seed=0, rank=0, device="cpu"),
+               TokenMasker(special, 4, 6, seed=0, rank=0, device="cpu",
+                           word_starts=np.arange(cfg.vocab_size) % 3 == 0)]
+    for masker in maskers:
+        with Recorder() as recorder:
+            masked = masker(input_ids, step=3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mlm, nsp = model(masked.input_ids, token_type_ids, attention_mask, masked.positions)
+            losses = pretraining_loss(mlm, masked.labels, nsp, torch.tensor([0, 1, 0]))
+            losses["loss"].backward()
+        syncing = {"_local_scalar_dense", "nonzero", "boolean indexing", "nonzero_static", "masked_select",
+                   "_unique", "_unique2", "unique_dim", "unique_consecutive", "equal", "allclose"}
+        assert "mm" in recorder.ops or "addmm" in recorder.ops  # the recorder saw the step
+        assert not recorder.ops & syncing, recorder.ops & syncing
+
+
+def test_model_and_loss_trace_as_one_graph():
+    """torch.compile(fullgraph=True) turns any graph break (a host value read from a tensor, a
+    data-dependent shape) into an error; backend="eager" keeps the test to tracing."""
+    torch._dynamo.reset()
+    cfg = tiny_config()
+    model = perturbed_model(cfg).train()
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    positions = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    labels = input_ids.gather(1, positions)
+
+    def step(ids):
+        mlm, nsp = model(ids, token_type_ids, attention_mask, positions)
+        return pretraining_loss(mlm, labels, nsp, torch.tensor([0, 1, 0]))["loss"]
+
+    loss = torch.compile(step, fullgraph=True, backend="eager")(input_ids)
+    loss.backward()
+    assert torch.isfinite(loss)

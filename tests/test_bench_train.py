@@ -1,0 +1,117 @@
+"""bench train / bench memory: they run, report every figure, and the arithmetic between the
+figures holds. No timing assertions: the machine is shared and noisy."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from mlm_dist.bench_train import (add_parser, bench_config, bench_memory, bench_train, phase_for,
+                                  synthetic_batch, zero_prediction)
+from mlm_dist.config import ModelConfig
+from mlm_dist.flops import model_flops_per_token
+from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
+
+from launch import REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+BASE = str(REPO / "configs" / "bert-base.yaml")
+SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+         "model.intermediate_size=64", "model.max_positions=128"]
+
+
+def test_bench_train_reports_consistent_figures():
+    pytest.importorskip("transformers")
+    cfg = bench_config(TINY, SMALL, vocab_size=500)
+    r = bench_train(cfg, seq_len=32, micro_batch=4, steps=2, warmup=1, compare_hf=True,
+                    precision="bf16", matmul_size=64)
+    assert r["tokens_per_step"] == 4 * 32 and r["precision"] == "bf16 autocast"
+    assert r["peak"]["dtype"] == "bfloat16" and r["peak"]["flops_per_s"] > 0
+    ours, hf = r["ours"], r["hf"]
+    assert ours["sparse_head"] is True and hf["sparse_head"] is False
+    k = ours["max_predictions"]
+    assert ours["predicted_fraction"] == pytest.approx(k / 32, abs=1e-4) and hf["predicted_fraction"] == 1.0
+    model = ModelConfig(vocab_size=500, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=64, max_positions=128)
+    assert ours["flops_per_token"] == model_flops_per_token(model, 32, k / 32)
+    assert hf["flops_per_token"] == model_flops_per_token(model, 32, 1.0)
+    for side in (ours, hf):
+        assert side["tokens_per_s"] > 0 and side["step_ms"] >= side["step_ms_min"] > 0
+        assert side["model_flops_per_s"] == pytest.approx(side["tokens_per_s"] * side["flops_per_token"], rel=1e-3)
+        assert side["mfu"] == pytest.approx(side["model_flops_per_s"] / r["peak"]["flops_per_s"], abs=1e-4)
+    assert hf["collator_ms"] > 0
+    assert r["ratio"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"], abs=2e-3)
+
+
+def test_bench_train_alone_with_checkpointing_and_fp32():
+    cfg = bench_config(TINY, SMALL, vocab_size=300)
+    r = bench_train(cfg, seq_len=16, micro_batch=2, steps=1, warmup=0, precision="fp32",
+                    checkpoint_activations=True, matmul_size=32)
+    assert "hf" not in r and "ratio" not in r and r["checkpoint_activations"]
+    assert r["peak"]["dtype"] == "float32" and r["ours"]["mfu"] > 0
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        bench_train(cfg, seq_len=16, micro_batch=2, steps=1, precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="max_positions"):
+        bench_train(cfg, seq_len=256, micro_batch=2, steps=1)
+
+
+def test_phase_defaults_come_from_the_config():
+    cfg = bench_config(BASE)
+    assert cfg.model.vocab_size == 30522  # BERT's, when the config leaves it to the tokenizer
+    short, long = phase_for(cfg, None, None, None), phase_for(cfg, 512, None, None)
+    assert (short.seq_len, short.micro_batch, short.max_predictions) == (128, 32, 20)
+    assert (long.seq_len, long.micro_batch, long.max_predictions) == (512, 8, 80)
+    other = phase_for(cfg, 256, 4, None)  # no phase at 256: K derived from masking.prob
+    assert other.micro_batch == 4 and 38 < other.max_predictions < 256
+    assert phase_for(cfg, 128, 16, 24).max_predictions == 24
+
+
+def test_synthetic_batch_layout():
+    rows = synthetic_batch(1000, batch=40, seq_len=32, seed=3)
+    ids, types, mask = rows["input_ids"], rows["token_type_ids"], rows["attention_mask"]
+    assert ids.shape == types.shape == mask.shape == (40, 32)
+    assert (ids[:, 0] == CLS_ID).all() and ((ids == SEP_ID).sum(1) == 2).all()
+    assert ((ids == PAD_ID) == (mask == 0)).all() and (mask.sum(1) < 32).any()
+    assert set(np.unique(rows["next_sentence_label"])) <= {0, 1}
+    assert ((types == 1) <= (mask == 1)).all() and (types.sum(1) > 0).all()
+
+
+def test_zero_formulas():
+    # Ψ = 1000 parameters on N = 2 ranks, mixed precision Adam: 2Ψ + 2Ψ + 12Ψ bytes at stage 0.
+    assert zero_prediction(0, 1000, 2, "bf16") == {"params": 2000, "grads": 2000,
+                                                   "optimizer": 12000, "total": 16000}
+    assert zero_prediction(1, 1000, 2, "bf16")["optimizer"] == 6000
+    assert zero_prediction(2, 1000, 2, "bf16") == {"params": 2000, "grads": 1000,
+                                                   "optimizer": 6000, "total": 9000}
+    assert zero_prediction(3, 1000, 2, "bf16")["total"] == 16000 / 2
+    assert zero_prediction(0, 1000, 4, "fp32")["total"] == (4 + 4 + 8) * 1000
+
+
+def test_cli_registration():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="bench_command", required=True))
+    args = parser.parse_args(["train", "--config", BASE, "--seq-len", "128", "--micro-batch", "16",
+                              "--steps", "4", "--compare-hf", "--precision", "bf16",
+                              "model.num_layers=4"])
+    assert args.compare_hf and args.overrides == ["model.num_layers=4"] and args.func
+    args = parser.parse_args(["memory", "--config", BASE, "--stages", "0", "3"])
+    assert args.stages == [0, 3] and args.ranks == 2
+
+
+def test_bench_memory_follows_zero_formulas():
+    """Two real CPU ranks per stage under the deepspeed launcher."""
+    report = bench_memory(TINY, [*SMALL, "train.precision=bf16"], stages=(0, 3), ranks=2,
+                          seq_len=32, micro_batch=2, steps=2, vocab_size=1000)
+    psi = report["parameters"]
+    assert psi > 50_000 and [s["stage"] for s in report["stages"]] == [0, 3]
+    for stage in report["stages"]:
+        assert len(stage["ranks"]) == 2
+        predicted = stage["predicted"]
+        for rank in stage["ranks"]:
+            for key in ("params", "grads", "optimizer"):
+                assert rank[key] == pytest.approx(predicted[key], rel=0.1), (stage["stage"], key)
+            assert rank["peak_rss"] > rank["baseline_rss"] > 0
+    zero0, zero3 = (s["ranks"][0] for s in report["stages"])
+    assert zero3["total"] < 0.6 * zero0["total"]  # everything partitioned over 2 ranks
