@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     model = BertForPretraining(cfg.model, checkpoint_activations=args.checkpoint_activations
                                or None)
     psi = num_parameters(model)
-    bucket = max(10_000, psi // 16)
+    bucket = max(10_240, psi // 16) // 1024 * 1024  # a multiple of the NCCL alignment
     zero = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if args.stage == 3:
         zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,

@@ -284,6 +284,9 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
     tokens = phase.micro_batch * phase.seq_len
 
     sides = {"ours": OursStep(cfg, phase, rows, device, precision, compile, checkpoint_activations)}
+    if compile:  # the same stack uncompiled, interleaved too: the speed-up in one run
+        sides["ours_eager"] = OursStep(cfg, phase, rows, device, precision, False,
+                                       checkpoint_activations)
     if compare_hf:
         sides["hf"] = HFStep(cfg, rows, device, precision)
     dtype = _dtype(precision)
@@ -322,20 +325,21 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
         result["peak"]["table_flops_per_s"] = cuda_peak_from_table(result["device"], dtype)
     for name, seconds in times.items():
         step_s = statistics.median(seconds)
-        fraction = phase.max_predictions / phase.seq_len if name == "ours" else 1.0
+        ours_side = name.startswith("ours")
+        fraction = phase.max_predictions / phase.seq_len if ours_side else 1.0
         per_token = model_flops_per_token(m, phase.seq_len, fraction)
         tokens_per_s = tokens / step_s
         entry = {
             "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(step_s * 1e3, 2),
             "step_ms_min": round(min(seconds) * 1e3, 2),
-            "sparse_head": name == "ours",
+            "sparse_head": ours_side,
             "predicted_fraction": round(fraction, 4),
             "flops_per_token": per_token,
             "model_flops_per_s": tokens_per_s * per_token,
             "mfu": round(tokens_per_s * per_token / peak, 4),
         }
-        if name == "ours":
+        if ours_side:
             entry["max_predictions"] = phase.max_predictions
         else:
             entry["collator_ms"] = round(
@@ -343,6 +347,9 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
         result[name] = entry
     if compare_hf:
         result["ratio"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
+    if compile:
+        result["compile_speedup"] = round(
+            result["ours"]["tokens_per_s"] / result["ours_eager"]["tokens_per_s"], 3)
     return result
 
 
@@ -514,7 +521,9 @@ def add_parser(bench_subparsers) -> None:
     t.add_argument("--precision", choices=PRECISIONS,
                    help="default: train.precision (bf16/fp16 = autocast)")
     t.add_argument("--device", help="default: cuda if available, else cpu")
-    t.add_argument("--compile", action="store_true", help="torch.compile our model")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile our model (and time it uncompiled too, interleaved: "
+                        "compile_speedup)")
     t.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each encoder layer in backward (saves memory, costs time)")
     t.add_argument("--vocab-size", type=int, default=0,
