@@ -20,7 +20,9 @@ comparison; the step here is what each rank of a run computes between its collec
 The two sides alternate step by step (and swap order every round), and a large matmul in the
 run's dtype is timed in every round too, so the machine's noise hits the three figures alike.
 Figures are medians over the timed rounds. FLOPs per token are those of flops.py; ours counts
-the head on K/S of the positions (it projects K slots), HF's on all of them.
+the head on K/S of the positions (it projects K slots), HF's on all of them. On a CPU the
+process's malloc is tuned first (allocator.py; for both sides alike, `--default-malloc` leaves
+glibc's defaults), as a CPU training run should be.
 
 Nothing is downloaded: HF's collator gets a word-level tokenizer over the same vocabulary size,
 with the specials at our ids.
@@ -53,6 +55,8 @@ def _dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
 # bench commands do not read data; load_config still wants the key set
 _NO_SHARDS = "data.shards=unused-by-bench"
 

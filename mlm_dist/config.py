@@ -362,6 +362,10 @@ def validate(cfg: RunConfig) -> None:
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(o.name != "lamb" or t.zero_stage == 0, "optim.name",
+             "lamb needs train.zero_stage=0: ZeRO stages 1-3 give the optimizer flat partitions "
+             "of many tensors, so LAMB's per-tensor trust ratio would be taken per partition")
+    _require(t.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = table or measured)")
     total = cfg.schedule.total_steps
     _require(0 <= o.warmup_steps <= total, "optim.warmup_steps",
              f"must be in [0, total steps={total}] (the last phase's until_step)")

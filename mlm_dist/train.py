@@ -124,6 +124,10 @@ def gather(obj, world_size: int) -> list:
 def train(cfg: RunConfig) -> dict:
     cfg, tokenizer, manifest = resolve_data(cfg)
     topo = init_distributed()
+    if topo.device.type == "cpu":
+        from mlm_dist.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()  # big tensors reuse mapped heap instead of page-faulting each step
     check_precision(cfg)
     accumulation = validate_topology(cfg, topo.world_size)
     rank0 = topo.rank == 0

@@ -6,6 +6,9 @@ must treat them as read-only: copy before modifying.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mlm_dist.data.corpus import iter_documents
@@ -40,3 +43,26 @@ def tiny_shards(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     prepare_shards([tiny_corpus], tiny_tokenizer.path.parent, out,
                    docs_per_shard=40, valid_fraction=0.1, seed=0)
     return out
+
+
+def _mapped_shm() -> set[str]:
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            names.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines()
+                         if "/dev/shm/deepspeed_allreduce_buffer_" in line)
+        except OSError:
+            pass
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU all-reduce never unlinks its /dev/shm segments (~66 MiB per rank and
+    launch); over the suite they would fill memory. After each test, drop the ones no live
+    process maps."""
+    yield
+    in_use = _mapped_shm()
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        if path.name not in in_use:
+            path.unlink(missing_ok=True)

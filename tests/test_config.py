@@ -64,6 +64,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["optim.warmup_steps=1000", "schedule.phases.0.until_step=10"], "optim.warmup_steps"),
     (["checkpoint.keep=-1"], "checkpoint.keep"),
     (["train.on_divergence=ignore"], "train.on_divergence: expected one of"),
+    (["optim.name=lamb", "train.zero_stage=2"], "optim.name: lamb needs train.zero_stage=0"),
     (["data.shards="], "data.shards: is required"),
     (["optim=3"], "optim: expected a mapping"),
     (["train.log_every"], "expected key=value"),
