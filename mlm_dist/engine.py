@@ -164,7 +164,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     o = cfg.optim
     optimizer = make_optimizer(parameter_groups(model, o.weight_decay), o.name, lr=o.lr,
                                betas=(o.beta1, o.beta2), eps=o.eps,
-                               weight_decay=o.weight_decay, device=device)
+                               weight_decay=o.weight_decay, device=device,
+                               # DeepSpeed checks for non-finite gradients everywhere but here
+                               skip_non_finite=(cfg.train.zero_stage == 0
+                                                and cfg.train.precision == "fp32"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler

@@ -112,6 +112,40 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_add_(params, updates)
 
 
+class SkipsNonFiniteSteps:
+    """Mixin: step() leaves parameters and moments alone when any gradient is inf or NaN, and
+    says so in `self.overflow`, the attribute DeepSpeed's engine reads after each optimizer step
+    to count the step as skipped (`was_step_applied()` false) and hold the LR schedule back.
+
+    DeepSpeed checks gradients itself under bf16 and fp16 and, via the gradient norm, in its
+    ZeRO 1-3 optimizers; at ZeRO stage 0 in fp32 it calls our step() directly and checks
+    nothing, so this is the guard there. The gradients were all-reduced before step(): every
+    rank sees the same ones and takes the same decision. Deciding costs one reduction and one
+    host read per step, the same price DeepSpeed's own check pays."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        # The max-abs norm is NaN/inf exactly when some element is; a 2-norm could overflow
+        # to inf on large but finite gradients.
+        self.overflow = bool(grads) and not bool(
+            torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class GuardedAdamW(SkipsNonFiniteSteps, torch.optim.AdamW):
+    pass
+
+
+class GuardedLamb(SkipsNonFiniteSteps, Lamb):
+    pass
+
+
 def fused_adamw_available(device: torch.device | str) -> bool:
     """torch.optim.AdamW(fused=True) has kernels for CUDA (and XPU/MPS) and, since torch 2.4,
     for CPU tensors."""
@@ -124,16 +158,19 @@ def fused_adamw_available(device: torch.device | str) -> bool:
 
 def build_optimizer(param_groups: list[dict], name: str, lr: float, betas: tuple[float, float],
                     eps: float, weight_decay: float, device: torch.device | str = "cpu",
-                    fused: bool = True) -> torch.optim.Optimizer:
+                    fused: bool = True, skip_non_finite: bool = False) -> torch.optim.Optimizer:
     """AdamW or LAMB over `param_groups` (model.parameter_groups: decayed / not decayed; each
     group's own weight_decay wins over `weight_decay`).
 
     AdamW uses torch's fused kernel (one pass over p, g, m, v per tensor) when `fused` and the
-    device has it: the same update as the per-tensor loop, faster on CPU and GPU alike."""
+    device has it: the same update as the per-tensor loop, faster on CPU and GPU alike.
+    `skip_non_finite` adds SkipsNonFiniteSteps, for where nothing else guards the step."""
     if name == "adamw":
         kwargs = {"fused": True} if fused and fused_adamw_available(device) else {}
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
+        adamw = GuardedAdamW if skip_non_finite else torch.optim.AdamW
+        return adamw(param_groups, lr=lr, betas=betas, eps=eps,
                                  weight_decay=weight_decay, **kwargs)
     if name == "lamb":
-        return Lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        lamb = GuardedLamb if skip_non_finite else Lamb
+        return lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")

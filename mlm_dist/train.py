@@ -245,8 +245,9 @@ def train(cfg: RunConfig) -> dict:
                     logger.accumulate(losses, batch.attention_mask, masked.labels)
                 step += 1
 
-                # ---- divergence guard: DeepSpeed skipped the update on every rank (non-finite
-                # gradients under bf16/fp16); we count, and stop or roll back after too many.
+                # ---- divergence guard: the update was skipped on every rank (non-finite
+                # gradients: DeepSpeed's check, or SkipsNonFiniteSteps at ZeRO 0 in fp32); we
+                # count, and stop or roll back after too many.
                 if engine.was_step_applied():
                     consecutive_skips = 0
                 else:

@@ -132,3 +132,26 @@ def test_build_optimizer():
     assert isinstance(lamb, Lamb) and [g["weight_decay"] for g in lamb.param_groups] == [0.01, 0.0]
     with pytest.raises(ValueError, match="optim.name"):
         build_optimizer(groups, "sgd", lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_guarded_optimizer_skips_a_non_finite_step_and_takes_the_next(name, bad):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    guarded = build_optimizer([{"params": list(model.parameters())}], name, lr=1e-2,
+                              betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                              skip_non_finite=True)
+    before = copy.deepcopy(model.state_dict())
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = torch.ones_like(model.bias)
+    model.bias.grad[1] = bad
+    guarded.step()
+    assert guarded.overflow  # what DeepSpeed's engine reads to count a skipped step
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not guarded.state  # no moment or step count was touched either
+    model.bias.grad[1] = 1.0
+    guarded.step()
+    assert not guarded.overflow
+    assert not torch.equal(before["weight"], model.weight)
+    assert torch.isfinite(model.weight).all()

@@ -102,9 +102,13 @@ def test_signal_saves_and_exits_zero(tiny_shards, tmp_path, signum):
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "complete.json").is_file()
 
 
-def test_non_finite_step_is_skipped_on_every_rank(tiny_shards, tmp_path):
+# DeepSpeed's own check guards bf16 (and, by the gradient norm, ZeRO 1-3 in fp32);
+# SkipsNonFiniteSteps guards ZeRO 0 in fp32, where DeepSpeed checks nothing.
+@pytest.mark.parametrize("precision,stage", [("bf16", 2), ("fp32", 0), ("fp32", 3)])
+def test_non_finite_step_is_skipped_on_every_rank(tiny_shards, tmp_path, precision, stage):
     run = tmp_path / "run"
     train(tiny_shards, run, "schedule.phases.0.until_step=8", "train.log_every=1",
+          f"train.precision={precision}", f"train.zero_stage={stage}",
           faults="nan_loss@3:1")  # rank 1 only, step index 3 (the 4th step)
     history = metrics(run)
     assert [r["train/skipped_steps"] for r in history] == [0, 0, 0, 1, 1, 1, 1, 1]
