@@ -1,7 +1,6 @@
-"""`mlm-dist bench train` (step throughput and MFU, against Hugging Face) and `mlm-dist bench
-memory` (bytes per rank under ZeRO 0/1/2/3, against the ZeRO paper's formulas).
+"""`mlm-dist bench train`: step throughput and MFU of our stack, against Hugging Face's.
 
-bench train times full training steps in one process, one device:
+It times full training steps in one process, one device:
 
   ours  the batch on the device -> TokenMasker (max_predictions slots per sequence) -> our
         BertForPretraining (MLM head on the masked slots only) -> pretraining_loss -> backward
@@ -30,16 +29,10 @@ with the specials at our ids.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 from mlm_dist.config import RunConfig, SequencePhase, load_config
 from mlm_dist.config import max_predictions as derived_max_predictions
@@ -271,7 +264,8 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
     import torch
 
     from mlm_dist.allocator import tune_cpu_allocator
-    from mlm_dist.flops import MatmulTimer, cuda_peak_from_table, model_flops_per_token
+    from mlm_dist.flops import (MatmulTimer, cuda_peak_from_table, model_flops_per_token,
+                                sparse_flops_per_token)
 
     precision = precision or cfg.train.precision
     if precision not in PRECISIONS:
@@ -331,13 +325,15 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
         step_s = statistics.median(seconds)
         ours_side = name.startswith("ours")
         fraction = phase.max_predictions / phase.seq_len if ours_side else 1.0
-        per_token = model_flops_per_token(m, phase.seq_len, fraction)
+        per_token = (sparse_flops_per_token(m, phase.seq_len, phase.max_predictions)
+                     if ours_side else model_flops_per_token(m, phase.seq_len, 1.0))
         tokens_per_s = tokens / step_s
         entry = {
             "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(step_s * 1e3, 2),
             "step_ms_min": round(min(seconds) * 1e3, 2),
             "sparse_head": ours_side,
+            "sparse_last_layer": ours_side,  # computes only [CLS] and the masked slots
             "predicted_fraction": round(fraction, 4),
             "flops_per_token": per_token,
             "model_flops_per_s": tokens_per_s * per_token,
@@ -358,129 +354,6 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
 
 
 # ---------------------------------------------------------------------------------------------
-# bench memory: one deepspeed launch of N ranks per ZeRO stage
-
-
-def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
-                    optimizer_bytes_per_param: int = 8) -> dict:
-    """Bytes per rank the ZeRO paper predicts (Rajbhandari et al. 2020, section 5.1).
-
-    Mixed precision Adam: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states with K = 12 (fp32
-    master copy, momentum, variance). Stage 1 partitions the optimizer states over the N ranks,
-    stage 2 the gradients too, stage 3 the parameters too. In fp32 there is no master copy:
-    4Ψ + 4Ψ + 8Ψ.
-    """
-    low = 4 if precision == "fp32" else 2
-    k = optimizer_bytes_per_param + (0 if precision == "fp32" else 4)
-    params, grads, states = low * psi, low * psi, k * psi
-    if stage >= 1:
-        states /= ranks
-    if stage >= 2:
-        grads /= ranks
-    if stage >= 3:
-        params /= ranks
-    return {"params": int(params), "grads": int(grads), "optimizer": int(states),
-            "total": int(params + grads + states)}
-
-
-def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2, 3),
-                 ranks: int = 2, seq_len: int | None = None, micro_batch: int | None = None,
-                 steps: int = 2, vocab_size: int = 0, checkpoint_activations: bool = False,
-                 timeout: int = 900) -> dict:
-    """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
-    mlm_dist.bench_memory_rank) and gather their byte counts next to the formula's."""
-    import torch
-
-    from mlm_dist import bench_memory_rank
-
-    cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
-    precision = cfg.train.precision
-    results = []
-    for stage in stages:
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
-    for stage in stages:
-        port = _free_port()
-        with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(port), "--module", "mlm_dist.bench_memory_rank",
-                   "--stage", str(stage), "--out", tmp, "--steps", str(steps),
-                   "--vocab-size", str(cfg.model.vocab_size)]
-            if config:
-                cmd += ["--config", str(config)]
-            if seq_len:
-                cmd += ["--seq-len", str(seq_len)]
-            if micro_batch:
-                cmd += ["--micro-batch", str(micro_batch)]
-            if checkpoint_activations:
-                cmd.append("--checkpoint-activations")
-            cmd += list(overrides)
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            if not torch.cuda.is_available():
-                env["DS_ACCELERATOR"] = "cpu"
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                      timeout=timeout)
-            finally:
-                remove_shm_buffers(port)
-            files = sorted(Path(tmp).glob("rank*.json"))
-            if proc.returncode != 0 or len(files) != ranks:
-                raise RuntimeError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
-                                   f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                   f"{proc.stderr[-5000:]}")
-            per_rank = [json.loads(f.read_text()) for f in files]
-        psi = per_rank[0]["parameters"]
-        predicted = zero_prediction(stage, psi, ranks, precision)
-        results.append({"stage": stage, "predicted": predicted, "ranks": per_rank})
-    return {"parameters": results[0]["ranks"][0]["parameters"] if results else 0,
-            "ranks": ranks, "precision": precision, "bytes_per_param_formula":
-            "stage 0: (2+2+12)Ψ, 1: (2+2+12/N)Ψ, 2: (2+(2+12)/N)Ψ, 3: (2+2+12)Ψ/N",
-            "zero_settings": bench_memory_rank.ZERO_SETTINGS_NOTE, "stages": results}
-
-
-def remove_shm_buffers(port: int) -> int:
-    """Delete the /dev/shm segments DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp) created
-    for a finished launch on `port`: it never unlinks them, ~66 MiB per rank and launch, and a
-    tmpfs full of them ends in the OOM killer. Returns how many were removed."""
-    removed = 0
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        try:
-            path.unlink()
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def memory_table(report: dict) -> str:
-    """A human-readable table (MiB) of measured vs predicted, one line per stage (rank 0)."""
-    mib = 2 ** 20
-    lines = [f"Ψ = {report['parameters'] / 1e6:.2f}M parameters, {report['ranks']} ranks, "
-             f"{report['precision']}; MiB per rank (measured / ZeRO formula)",
-             f"{'stage':>5} {'params':>17} {'grads':>17} {'optimizer':>17} {'total':>17} "
-             f"{'peak RSS':>9} {'RSS-base':>9}"]
-    for s in report["stages"]:
-        r, p = s["ranks"][0], s["predicted"]
-
-        def pair(key):
-            return f"{r[key] / mib:8.1f}/{p[key] / mib:<8.1f}"
-
-        lines.append(f"{s['stage']:>5} {pair('params')} {pair('grads')} {pair('optimizer')} "
-                     f"{pair('total')} {r['peak_rss'] / mib:9.0f} "
-                     f"{(r['peak_rss'] - r['baseline_rss']) / mib:9.0f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -496,17 +369,8 @@ def _train_cmd(args) -> None:
     print(json.dumps(result, indent=2))
 
 
-def _memory_cmd(args) -> None:
-    report = bench_memory(args.config, args.overrides, stages=args.stages, ranks=args.ranks,
-                          seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
-                          vocab_size=args.vocab_size,
-                          checkpoint_activations=args.checkpoint_activations)
-    print(memory_table(report), file=sys.stderr)
-    print(json.dumps(report, indent=2))
-
-
 def add_parser(bench_subparsers) -> None:
-    """Register `bench train` and `bench memory` under `mlm-dist bench`."""
+    """Register `bench train` under `mlm-dist bench`."""
     t = bench_subparsers.add_parser(
         "train", help="training-step throughput and MFU of our stack (optionally against "
                       "transformers' BertForPreTraining), JSON",
@@ -540,31 +404,3 @@ def add_parser(bench_subparsers) -> None:
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=4")
     t.set_defaults(func=_train_cmd)
 
-    m = bench_subparsers.add_parser(
-        "memory", help="bytes per rank (params, grads, optimizer states, peak RSS) under ZeRO "
-                       "stages on N ranks, against the ZeRO paper's formulas, JSON")
-    m.add_argument("--config", required=True, help="YAML run config")
-    m.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    m.add_argument("--ranks", type=int, default=2)
-    m.add_argument("--seq-len", type=int, help="default: the config's first phase")
-    m.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
-    m.add_argument("--steps", type=int, default=2, help="training steps per rank (>= 2: the "
-                   "figures are taken in the last one, with optimizer states allocated)")
-    m.add_argument("--vocab-size", type=int, default=0,
-                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
-    m.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each encoder layer in backward (peak RSS shows the saving)")
-    m.add_argument("overrides", nargs="*", help="dotted config overrides")
-    m.set_defaults(func=_memory_cmd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m mlm_dist.bench_train train|memory …` (the same as `mlm-dist bench …`)."""
-    parser = argparse.ArgumentParser(prog="python -m mlm_dist.bench_train")
-    add_parser(parser.add_subparsers(dest="bench_command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlm_dist import bench_train, slurm
+from mlm_dist import bench_memory, bench_train, slurm
 from mlm_dist.config import ConfigError
 
 
@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--mask-seq-len", type=int, default=512)
     bd.add_argument("--repeats", type=int, default=5)
     bd.set_defaults(func=_bench_data)
-    bench_train.add_parser(bench)  # `bench train`, `bench memory`
+    bench_train.add_parser(bench)
+    bench_memory.add_parser(bench)
 
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
     de.add_argument("--out", default="runs/demo")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PROMPTS = [
@@ -24,23 +24,19 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
     """Run `mlm-dist train` under the deepspeed launcher, as a user would on one node."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), "--module", "mlm_dist",
-           "train", "--config", str(config), *overrides]
+    port = free_port()
+    cmd = launcher_command(ranks, port, "mlm_dist", "train", "--config", str(config), *overrides)
     print("$ " + " ".join(cmd[2:]), flush=True)
     env = dict(os.environ)
     if "DS_ACCELERATOR" not in env:
         import torch
         env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-    subprocess.run(cmd, check=True, env=env)
+    try:
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        remove_shm_buffers(port)
 
 
 def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CONFIG) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase, validate_topology  # noqa: E402
+from mlm_dist.local_launch import free_port  # noqa: E402
 from mlm_dist.model import parameter_groups  # noqa: E402
 from mlm_dist.optimizers import build_optimizer as make_optimizer  # noqa: E402
 
@@ -39,12 +39,6 @@ class Topology:
     world_size: int
     local_world_size: int
     device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _environment_ranks() -> tuple[int, int, int, int]:
@@ -67,7 +61,7 @@ def init_distributed() -> Topology:
     if world == 1:
         # Alone: a private rendezvous so concurrent single-process runs never collide.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         # Ranks on one host share its cores; without this each rank spawns a thread per core.

@@ -11,6 +11,13 @@ recomputation does not raise it); for BERT with a masked-LM head on `p` of the p
                          the tokens (p = K/S for a head that projects only K slots per
                          sequence, 1 for one that projects every position)
 
+A network whose last layer computes only the positions the heads read (ours: [CLS] and the K
+slots, a share f = (K+1)/S) needs less of that layer: its keys and values still run on every
+position (2H² of the 4H²), its queries, output projection and FFN on f of them, and its
+attention on f of the queries:
+
+  - 6·(1 - f)·(2H² + 2HI) - 12·(1 - f)·S·H
+
 Embedding lookups, LayerNorm, GELU, softmax and the tiny pooler/NSP head are left out, as in
 the usual (Megatron/PaLM) accounting.
 
@@ -62,19 +69,32 @@ _DTYPE_COLUMN = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _measured: dict[tuple[str, torch.dtype], float] = {}
 
 
-def model_flops_per_token(cfg_model, seq_len: int, predicted_fraction: float) -> float:
-    """Training FLOPs (forward + backward) per token, by the formula in the module docstring.
+def model_flops_per_token(cfg_model, seq_len: int, predicted_fraction: float,
+                          last_layer_fraction: float = 1.0) -> float:
+    """Training FLOPs (forward + backward) per token, by the formulas in the module docstring.
 
     cfg_model: a ModelConfig (num_layers, hidden_size, intermediate_size, vocab_size).
     predicted_fraction: share of positions the MLM head projects onto the vocabulary
     (max_predictions / seq_len for our sparse head, 1.0 for a dense one).
+    last_layer_fraction: share of positions the last layer computes outputs for (1.0: all).
     """
     L, H = cfg_model.num_layers, cfg_model.hidden_size
     inter, vocab = cfg_model.intermediate_size, cfg_model.vocab_size
-    if not 0.0 <= predicted_fraction <= 1.0:
-        raise ValueError(f"predicted_fraction must be in [0, 1], got {predicted_fraction}")
+    for name, share in (("predicted_fraction", predicted_fraction),
+                        ("last_layer_fraction", last_layer_fraction)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
+    unread = 1.0 - last_layer_fraction
     return (6 * L * (4 * H * H + 2 * H * inter) + 12 * L * seq_len * H
-            + 6 * predicted_fraction * (H * H + H * vocab))
+            + 6 * predicted_fraction * (H * H + H * vocab)
+            - 6 * unread * (2 * H * H + 2 * H * inter) - 12 * unread * seq_len * H)
+
+
+def sparse_flops_per_token(cfg_model, seq_len: int, max_predictions: int) -> float:
+    """model_flops_per_token for our BertForPretraining given K = max_predictions slots: the
+    head projects K of the S positions, the last layer computes [CLS] and the K slots."""
+    return model_flops_per_token(cfg_model, seq_len, max_predictions / seq_len,
+                                 min(1.0, (max_predictions + 1) / seq_len))
 
 
 def cuda_peak_from_table(device_name: str, dtype: torch.dtype) -> float | None:

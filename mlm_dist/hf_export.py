@@ -61,7 +61,7 @@ PARAMETER_NAMES: list[tuple[str, str]] = [
     ("mlm_head.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
     ("mlm_head.norm.bias", "cls.predictions.transform.LayerNorm.bias"),
     ("mlm_head.decoder.weight", "cls.predictions.decoder.weight"),
-    ("mlm_head.bias", "cls.predictions.bias"),
+    ("mlm_head.decoder.bias", "cls.predictions.bias"),
 ]
 
 # Tied entries: a second name for the same tensor. A state dict may carry them or not (HF's

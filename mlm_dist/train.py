@@ -31,7 +31,7 @@ from mlm_dist.data.shards import Manifest
 from mlm_dist.engine import (build_engine, check_precision, init_distributed, set_phase,
                              to_universal)
 from mlm_dist.evaluate import evaluate
-from mlm_dist.flops import model_flops_per_token
+from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.metrics import MetricLogger
 from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
@@ -275,8 +275,8 @@ def train(cfg: RunConfig) -> dict:
                                           seq_len=phase.seq_len, data_wait=data_wait,
                                           skipped=batches.skipped_documents,
                                           steps=step - last_log_step,
-                                          flops_per_token=model_flops_per_token(
-                                              cfg.model, phase.seq_len, k / phase.seq_len))
+                                          flops_per_token=sparse_flops_per_token(
+                                              cfg.model, phase.seq_len, k))
                     data_wait, last_log_step = 0.0, step
                     if record["data/skipped_samples"] > cfg.data.max_skipped_samples:
                         # Every rank sees the same reduced count at the same step: all stop.

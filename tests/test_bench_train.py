@@ -8,10 +8,11 @@ import argparse
 import numpy as np
 import pytest
 
-from mlm_dist.bench_train import (add_parser, bench_config, bench_memory, bench_train, phase_for,
-                                  synthetic_batch, zero_prediction)
+from mlm_dist import bench_memory as memory_bench
+from mlm_dist.bench_memory import bench_memory, zero_prediction
+from mlm_dist.bench_train import add_parser, bench_config, bench_train, phase_for, synthetic_batch
 from mlm_dist.config import ModelConfig
-from mlm_dist.flops import model_flops_per_token
+from mlm_dist.flops import model_flops_per_token, sparse_flops_per_token
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 from launch import REPO
@@ -35,7 +36,9 @@ def test_bench_train_reports_consistent_figures():
     assert ours["predicted_fraction"] == pytest.approx(k / 32, abs=1e-4) and hf["predicted_fraction"] == 1.0
     model = ModelConfig(vocab_size=500, hidden_size=32, num_layers=2, num_heads=2,
                         intermediate_size=64, max_positions=128)
-    assert ours["flops_per_token"] == model_flops_per_token(model, 32, k / 32)
+    assert ours["sparse_last_layer"] is True and hf["sparse_last_layer"] is False
+    assert ours["flops_per_token"] == sparse_flops_per_token(model, 32, k)
+    assert ours["flops_per_token"] < model_flops_per_token(model, 32, k / 32)
     assert hf["flops_per_token"] == model_flops_per_token(model, 32, 1.0)
     for side in (ours, hf):
         assert side["tokens_per_s"] > 0 and side["step_ms"] >= side["step_ms_min"] > 0
@@ -91,7 +94,9 @@ def test_zero_formulas():
 
 def test_cli_registration():
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="bench_command", required=True))
+    commands = parser.add_subparsers(dest="bench_command", required=True)
+    add_parser(commands)
+    memory_bench.add_parser(commands)
     args = parser.parse_args(["train", "--config", BASE, "--seq-len", "128", "--micro-batch", "16",
                               "--steps", "4", "--compare-hf", "--precision", "bf16",
                               "model.num_layers=4"])

@@ -7,7 +7,7 @@ import torch
 
 from mlm_dist.config import ModelConfig
 from mlm_dist.flops import (cuda_peak_from_table, device_peak_flops, measure_matmul_peak, mfu,
-                            model_flops_per_token)
+                            model_flops_per_token, sparse_flops_per_token)
 
 
 def test_bert_base_flops_per_token_by_hand():
@@ -26,6 +26,22 @@ def test_bert_base_flops_per_token_by_hand():
     assert grow == 12 * 12 * (512 - 128) * 768
     with pytest.raises(ValueError):
         model_flops_per_token(cfg, 128, 1.5)
+
+
+def test_sparse_last_layer_flops_by_hand():
+    cfg = ModelConfig(vocab_size=30522)
+    # Ours at S=128, K=20: the head on 20 positions; the last layer's k and v projections on
+    # all 128 (2·768² each token), its q, out, FFN and attention on the 21 it outputs.
+    head = 24_030_720 * 20 / 128
+    full_layer = 2_359_296 + 4_718_592 + 196_608
+    last_layer = 2 * 589_824 + (2 * 589_824 + 4_718_592 + 196_608) * 21 / 128
+    expected = 6 * (11 * full_layer + last_layer + head)
+    assert sparse_flops_per_token(cfg, 128, 20) == pytest.approx(expected)
+    assert model_flops_per_token(cfg, 128, 20 / 128, 21 / 128) == pytest.approx(expected)
+    # Every position read: the dense count.
+    assert sparse_flops_per_token(cfg, 4, 4) == model_flops_per_token(cfg, 4, 1.0)
+    with pytest.raises(ValueError, match="last_layer_fraction"):
+        model_flops_per_token(cfg, 128, 0.1, -0.5)
 
 
 def test_cuda_table_matches_names_and_dtypes():

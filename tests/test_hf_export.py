@@ -88,7 +88,7 @@ def test_model_loads_without_missing_weights_and_gives_same_logits(exported, tok
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf.eval()
     assert hf.cls.predictions.decoder.weight is hf.bert.embeddings.word_embeddings.weight
-    torch.testing.assert_close(hf.cls.predictions.decoder.bias, model.mlm_head.bias, rtol=0, atol=0)
+    torch.testing.assert_close(hf.cls.predictions.decoder.bias, model.mlm_head.decoder.bias, rtol=0, atol=0)
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     enc = hf_tok(["A short one.", SENTENCES[0], "Café naïve"], ["b", SENTENCES[1][:40], "naïve ÉLÈVE"],

@@ -70,17 +70,30 @@ def test_logits_match_hugging_face(attn_implementation):
 
 
 def test_masked_positions_gather_matches_full_output():
+    # With masked positions the last layer and the head compute only [CLS] and those slots:
+    # the same logits, and the same gradients, as the full network read at those positions.
     cfg = tiny_config()
-    model = perturbed_model(cfg).eval()
+    model = perturbed_model(cfg).eval()  # eval: no dropout, so both paths are deterministic
     input_ids, token_type_ids, attention_mask = batch(cfg)
     masked_positions = torch.tensor([[1, 5, 15, 0], [2, 2, 9, 10], [1, 3, 6, 0]])
-    with torch.no_grad():
-        full, nsp_full = model(input_ids, token_type_ids, attention_mask)
-        picked, nsp_picked = model(input_ids, token_type_ids, attention_mask, masked_positions)
-    assert picked.shape == (3, 4, cfg.vocab_size)
+    labels = input_ids.gather(1, masked_positions)
+    nsp_labels = torch.tensor([0, 1, 0])
+
+    def loss_and_grads(mlm_logits, nsp_logits):
+        model.zero_grad()
+        pretraining_loss(mlm_logits, labels, nsp_logits, nsp_labels)["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, nsp_full = model(input_ids, token_type_ids, attention_mask)
     expected = torch.stack([full[b, masked_positions[b]] for b in range(3)])
+    full_grads = loss_and_grads(expected, nsp_full)
+    picked, nsp_picked = model(input_ids, token_type_ids, attention_mask, masked_positions)
+    picked_grads = loss_and_grads(picked, nsp_picked)
+    assert picked.shape == (3, 4, cfg.vocab_size)
     torch.testing.assert_close(picked, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(nsp_picked, nsp_full)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(picked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_training_step_backward_reaches_tied_weight_and_padding_only_row_is_finite():
@@ -168,7 +181,7 @@ def test_parameter_groups_exclude_biases_and_layernorms_from_decay():
     for n in decay_names:
         assert n.endswith("weight") and "norm" not in n, n
     assert {"embeddings.norm.weight", "embeddings.norm.bias", "layers.0.attn_norm.weight",
-            "layers.1.ffn_norm.weight", "mlm_head.norm.weight", "mlm_head.bias"} <= no_decay_names
+            "layers.1.ffn_norm.weight", "mlm_head.norm.weight", "mlm_head.decoder.bias"} <= no_decay_names
     assert {"embeddings.tokens.weight", "layers.0.attn.query.weight", "pooler.weight"} <= decay_names
 
 
@@ -211,7 +224,7 @@ def test_state_dict_mapping_round_trip_covers_every_parameter():
     # ... and one without the tied duplicates, as save_pretrained writes it.
     slim = {k: v for k, v in hf_sd.items() if not k.startswith("cls.predictions.decoder.")}
     slim_back = from_hf_state_dict(slim)
-    assert set(slim_back) == set(ours) and torch.equal(slim_back["mlm_head.bias"], ours["mlm_head.bias"])
+    assert set(slim_back) == set(ours) and torch.equal(slim_back["mlm_head.decoder.bias"], ours["mlm_head.decoder.bias"])
     # Wrapper prefixes (DeepSpeed/DDP `module.`) are tolerated; our tied copy may be absent.
     wrapped = {f"module.{k}": v for k, v in ours.items() if k != "mlm_head.decoder.weight"}
     assert set(to_hf_state_dict(wrapped)) == set(hf_sd)
@@ -243,6 +256,9 @@ def test_cpu_attention_matches_sdpa():
     out = attention(q, k, v, bias, dropout_p=0.1, training=False)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # Fewer queries than keys, as in the last layer: the rows of the full result.
+    few = attention(q[:, :, [0, 4, 7]], k, v, bias, dropout_p=0.1, training=False)
+    torch.testing.assert_close(few, ref[:, :, [0, 4, 7]], rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_dropout_keeps_the_right_share_scales_and_masks_the_gradient():

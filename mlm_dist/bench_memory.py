@@ -1,0 +1,144 @@
+"""`mlm-dist bench memory`: bytes per rank under ZeRO stages 0/1/2/3 on N ranks, against the
+ZeRO paper's formulas.
+
+One deepspeed launch of N ranks per stage; each rank (bench_memory_rank.py) builds the engine,
+trains a few steps on a synthetic batch and writes what it holds. This process gathers the
+counts and puts the formula's prediction next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mlm_dist.bench_train import DEFAULT_VOCAB, bench_config
+from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
+
+
+def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
+                    optimizer_bytes_per_param: int = 8) -> dict:
+    """Bytes per rank the ZeRO paper predicts (Rajbhandari et al. 2020, section 5.1).
+
+    Mixed precision Adam: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states with K = 12 (fp32
+    master copy, momentum, variance). Stage 1 partitions the optimizer states over the N ranks,
+    stage 2 the gradients too, stage 3 the parameters too. In fp32 there is no master copy:
+    4Ψ + 4Ψ + 8Ψ.
+    """
+    low = 4 if precision == "fp32" else 2
+    k = optimizer_bytes_per_param + (0 if precision == "fp32" else 4)
+    params, grads, states = low * psi, low * psi, k * psi
+    if stage >= 1:
+        states /= ranks
+    if stage >= 2:
+        grads /= ranks
+    if stage >= 3:
+        params /= ranks
+    return {"params": int(params), "grads": int(grads), "optimizer": int(states),
+            "total": int(params + grads + states)}
+
+
+def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2, 3),
+                 ranks: int = 2, seq_len: int | None = None, micro_batch: int | None = None,
+                 steps: int = 2, vocab_size: int = 0, checkpoint_activations: bool = False,
+                 timeout: int = 900) -> dict:
+    """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
+    mlm_dist.bench_memory_rank) and gather their byte counts next to the formula's."""
+    import torch
+
+    from mlm_dist import bench_memory_rank
+
+    cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
+    precision = cfg.train.precision
+    results = []
+    for stage in stages:
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
+    for stage in stages:
+        port = free_port()
+        with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
+            cmd = launcher_command(ranks, port, "mlm_dist.bench_memory_rank",
+                                   "--stage", str(stage), "--out", tmp, "--steps", str(steps),
+                                   "--vocab-size", str(cfg.model.vocab_size))
+            if config:
+                cmd += ["--config", str(config)]
+            if seq_len:
+                cmd += ["--seq-len", str(seq_len)]
+            if micro_batch:
+                cmd += ["--micro-batch", str(micro_batch)]
+            if checkpoint_activations:
+                cmd.append("--checkpoint-activations")
+            cmd += list(overrides)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if not torch.cuda.is_available():
+                env["DS_ACCELERATOR"] = "cpu"
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                      timeout=timeout)
+            finally:
+                remove_shm_buffers(port)
+            files = sorted(Path(tmp).glob("rank*.json"))
+            if proc.returncode != 0 or len(files) != ranks:
+                raise RuntimeError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
+                                   f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                   f"{proc.stderr[-5000:]}")
+            per_rank = [json.loads(f.read_text()) for f in files]
+        psi = per_rank[0]["parameters"]
+        predicted = zero_prediction(stage, psi, ranks, precision)
+        results.append({"stage": stage, "predicted": predicted, "ranks": per_rank})
+    return {"parameters": results[0]["ranks"][0]["parameters"] if results else 0,
+            "ranks": ranks, "precision": precision, "bytes_per_param_formula":
+            "stage 0: (2+2+12)Ψ, 1: (2+2+12/N)Ψ, 2: (2+(2+12)/N)Ψ, 3: (2+2+12)Ψ/N",
+            "zero_settings": bench_memory_rank.ZERO_SETTINGS_NOTE, "stages": results}
+
+
+def memory_table(report: dict) -> str:
+    """A human-readable table (MiB) of measured vs predicted, one line per stage (rank 0)."""
+    mib = 2 ** 20
+    lines = [f"Ψ = {report['parameters'] / 1e6:.2f}M parameters, {report['ranks']} ranks, "
+             f"{report['precision']}; MiB per rank (measured / ZeRO formula)",
+             f"{'stage':>5} {'params':>17} {'grads':>17} {'optimizer':>17} {'total':>17} "
+             f"{'peak RSS':>9} {'RSS-base':>9}"]
+    for s in report["stages"]:
+        r, p = s["ranks"][0], s["predicted"]
+
+        def pair(key):
+            return f"{r[key] / mib:8.1f}/{p[key] / mib:<8.1f}"
+
+        lines.append(f"{s['stage']:>5} {pair('params')} {pair('grads')} {pair('optimizer')} "
+                     f"{pair('total')} {r['peak_rss'] / mib:9.0f} "
+                     f"{(r['peak_rss'] - r['baseline_rss']) / mib:9.0f}")
+    return "\n".join(lines)
+
+
+def _memory_cmd(args) -> None:
+    report = bench_memory(args.config, args.overrides, stages=args.stages, ranks=args.ranks,
+                          seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
+                          vocab_size=args.vocab_size,
+                          checkpoint_activations=args.checkpoint_activations)
+    print(memory_table(report), file=sys.stderr)
+    print(json.dumps(report, indent=2))
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `bench memory` under `mlm-dist bench`."""
+    m = bench_subparsers.add_parser(
+        "memory", help="bytes per rank (params, grads, optimizer states, peak RSS) under ZeRO "
+                       "stages on N ranks, against the ZeRO paper's formulas, JSON")
+    m.add_argument("--config", required=True, help="YAML run config")
+    m.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    m.add_argument("--ranks", type=int, default=2)
+    m.add_argument("--seq-len", type=int, help="default: the config's first phase")
+    m.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
+    m.add_argument("--steps", type=int, default=2, help="training steps per rank (>= 2: the "
+                   "figures are taken in the last one, with optimizer states allocated)")
+    m.add_argument("--vocab-size", type=int, default=0,
+                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
+    m.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each encoder layer in backward (peak RSS shows the saving)")
+    m.add_argument("overrides", nargs="*", help="dotted config overrides")
+    m.set_defaults(func=_memory_cmd)
