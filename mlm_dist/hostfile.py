@@ -139,6 +139,18 @@ def check_env_value(key: str, value: str, where: str = "") -> None:
                           "which deepspeed strips; remove it")
 
 
+def env_assignments(items: list[str]) -> dict[str, str]:
+    """{KEY: VALUE} from repeated `--env KEY=VALUE` (here and in `mlm-dist slurm`); the
+    names and values are checked where they are used."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LaunchError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """A `.deepspeed_env` as deepspeed reads it: KEY=VALUE per line."""
     env = {}
@@ -259,12 +271,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
     config = Path(args.config)
     out_dir = Path(_check_config(config, args.overrides, ranks))
 
-    extra = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LaunchError(f"--env {item!r}: expected KEY=VALUE")
-        extra[key] = value
+    extra = env_assignments(args.env)
     user_files = tuple(f for f in (Path.home() / ".deepspeed_env", cwd / ".deepspeed_env")
                        if f.is_file())
     env = forwarded_env(environ, extra, args.python, user_files)

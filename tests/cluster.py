@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlm_dist.local_launch import free_port
+
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
@@ -31,12 +33,6 @@ def which(program: str) -> str | None:
 
 def missing(*programs: str) -> list[str]:
     return [p for p in programs if which(p) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen, log: Path):

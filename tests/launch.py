@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from mlm_dist.local_launch import free_port, launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -20,13 +21,6 @@ TINY_OVERRIDES = [
     "train.log_every=5", "optim.warmup_steps=5", "data.shuffle_buffer=32",
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(faults: str = "") -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
              MLM_DIST_FAULTS=faults)
@@ -34,25 +28,21 @@ def env(faults: str = "") -> dict:
     e.pop("WORLD_SIZE", None)
     return e
 
-
 def launcher_prefix(launcher: str, ranks: int) -> list[str]:
     if launcher == "alone":
         return [sys.executable, "-m", "mlm_dist"]
     if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                "--master_port", str(free_port()), "--module", "mlm_dist"]
+        return launcher_command(ranks, free_port(), "mlm_dist")
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                 "--master_port", str(free_port()), "-m", "mlm_dist"]
     raise ValueError(launcher)
-
 
 def train_command(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
                   launcher: str = "deepspeed") -> list[str]:
     return launcher_prefix(launcher, ranks) + [
         "train", "--config", str(TINY), f"data.shards={shards}", f"out_dir={out_dir}",
         *TINY_OVERRIDES, *overrides]
-
 
 def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
           launcher: str = "deepspeed", check: bool = True, timeout: int = 300,
@@ -65,15 +55,12 @@ def train(shards: Path, out_dir: Path, *overrides: str, ranks: int = 2,
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
     return proc
 
-
 def records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 def metrics(out_dir: Path) -> list[dict]:
     """The training records (evaluation records have val/* keys instead)."""
     return [r for r in records(out_dir) if "train/loss" in r]
-
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "mlm_dist", *args], env=env(), cwd=REPO,

@@ -61,6 +61,7 @@ def test_hostfile_with_comments_and_blank_lines(tmp_path):
     ("a slots=1\nb slots=1\n", ["--env", "NCCL_SOCKET_IFNAME=$(id)"],
      "environment variable NCCL_SOCKET_IFNAME contains '$'"),
     ("a slots=1\nb slots=1\n", ["--env", "BAD-NAME=1"], "'BAD-NAME' is not a valid name"),
+    ("a slots=1\nb slots=1\n", ["--env", "NO_VALUE"], "--env 'NO_VALUE': expected KEY=VALUE"),
 ])
 def test_every_mistake_is_one_clear_error_before_anything_starts(tmp_path, capsys, monkeypatch,
                                                                  text, options, message):

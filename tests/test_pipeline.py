@@ -5,7 +5,6 @@ import itertools
 import logging
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

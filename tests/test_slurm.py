@@ -5,7 +5,6 @@ finished from its checkpoint."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -193,6 +192,7 @@ def test_warning_signal_is_forwarded_then_the_job_requeued(tmp_path):
     (["--time", "5", "--signal-seconds", "300"], [], "--signal-seconds 300 is not shorter than "
                                                      "--time 5 (300 s)"),
     (["--env", "A B=1"], [], "--env 'A B': not a valid environment variable name"),
+    (["--env", "NO_VALUE"], [], "--env 'NO_VALUE': expected KEY=VALUE"),
     ([], ["checkpoint.resume=false"], "always passes checkpoint.resume=true"),
     (["--nodes", "3"], [], "is not divisible by micro_batch × ranks"),
     (["--config", "/no/such.yaml"], [], "--config /no/such.yaml does not exist"),
