@@ -347,6 +347,11 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
         result[name] = entry
     if compare_hf:
         result["ratio"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
+        # The same ratio round by round (the two steps of a round ran back to back, under the
+        # same load): its spread shows how much of the figure is the machine's noise.
+        rounds = [hf / ours for ours, hf in zip(times["ours"], times["hf"])]
+        result["ratio_per_round"] = {"median": round(statistics.median(rounds), 3),
+                                     "min": round(min(rounds), 3), "max": round(max(rounds), 3)}
     if compile:
         result["compile_speedup"] = round(
             result["ours"]["tokens_per_s"] / result["ours_eager"]["tokens_per_s"], 3)

@@ -46,6 +46,8 @@ def test_bench_train_reports_consistent_figures():
         assert side["mfu"] == pytest.approx(side["model_flops_per_s"] / r["peak"]["flops_per_s"], abs=1e-4)
     assert hf["collator_ms"] > 0
     assert r["ratio"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"], abs=2e-3)
+    spread = r["ratio_per_round"]
+    assert spread["min"] <= spread["median"] <= spread["max"]
 
 
 def test_bench_train_alone_with_checkpointing_and_fp32():
