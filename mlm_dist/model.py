@@ -52,9 +52,9 @@ class _CpuDropout(torch.autograd.Function):
     multiple of 1/65536 (0.1 -> 0.1000061), and the scale 1/(1 - that), so the output stays
     unbiased.
 
-    The comparison writes the 0/1 mask straight into x's dtype (a bool mask and a cast to
-    bf16 cost about ten times that here), and forward and backward are then one addcmul each:
-    0 + scale·x·mask, with the scale applied in float before the single rounding."""
+    The comparison writes the 0/1 mask straight into x's dtype (the saved mask, 2 bytes per
+    entry in bf16), and forward and backward are one addcmul each, 0 + scale·x·mask: the
+    scale is applied in float before the single rounding to x's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -214,10 +214,11 @@ class MaskedLMHead(nn.Module):
     """transform (dense, GELU, LayerNorm), then a projection onto the vocabulary.
 
     The projection's weight *is* the token embedding matrix (set by BertForPretraining), with
-    its own output bias (on the Linear, so bias and matmul are one addmm). The weight is shared by assigning the same Parameter to a Linear module
-    rather than calling F.linear on the embedding's weight from here: parameter-partitioning
-    wrappers gather a module's parameters around that module's own forward, so the tied matrix
-    must be a parameter of the module that uses it.
+    its own output bias (on the Linear: bias and matmul are one addmm). The weight is shared by
+    assigning the same Parameter to a Linear module rather than calling F.linear on the
+    embedding's weight from here: parameter-partitioning wrappers gather a module's parameters
+    around that module's own forward, so the tied matrix must be a parameter of the module
+    that uses it.
     """
 
     def __init__(self, cfg: ModelConfig):
