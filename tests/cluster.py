@@ -12,6 +12,7 @@ which ends the daemons it started and every process started through them, by pid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from mlm_dist.local_launch import free_port
 
@@ -299,3 +302,20 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 def tmp_root(prefix: str) -> Path:
     """A short private directory (unix socket paths are limited to ~100 bytes)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def running(service, prefix: str, programs: tuple[str, ...], debian_packages: str):
+    """`service(root)` started in a fresh private directory, stopped and removed afterwards
+    (also after a failure); the test is skipped, naming the packages, if a program is missing."""
+    absent = missing(*programs)
+    if absent:
+        pytest.skip(f"needs {', '.join(absent)} (Debian: {debian_packages}; .ci/run installs "
+                    "them)")
+    root = tmp_root(prefix)
+    started = service(root)
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+        subprocess.run(["rm", "-rf", str(root)])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import SshServer, missing, tmp_root
+from cluster import SshServer, running
 from launch import REPO, TINY, TINY_OVERRIDES, env as launch_env, free_port, metrics
 from mlm_dist import hostfile
 
@@ -189,17 +189,9 @@ def test_thin_script_runs_the_python_launcher(tmp_path):
 
 @pytest.fixture(scope="module")
 def ssh_server():
-    absent = missing("sshd", "ssh", "ssh-keygen", "pdsh")
-    if absent:
-        pytest.skip(f"needs {', '.join(absent)} (Debian: openssh-server pdsh; .ci/run installs "
-                    "them)")
-    root = tmp_root("mlm-sshd-")
-    server = SshServer(root)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        subprocess.run(["rm", "-rf", str(root)])
+    with running(SshServer, "mlm-sshd-", ("sshd", "ssh", "ssh-keygen", "pdsh"),
+                 "openssh-server pdsh") as server:
+        yield server
 
 
 def test_two_hosts_over_ssh_train_with_zero_and_save_a_shard_each(ssh_server, tiny_shards,

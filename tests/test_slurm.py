@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cluster import SlurmCluster, missing, tmp_root
+from cluster import SlurmCluster, running
 from launch import REPO, TINY, TINY_OVERRIDES, env as launch_env, metrics
 from mlm_dist import slurm
 from mlm_dist.cli import main
@@ -244,17 +244,10 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    absent = missing("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel")
-    if absent:
-        pytest.skip(f"needs {', '.join(absent)} (Debian: munge slurmctld slurmd slurm-client; "
-                    ".ci/run installs them)")
-    root = tmp_root("mlm-slurm-")
-    c = SlurmCluster(root)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-        subprocess.run(["rm", "-rf", str(root)])
+    with running(SlurmCluster, "mlm-slurm-",
+                 ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel"),
+                 "munge slurmctld slurmd slurm-client") as c:
+        yield c
 
 
 def submit(cluster: SlurmCluster, workdir: Path, shards: Path, out_dir: Path, *options: str,
