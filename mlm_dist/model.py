@@ -3,12 +3,13 @@
 The network is the original BERT, computed exactly as Hugging Face's `BertForPreTraining`
 does it (post-LayerNorm residual blocks, exact-erf GELU, learned absolute positions, segment
 embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that class
-(see `hf_export.py`). Two things differ, both for speed and neither changes the numbers:
+(see `hf_export.py`). Three things differ, all for speed and none changes the numbers:
 
-- attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel;
+- attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (on a
+  CPU, see below);
 - the MLM head runs only on the masked positions it is asked about. The vocabulary projection
   is the largest matmul in the model at small hidden sizes (H x 30k per position); doing it for
-  the ~20 predicted positions of a 128-token sequence instead of all 128 saves most of it.
+  the ~20 predicted positions of a 128-token sequence instead of all 128 saves most of it;
 - for the same reason the last encoder layer computes only the positions the heads read
   ([CLS] and the masked slots). Its keys and values still come from every position; the
   queries, the attention output, the residual, LayerNorm and the FFN are per position, so those
@@ -24,7 +25,7 @@ Speed choices that leave the numbers (and the parameters) as they are:
 - On a CPU, attention is the plain matmul-softmax-matmul, and dropout draws its mask from 16-bit
   slices of 64-bit random words: PyTorch's CPU SDPA runs its fused kernel only without dropout
   (with dropout it falls back to an unfused path several times slower than this one), and its
-  bernoulli_ costs about three times these random bits. On CUDA both stay PyTorch's fused kernels.
+  bernoulli_ costs several times these random bits. On CUDA both stay PyTorch's fused kernels.
 - `checkpoint_activations` recomputes each encoder layer in the backward pass
   (torch.utils.checkpoint, the dropout masks replayed from the saved RNG state): activation
   memory falls from O(layers) to O(1) layers for about a third more compute.
