@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlm_dist.config import SequencePhase
+from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.config import max_predictions as derived_max_predictions
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.data.demo_corpus import write_stdlib_corpus
 from mlm_dist.masking import TokenMasker
-from mlm_dist.tokenizer import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer, sentences_of,
-                                train_tokenizer)
+from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 
 DEMO_DOCUMENTS = 300
 DEMO_VOCAB_SIZE = 1500  # 300 stdlib documents support at most ~1900 pieces
@@ -49,7 +48,8 @@ def _text_batch(tokenizer: Tokenizer, corpus: Path, batch: int, seq_len: int,
     stream = np.concatenate([np.asarray(ids, dtype=np.int64)
                              for ids in tokenizer.encode_batch(sentences) if ids])
     stream = np.tile(stream, -(-seq_len // len(stream)) + 1)  # a tiny corpus still fills a row
-    input_ids = np.full((batch, seq_len), PAD_ID, dtype=np.int64)
+    vocab = tokenizer.vocabulary
+    input_ids = np.full((batch, seq_len), vocab.pad, dtype=np.int64)
     token_type_ids = np.zeros((batch, seq_len), dtype=np.int64)
     attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
     for row in range(batch):
@@ -57,7 +57,7 @@ def _text_batch(tokenizer: Tokenizer, corpus: Path, batch: int, seq_len: int,
         start = int(rng.integers(len(stream) - n))
         cut = int(rng.integers(1, n))
         a, b = stream[start:start + cut], stream[start + cut:start + n]
-        input_ids[row, :n + 3] = np.concatenate([[CLS_ID], a, [SEP_ID], b, [SEP_ID]])
+        input_ids[row, :n + 3] = np.concatenate([[vocab.cls], a, [vocab.sep], b, [vocab.sep]])
         token_type_ids[row, cut + 2:n + 3] = 1
         attention_mask[row, :n + 3] = 1
     return {"input_ids": input_ids, "token_type_ids": token_type_ids,
@@ -82,7 +82,7 @@ def bench_masking(tokenizer_dir: str | None = None, batch: int = 256, seq_len: i
     `ratio` is ours / HF's for the masking the run uses: whole-word if `whole_word`, else
     token-level. HF's collator always runs on the CPU (it lives in the data loader); ours runs on
     `device` (the rank's device in training). `max_predictions` is our K slots per sequence;
-    None takes BERT's default margin, mean + 4 std of Binomial(seq_len, 0.15), as the config does.
+    None derives it as the config does (config.max_predictions).
     """
     from transformers import DataCollatorForLanguageModeling
 
@@ -104,15 +104,18 @@ def bench_masking(tokenizer_dir: str | None = None, batch: int = 256, seq_len: i
         rows = _text_batch(tokenizer, corpus, batch, seq_len)
 
     input_ids = torch.from_numpy(rows["input_ids"]).to(device)
-    special = tokenizer.special_table()
     hf_examples = [{name: values[row].tolist() for name, values in rows.items()}
                    for row in range(batch)]
 
-    k = max_predictions or derived_max_predictions(SequencePhase(seq_len=seq_len), MLM_PROB)
-    common = dict(special_table=special, mask_id=MASK_ID, max_predictions=k,
-                  seed=0, rank=0, device=device, prob=MLM_PROB)
-    ours = TokenMasker(**common)
-    ours_whole_word = TokenMasker(**common, word_starts=tokenizer.word_start_table())
+    masking = MaskingConfig(prob=MLM_PROB)
+    whole_words = MaskingConfig(prob=MLM_PROB, whole_word=True)
+    phase = SequencePhase(seq_len=seq_len, max_predictions=max_predictions or 0)
+    ours = TokenMasker(tokenizer.vocabulary, masking,
+                       max_predictions=derived_max_predictions(phase, masking),
+                       seed=0, rank=0, device=device)
+    ours_whole_word = TokenMasker(tokenizer.vocabulary, whole_words,
+                                  max_predictions=derived_max_predictions(phase, whole_words),
+                                  seed=0, rank=0, device=device)
     collator = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm_probability=MLM_PROB)
 
     runs = {"ours_ms": lambda step: ours(input_ids, step),

@@ -25,11 +25,13 @@ def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
 
     Mixed precision Adam: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states with K = 12 (fp32
     master copy, momentum, variance). Stage 1 partitions the optimizer states over the N ranks,
-    stage 2 the gradients too, stage 3 the parameters too. In fp32 there is no master copy:
-    4Ψ + 4Ψ + 8Ψ.
+    stage 2 the gradients too, stage 3 the parameters too. With fp32 weights (fp32, or bf16
+    under autocast) there is no master copy, 4Ψ + 4Ψ + 8Ψ, except at stage 3, where DeepSpeed
+    keeps an fp32 copy of each rank's partition whatever the weights' dtype.
     """
     low = 4 if precision == "fp32" else 2
-    k = optimizer_bytes_per_param + (0 if precision == "fp32" else 4)
+    master = 0 if precision == "fp32" and stage < 3 else 4
+    k = optimizer_bytes_per_param + master
     params, grads, states = low * psi, low * psi, k * psi
     if stage >= 1:
         states /= ranks
@@ -52,7 +54,10 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
     from mlm_dist import bench_memory_rank
 
     cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
-    precision = cfg.train.precision
+    # bf16 under autocast holds fp32 weights and gradients: the fp32 formula applies
+    precision = "fp32" if cfg.train.fp32_weights else cfg.train.precision
+    label = cfg.train.precision + (" autocast (fp32 weights and gradients)"
+                                   if precision != cfg.train.precision else "")
     results = []
     for stage in stages:
         if stage not in (0, 1, 2, 3):
@@ -91,7 +96,9 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
         predicted = zero_prediction(stage, psi, ranks, precision)
         results.append({"stage": stage, "predicted": predicted, "ranks": per_rank})
     return {"parameters": results[0]["ranks"][0]["parameters"] if results else 0,
-            "ranks": ranks, "precision": precision, "bytes_per_param_formula":
+            "ranks": ranks, "precision": label, "bytes_per_param_formula":
+            "stage 0: (4+4+8)Ψ, 1: (4+4+8/N)Ψ, 2: (4+(4+8)/N)Ψ, 3: (4+4+12)Ψ/N"
+            if precision == "fp32" else
             "stage 0: (2+2+12)Ψ, 1: (2+2+12/N)Ψ, 2: (2+(2+12)/N)Ψ, 3: (2+2+12)Ψ/N",
             "zero_settings": bench_memory_rank.ZERO_SETTINGS_NOTE, "stages": results}
 

@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from mlm_dist.bench_train import bench_config, phase_for, special_table, synthetic_batch
+    from mlm_dist.bench_train import (bench_config, phase_for, synthetic_batch,
+                                      synthetic_vocabulary)
     from mlm_dist.config import ScheduleConfig
     from mlm_dist.engine import build_engine, check_precision, init_distributed
     from mlm_dist.masking import TokenMasker
     from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
-    from mlm_dist.tokenizer import MASK_ID
 
     baseline_rss = _rss_now()  # interpreter + torch + deepspeed, before any model exists
     cfg = bench_config(args.config, args.overrides, args.vocab_size)
@@ -186,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,
                            seed=topo.rank)
     batch = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
-    masker = TokenMasker(special_table(cfg.model.vocab_size), MASK_ID, phase.max_predictions,
-                         cfg.train.seed, topo.rank, device, cfg.masking.prob)
+    masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
+                         max_predictions=phase.max_predictions, seed=cfg.train.seed,
+                         rank=topo.rank, device=device)
     held = None
     engine.train()
     for step in range(steps):
         for micro in range(ACCUMULATION):
+            engine.set_gradient_accumulation_boundary(micro == ACCUMULATION - 1)
             masked = masker(batch["input_ids"], step, micro)
             mlm_logits, nsp_logits = engine(masked.input_ids, batch["token_type_ids"],
                                             batch["attention_mask"], masked.positions)

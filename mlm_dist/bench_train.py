@@ -73,7 +73,7 @@ def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
     if phase.seq_len > cfg.model.max_positions:
         raise ValueError(f"--seq-len {phase.seq_len} exceeds model.max_positions "
                          f"{cfg.model.max_positions}")
-    return dataclasses.replace(phase, max_predictions=derived_max_predictions(phase, cfg.masking.prob))
+    return dataclasses.replace(phase, max_predictions=derived_max_predictions(phase, cfg.masking))
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -100,15 +100,16 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
             "attention_mask": attention_mask, "next_sentence_label": nsp}
 
 
-def special_table(vocab_size: int):
-    """bool[V] numpy array, True at the special ids."""
+def synthetic_vocabulary(vocab_size: int):
+    """The Vocabulary of synthetic_batch's ids: our SentencePiece specials, every id a word."""
     import numpy as np
 
-    from mlm_dist.tokenizer import SPECIAL_TOKENS
+    from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
 
-    table = np.zeros(vocab_size, dtype=bool)
-    table[:len(SPECIAL_TOKENS)] = True
-    return table
+    special = np.zeros(vocab_size, dtype=bool)
+    special[:len(SPECIAL_TOKENS)] = True
+    return Vocabulary(vocab_size, PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, special,
+                      np.ones(vocab_size, dtype=bool))
 
 
 def hf_collator_tokenizer(vocab_size: int, model_max_length: int):
@@ -154,7 +155,6 @@ class OursStep:
         import torch
 
         from mlm_dist.masking import TokenMasker
-        from mlm_dist.tokenizer import MASK_ID
         from mlm_dist.model import BertForPretraining, parameter_groups, pretraining_loss
         from mlm_dist.optimizers import build_optimizer
 
@@ -169,9 +169,9 @@ class OursStep:
         self.params = list(self.model.parameters())
         self.forward = torch.compile(self.model) if compile else self.model
         self.grad_clip = cfg.train.grad_clip
-        self.masker = TokenMasker(special_table(cfg.model.vocab_size), MASK_ID,
-                                  phase.max_predictions, cfg.train.seed, 0, device,
-                                  cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac)
+        self.masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
+                                  max_predictions=phase.max_predictions, seed=cfg.train.seed,
+                                  rank=0, device=device)
         t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
         self.input_ids, self.token_type_ids = t["input_ids"], t["token_type_ids"]
         self.attention_mask, self.nsp = t["attention_mask"], t["next_sentence_label"]

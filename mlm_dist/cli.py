@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mlm_dist import bench_memory, bench_train, slurm
-from mlm_dist.config import ConfigError
+from mlm_dist.config import ConfigError, DataConfig
 
 
 def _tokenizer_train(args) -> None:
@@ -135,9 +135,9 @@ def _fill_mask(args) -> None:
 
 
 def _eval(args) -> None:
-    import torch
+    import dataclasses
 
-    from mlm_dist.config import SequencePhase, load_config, max_predictions
+    from mlm_dist.config import SequencePhase, load_config
     from mlm_dist.evaluate import evaluate
     from mlm_dist.tokenizer import Tokenizer
 
@@ -162,6 +162,9 @@ def _eval(args) -> None:
     phase = cfg.schedule.phases[-1]
     if args.seq_len:
         phase = SequencePhase(seq_len=args.seq_len)
+    phase = dataclasses.replace(phase, micro_batch=args.micro_batch)
+    cfg.eval = dataclasses.replace(cfg.eval, seed=args.seed, max_pairs=(
+        cfg.eval.max_pairs if args.max_pairs is None else args.max_pairs))
     if phase.seq_len > cfg.model.max_positions:
         raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
                           f"{cfg.model.max_positions}")
@@ -172,12 +175,7 @@ def _eval(args) -> None:
     if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
         raise ValueError(f"--data {data} was not prepared with this model's tokenizer "
                          f"({tokenizer.path}); the ids would not mean what the model learned")
-    results = evaluate(model, data, tokenizer.special_table(), phase.seq_len,
-                       args.micro_batch, args.batches,
-                       max_predictions(phase, cfg.masking.prob), cfg.masking.prob,
-                       rank=0, world_size=1, device=torch.device("cpu"), seed=args.seed,
-                       special_ids=(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id,
-                                    tokenizer.mask_id))
+    results = evaluate(model, cfg, phase, tokenizer.vocabulary, shards=data)
     print(json.dumps({"checkpoint": str(args.checkpoint), "seq_len": phase.seq_len, **results}))
 
 
@@ -199,12 +197,15 @@ def _consolidate(args) -> None:
 def _bench_data(args) -> None:
     from mlm_dist.bench_data import bench_loader
     from mlm_dist.bench_masking import bench_masking
-
-    loader = [bench_loader(args.shards, seq_len, args.micro_batch, args.batches)
-              for seq_len in args.seq_len]
     from mlm_dist.data.shards import Manifest
+    from mlm_dist.tokenizer import Tokenizer
 
     tokenizer = args.tokenizer or Manifest.load(args.shards).tokenizer.path
+    vocab = Tokenizer.load(tokenizer).vocabulary
+    data = DataConfig(shards=args.shards, open_documents=args.open_documents)
+    loader = [bench_loader(args.shards, vocab, data, seq_len=seq_len,
+                           micro_batch=args.micro_batch, batches=args.batches)
+              for seq_len in args.seq_len]
     masking = bench_masking(tokenizer, batch=args.mask_batch, seq_len=args.mask_seq_len,
                             repeats=args.repeats)
     print(json.dumps({"loader": loader, "masking": masking}, indent=2))
@@ -294,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="shard directory (default: the run's data.shards)")
     ev.add_argument("--seq-len", type=int, default=0, help="default: the run's last phase")
     ev.add_argument("--micro-batch", type=int, default=16)
-    ev.add_argument("--batches", type=int, default=20)
+    ev.add_argument("--max-pairs", type=int,
+                    help="stop after this many validation pairs; 0 = the whole split "
+                         "(default: the run's eval.max_pairs)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_eval)
 
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
     bd.add_argument("--micro-batch", type=int, default=32)
     bd.add_argument("--batches", type=int, default=200)
+    bd.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
+                    help="documents whose pairs are interleaved (data.open_documents)")
     bd.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
                     "(default: the shards' tokenizer)")
     bd.add_argument("--mask-batch", type=int, default=256)

@@ -50,7 +50,10 @@ class DataConfig:
     # Directory holding tokenizer.model; defaults to the one recorded next to the shards.
     tokenizer: str = ""
     num_workers: int = 1
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # documents a reader shuffles at a time
+    # Documents whose NSP pairs are interleaved at a time, so that a micro-batch mixes many
+    # documents even when each is a book (memory: this many documents per reader).
+    open_documents: int = 256
     # BERT draws a shorter target length with this probability so the model sees short inputs.
     short_seq_prob: float = 0.1
     # Documents that may be lost to bad data (missing/corrupt shards, undecodable samples),
@@ -103,6 +106,16 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # Under bf16: the dtype gradients are accumulated over micro-batches and reduced across
+    # ranks in. fp32 (default) keeps fp32 weights and runs the forward under autocast; bf16 is
+    # DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer).
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @property
+    def fp32_weights(self) -> bool:
+        """Weights and gradients held in fp32: under fp32, and under bf16 autocast."""
+        return self.precision == "fp32" or (self.precision == "bf16"
+                                            and self.grad_accum_dtype == "fp32")
     zero_stage: int = 2
     grad_clip: float = 1.0
     log_every: int = 10
@@ -141,8 +154,11 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # optimizer steps between evaluations; 0 = never during training
-    batches: int = 20  # micro-batches per evaluation (per rank)
-    seed: int = 0
+    # One deterministic pass over the validation split, cut after this many NSP pairs
+    # (0 = the whole split). A big corpus's 1-2 % valid split can take longer than the steps
+    # between evaluations; the first 10,000 pairs give the loss to about ±0.01.
+    max_pairs: int = 10_000
+    seed: int = 0  # the validation pairs and masks: the same at every evaluation
 
 
 @dataclass
@@ -327,6 +343,12 @@ def validate(cfg: RunConfig) -> None:
     for name in ("dropout", "attention_dropout"):
         _require(0.0 <= getattr(m, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 
+    _require(0.0 < mk.prob < 1.0, "masking.prob", "must be in (0, 1)")
+    _require(0.0 <= mk.mask_frac <= 1.0, "masking.mask_frac", "must be in [0, 1]")
+    _require(0.0 <= mk.random_frac <= 1.0, "masking.random_frac", "must be in [0, 1]")
+    _require(mk.mask_frac + mk.random_frac <= 1.0, "masking.random_frac",
+             "mask_frac + random_frac must not exceed 1")
+
     phases = cfg.schedule.phases
     _require(len(phases) > 0, "schedule.phases", "needs at least one phase")
     previous_end = 0
@@ -345,19 +367,20 @@ def validate(cfg: RunConfig) -> None:
                  f"({previous_end}): phases run in order and may not overlap")
         _require(0 <= ph.max_predictions <= ph.seq_len, f"{key}.max_predictions",
                  f"must be in [0, seq_len={ph.seq_len}] (0 = derived)")
+        least = min_max_predictions(ph, mk)
+        _require(ph.max_predictions == 0 or ph.max_predictions >= least, f"{key}.max_predictions",
+                 f"{ph.max_predictions} slots would cut rows short and lower the mask rate below "
+                 f"masking.prob={mk.prob}: need at least {least} at seq_len {ph.seq_len}; "
+                 "set it to 0 to derive it")
         _require(0 <= ph.warmup_steps <= ph.until_step - previous_end, f"{key}.warmup_steps",
                  "must be >= 0 and not longer than the phase")
         previous_end = ph.until_step
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage",
              f"ZeRO stage {t.zero_stage} does not exist; use 0, 1, 2 or 3")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(t.grad_accum_dtype == "fp32" or t.precision == "bf16", "train.grad_accum_dtype",
+             f"bf16 gradients need train.precision=bf16 (it is {t.precision})")
     _require(t.log_every > 0, "train.log_every", "must be positive")
-
-    _require(0.0 < mk.prob < 1.0, "masking.prob", "must be in (0, 1)")
-    _require(0.0 <= mk.mask_frac <= 1.0, "masking.mask_frac", "must be in [0, 1]")
-    _require(0.0 <= mk.random_frac <= 1.0, "masking.random_frac", "must be in [0, 1]")
-    _require(mk.mask_frac + mk.random_frac <= 1.0, "masking.random_frac",
-             "mask_frac + random_frac must not exceed 1")
 
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -376,10 +399,11 @@ def validate(cfg: RunConfig) -> None:
     _require(c.keep >= 0, "checkpoint.keep", "must be >= 0 (0 = keep all)")
     _require(c.sync_every >= 1, "checkpoint.sync_every", "must be >= 1")
     _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
-    _require(cfg.eval.batches >= 1, "eval.batches", "must be >= 1")
+    _require(cfg.eval.max_pairs >= 0, "eval.max_pairs", "must be >= 0 (0 = the whole split)")
     _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(cfg.data.open_documents >= 1, "data.open_documents", "must be >= 1")
     _require(cfg.data.max_skipped_samples >= 0, "data.max_skipped_samples", "must be >= 0")
     _require(0.0 <= cfg.data.short_seq_prob <= 1.0, "data.short_seq_prob", "must be in [0, 1]")
     _require(bool(cfg.data.shards), "data.shards",
@@ -400,9 +424,19 @@ def validate_topology(cfg: RunConfig, world_size: int) -> list[int]:
     return accumulation
 
 
-def max_predictions(phase: SequencePhase, prob: float) -> int:
-    """Predicted positions per sequence: configured, or mean + 4 std of Binomial(seq_len, prob)."""
-    if phase.max_predictions:
-        return phase.max_predictions
-    n, p = phase.seq_len, prob
-    return min(n, math.ceil(n * p + 4 * math.sqrt(n * p * (1 - p))) + 1)
+def max_predictions(phase: SequencePhase, masking: MaskingConfig) -> int:
+    """Predicted positions per sequence: configured, or derived so that no row is cut short."""
+    return phase.max_predictions or min(phase.seq_len, _slots(phase.seq_len, masking))
+
+
+def min_max_predictions(phase: SequencePhase, masking: MaskingConfig) -> int:
+    """The fewest slots that hold the share of a full [CLS] A [SEP] B [SEP] row."""
+    return _slots(phase.seq_len - 3, masking)
+
+
+def _slots(tokens: int, masking: MaskingConfig) -> int:
+    # A row masks prob·n of its n eligible tokens rounded at random (masking.py), never more
+    # than ceil(prob·n); whole-word masking may take one word more, so it gets spare slots
+    # (when they run out, the last word is left unmasked and the rate dips).
+    k = math.ceil(masking.prob * tokens)
+    return k + 2 + k // 8 if masking.whole_word else k

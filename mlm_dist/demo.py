@@ -77,17 +77,32 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
     print(f"MLM loss {first['train/mlm_loss']:.3f} (step {first['step']}) -> "
           f"{last['train/mlm_loss']:.3f} (step {last['step']})", flush=True)
 
+    import torch
+
+    from mlm_dist.evaluate import evaluate
     from mlm_dist.hf_export import export_hf
     from mlm_dist.inference import fill_mask, load_checkpoint
+    from mlm_dist.model import BertForPretraining
     from mlm_dist.tokenizer import Tokenizer
 
     model, cfg, tokenizer_dir = load_checkpoint(run)
+    tok = Tokenizer.load(tokenizer_dir)
+    # What was learned, on text the model never trained on: the held-out split, scored with the
+    # run's initial weights (same seed) and with the trained ones, on the same pairs and masks.
+    torch.manual_seed(cfg.train.seed)
+    initial = BertForPretraining(cfg.model).eval()
+    phase = cfg.schedule.phases[-1]
+    before, after = (evaluate(m, cfg, phase, tok.vocabulary) for m in (initial, model))
+    print(f"validation perplexity {before['val/perplexity']:.1f} (initial weights) -> "
+          f"{after['val/perplexity']:.1f} (trained), MLM accuracy "
+          f"{before['val/mlm_acc']:.3f} -> {after['val/mlm_acc']:.3f}, NSP accuracy "
+          f"{before['val/nsp_acc']:.3f} -> {after['val/nsp_acc']:.3f} "
+          f"({after['val/sequences']:.0f} held-out pairs)", flush=True)
     hf_dir = out / "hf"
     if not hf_dir.exists():
         export_hf(model.state_dict(), cfg.model, tokenizer_dir, hf_dir)
     print(f"[5/5] exported to {hf_dir} (transformers.BertForPreTraining.from_pretrained "
           "loads it); fill-mask with the trained model:", flush=True)
-    tok = Tokenizer.load(tokenizer_dir)
     for prompt in PROMPTS:
         (top,) = fill_mask(model, tok, prompt, top_k=5)
         print(f"  {prompt}\n    -> " + ", ".join(f"{p['token']} ({p['prob']:.2f})" for p in top))

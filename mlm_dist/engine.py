@@ -88,7 +88,18 @@ def check_precision(cfg: RunConfig) -> None:
 # Keys we derive from our own config; setting them in `deepspeed:` would configure them twice.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
-                "optimizer", "scheduler")
+                "torch_autocast", "data_types", "optimizer", "scheduler")
+
+
+def autocast_bf16(cfg: RunConfig) -> bool:
+    """bf16 with fp32 gradients: fp32 weights (which are the master weights), the forward under
+    torch.autocast, so gradients are accumulated over micro-batches and reduced across ranks in
+    fp32, as Megatron and NVIDIA's BERT do. DeepSpeed's own bf16 mode keeps bf16 weights and
+    accumulates and all-reduces their gradients in bf16 (8 bits of mantissa: small contributions
+    of later micro-batches round away); its fp32 `grad_accum_dtype` exists only for ZeRO 1.
+    fp32 weights take the place of the fp32 master copy, so only ZeRO 1 and 2 (which keep
+    unpartitioned weights) hold more bytes; `mlm-dist bench memory` measures how many."""
+    return cfg.train.precision == "bf16" and cfg.train.grad_accum_dtype == "fp32"
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -110,7 +121,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    if t.precision == "bf16":
+    if autocast_bf16(cfg):
+        # No lower-precision modules: every gradient is reduced in its own dtype, fp32.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                "lower_precision_safe_modules": []}
+    elif t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
@@ -159,9 +174,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     optimizer = make_optimizer(parameter_groups(model, o.weight_decay), o.name, lr=o.lr,
                                betas=(o.beta1, o.beta2), eps=o.eps,
                                weight_decay=o.weight_decay, device=device,
-                               # DeepSpeed checks for non-finite gradients everywhere but here
+                               # DeepSpeed checks for non-finite gradients everywhere but at
+                               # ZeRO 0 with fp32 weights (fp32, or bf16 under autocast)
                                skip_non_finite=(cfg.train.zero_stage == 0
-                                                and cfg.train.precision == "fp32"))
+                                                and cfg.train.fp32_weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler

@@ -1,53 +1,86 @@
 """Validation: MLM loss, perplexity, MLM accuracy and NSP accuracy on the validation shards.
 
-Everything random is fixed: the validation stream starts from the beginning with its own seed
-every time and the masks are drawn from (eval seed, rank, batch index). Two evaluations of the
-same weights on the same number of ranks therefore give the same numbers, unlike a collator
-that draws fresh masks each time.
+One deterministic pass: the validation split is read once, from its start, by a single reader
+with its own seed (`eval.seed`), and cut into global micro-batches 0, 1, 2, ... Batch g is
+scored by rank g mod ranks and masked with a generator seeded by (eval seed, g), with the run's
+masking settings (rate, 80/10/10, whole words). So every evaluation of the same weights sees the
+same pairs and the same masks, on 1 rank or on 8, and the per-batch sums are added up in batch
+order on every rank: the numbers do not depend on the number of ranks. `eval.max_pairs` caps the
+pass at the split's first pairs (0 = the whole split).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.config import RunConfig, SequencePhase, max_predictions
+from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
 from mlm_dist.masking import TokenMasker
-from mlm_dist.model import pretraining_loss
-from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from mlm_dist.model import IGNORE_INDEX, pretraining_loss
+from mlm_dist.tokenizer import Vocabulary
+
+# Per batch: mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, nsp count, eligible
+_SUMS = 7
+
+
+def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
+                       shards: str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(input_ids, token_type_ids, attention_mask, nsp_label) of each global micro-batch of the
+    pass; the last one is filled up with rows that count for nothing."""
+    stream = ReaderStream(manifest_shards(shards, "valid"), reader=0, readers=1,
+                          seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data)
+    writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
+    cap = cfg.eval.max_pairs or math.inf
+    pairs = 0
+    for pair, _ in stream.examples(epochs=1):
+        pairs += 1
+        if writer.add(pair.a, pair.b, pair.label):
+            yield writer.take()
+        if pairs >= cap:
+            break
+    if writer.rows:
+        yield writer.take_partial()
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, shards_dir: str, special_table, seq_len: int, micro_batch: int,
-             batches: int, max_predictions: int, mask_prob: float, rank: int, world_size: int,
-             device: torch.device, seed: int = 0,
-             special_ids: tuple[int, int, int, int] = (CLS_ID, SEP_ID, PAD_ID, MASK_ID)
-             ) -> dict[str, float]:
+def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary, *,
+             shards: str | None = None, rank: int = 0, world_size: int = 1,
+             device: torch.device | str = "cpu") -> dict[str, float]:
     """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`.
-    special_ids: the tokenizer's ([CLS], [SEP], [PAD], [MASK])."""
-    stream = ResumableLoader(manifest_shards(shards_dir, "valid"), seq_len, micro_batch, rank,
-                             world_size, num_workers=0, seed=seed, shuffle_buffer=1,
-                             special_ids=special_ids[:3])
-    masker = TokenMasker(special_table, special_ids[3], max_predictions, seed=seed, rank=rank,
-                         device=device, prob=mask_prob)
-    # mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, sequences
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    for i in range(batches):
-        batch = next(stream).to(device)
-        masked = masker(batch.input_ids, step=i)
-        mlm_logits, nsp_logits = forward(masked.input_ids, batch.token_type_ids,
-                                         batch.attention_mask, masked.positions)
-        out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
-        n = batch.nsp_label.numel()
-        sums += torch.stack([out["mlm_loss"] * out["mlm_count"], out["mlm_acc"] * out["mlm_count"],
-                             out["mlm_count"], out["nsp_loss"] * n, out["nsp_acc"] * n,
-                             torch.tensor(n, device=device)]).double()
+    `shards`: another shard directory than the run's `data.shards` (same tokenizer)."""
+    device = torch.device(device)
+    masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
+                         seed=cfg.eval.seed, rank=0, device=device)
+    batches = list(validation_batches(cfg, phase, vocab, shards or cfg.data.shards))
+    if not batches:
+        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no NSP pairs; "
+                         "re-run `mlm-dist prepare` with a larger --valid-fraction")
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each):
+    # ranks short of a batch score a repeat of batch 0 and throw the result away.
+    per_rank = math.ceil(len(batches) / world_size)
+    sums = torch.zeros(per_rank, _SUMS, dtype=torch.float64, device=device)
+    for i in range(per_rank):
+        g = i * world_size + rank
+        ids, types, attention, nsp_labels = (t.to(device) for t in batches[min(g, len(batches) - 1)])
+        masked = masker(ids, step=g)
+        mlm_logits, nsp_logits = forward(masked.input_ids, types, attention, masked.positions)
+        out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
+        nsp_count = (nsp_labels != IGNORE_INDEX).sum()
+        row = torch.stack([out["mlm_loss"] * out["mlm_count"], out["mlm_acc"] * out["mlm_count"],
+                           out["mlm_count"], out["nsp_loss"] * nsp_count,
+                           out["nsp_acc"] * nsp_count, nsp_count, masked.eligible]).double()
+        sums[i] = row if g < len(batches) else 0.0
     if world_size > 1:
-        dist.all_reduce(sums)
-    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, sequences = sums.tolist()
+        gathered = [torch.empty_like(sums) for _ in range(world_size)]
+        dist.all_gather(gathered, sums)
+        # [rank, i] holds batch i * world_size + rank: back into batch order before adding up.
+        sums = torch.stack(gathered, dim=1).reshape(-1, _SUMS)
+    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, sequences, eligible = (
+        float(v) for v in torch.cumsum(sums.cpu(), dim=0)[-1])
     mlm_loss = mlm_loss_sum / max(1.0, mlm_count)
     return {
         "val/mlm_loss": mlm_loss,
@@ -55,6 +88,7 @@ def evaluate(forward: Callable, shards_dir: str, special_table, seq_len: int, mi
         "val/mlm_acc": mlm_correct / max(1.0, mlm_count),
         "val/nsp_loss": nsp_loss_sum / max(1.0, sequences),
         "val/nsp_acc": nsp_correct / max(1.0, sequences),
+        "val/mask_rate": mlm_count / max(1.0, eligible),
         "val/sequences": sequences,
         "val/predictions": mlm_count,
     }

@@ -274,15 +274,18 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     # then drops leading/trailing spaces and collapses runs, then marks word starts with "▁"
     # (add_dummy_prefix puts one in front of the first word). Only ASCII space counts as
     # whitespace at that point, hence " " in the regexes rather than \s.
+    # The normaliser runs on each piece of text between added tokens ([MASK]) on its own, so it
+    # keeps a leading space: that space is what makes the text after a [MASK] start a new word,
+    # as in Tokenizer.encode(parse_mask=True). A leading space of the whole text becomes the
+    # "▁" that prepend_scheme="first" would otherwise add; "[MASK]." gets none. A trailing
+    # space is dropped, so "the [MASK]" leaves no lone "▁" in front of the [MASK].
     steps = []
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
-    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(" $"), "")]
     backend.normalizer = normalizers.Sequence(steps)
-    # prepend_scheme="always" also prefixes the text after a [MASK] with "▁", matching
-    # Tokenizer.encode(parse_mask=True), which encodes each side of a [MASK] on its own.
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     cls, sep = SPECIAL_TOKENS[CLS_ID], SPECIAL_TOKENS[SEP_ID]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0",
@@ -293,6 +296,8 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     def special(i: int) -> AddedToken:
         # normalized=False: matched in the raw text before normalisation, so "[MASK]" typed by
         # a user becomes the mask id (as fill-mask needs) rather than "▁[", "MASK", "]".
+        # No lstrip (RoBERTa's <mask> has it): the normaliser already drops the space in front
+        # of a [MASK], and lstrip would also swallow U+0085, which SentencePiece keeps.
         return AddedToken(SPECIAL_TOKENS[i], normalized=False, special=True)
 
     tok = PreTrainedTokenizerFast(

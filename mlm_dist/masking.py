@@ -5,24 +5,31 @@ dataloader workers, which makes resumes irreproducible. Here masking is a handfu
 the batch already on the device, and the random generator is re-seeded from (seed, rank, step,
 micro-step), so a resumed run draws exactly the masks the uninterrupted run drew.
 
+How many: like Google's create_pretraining_data.py, each row masks a fixed share of its
+eligible tokens (not an independent coin per token): `prob · n` of its n eligible tokens, rounded
+up or down at random so that the expectation is exactly `prob · n`. The effective rate is then
+`masking.prob`, whatever the row lengths, and `max_predictions` slots derived from it
+(config.max_predictions) never cut a row short.
+
 Shapes are static: every sequence gets exactly `max_predictions` prediction slots (BERT's
 `max_predictions_per_seq`). Chosen positions fill the slots; unused slots carry label -100.
 That keeps the MLM head's gather and the vocabulary projection free of data-dependent shapes,
 so there is no host synchronisation and CUDA graphs / torch.compile can apply.
 
-Whole-word masking (`mask_whole_words`) chooses words instead of tokens. What a word is comes from
-a bool[V] word-start table (SentencePiece: pieces beginning with "▁"; WordPiece: pieces not
-beginning with "##"), so the masking itself knows nothing about the tokenizer.
+Whole-word masking chooses words instead of tokens. What a word is comes from a bool[V]
+word-start table (SentencePiece: pieces beginning with "▁"; WordPiece: pieces not beginning
+with "##"), so the masking itself knows nothing about the tokenizer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from mlm_dist.config import MaskingConfig
 from mlm_dist.model import IGNORE_INDEX
+from mlm_dist.tokenizer import Vocabulary
 
 
 @dataclass
@@ -30,6 +37,7 @@ class MaskedBatch:
     input_ids: torch.Tensor  # [B, S] ids after [MASK]/random/keep replacement
     positions: torch.Tensor  # [B, K] positions the MLM head predicts
     labels: torch.Tensor  # [B, K] original ids at `positions`, IGNORE_INDEX on unused slots
+    eligible: torch.Tensor  # scalar: tokens that could have been chosen (the rate's denominator)
 
 
 def mask_seed(seed: int, rank: int, step: int, micro_step: int) -> int:
@@ -45,20 +53,28 @@ def mask_seed(seed: int, rank: int, step: int, micro_step: int) -> int:
 
 def mask_tokens(
     input_ids: torch.Tensor,
+    *,
     special: torch.Tensor,
+    word_start: torch.Tensor | None,
     replacement_ids: torch.Tensor,
     mask_id: int,
     max_predictions: int,
     generator: torch.Generator,
-    prob: float = 0.15,
-    mask_frac: float = 0.8,
-    random_frac: float = 0.1,
+    prob: float,
+    mask_frac: float,
+    random_frac: float,
 ) -> MaskedBatch:
-    """BERT masking: choose each non-special token with `prob`; of those 80 % -> [MASK],
-    10 % -> a random non-special token, 10 % unchanged.
+    """BERT masking on the device: choose `prob` of each row's eligible tokens (whole words when
+    `word_start` is given); of the chosen 80 % -> [MASK], 10 % -> a random ordinary token,
+    10 % unchanged.
 
-    special:          bool[V] on the device, True for ids never chosen ([PAD] [CLS] [SEP] [MASK] …)
+    special:          bool[V], True for ids never chosen ([PAD] [CLS] [SEP] [MASK] [UNK])
+    word_start:       bool[V], True for ids that begin a word; None masks single tokens
     replacement_ids:  long[R], the non-special ids a random replacement is drawn from
+
+    Whole words: every special is a word of its own (never chosen), and continuation pieces
+    right after a special (or at position 0) form a word of their own: a segment truncated at the
+    front begins mid-word, and its leading pieces must not be glued to the [CLS]/[SEP] before it.
     """
     device = input_ids.device
     batch, seq_len = input_ids.shape
@@ -67,108 +83,49 @@ def mask_tokens(
     def uniform(*shape):
         return torch.rand(shape, generator=generator, device=device)
 
-    chosen = ~special[input_ids] & (uniform(batch, seq_len) < prob)
-
-    # Fill K slots per row: chosen positions score in [1, 2), others 0, so top-k takes the chosen
-    # ones first (in random order, which also picks a random subset if more than K were chosen).
-    score = chosen * (1.0 + uniform(batch, seq_len))
-    top_score, positions = torch.topk(score, k, dim=1, sorted=False)
-    used = top_score >= 1.0  # [B, K]: slot holds a chosen position
-    # Chosen positions that did not fit in K slots are left untouched rather than masked
-    # without a label: the input only changes where the loss looks.
-    originals = torch.gather(input_ids, 1, positions)
-    labels = torch.where(used, originals, torch.full_like(originals, IGNORE_INDEX))
-
-    action = uniform(batch, k)
-    to_mask = used & (action < mask_frac)
-    to_random = used & (action >= mask_frac) & (action < mask_frac + random_frac)
-    draw = torch.randint(len(replacement_ids), (batch, k), generator=generator, device=device)
-    random_tokens = replacement_ids[draw]
-    new_tokens = torch.where(to_mask, torch.full_like(originals, mask_id),
-                             torch.where(to_random, random_tokens, originals))
-    masked_ids = input_ids.scatter(1, positions, new_tokens)
-    return MaskedBatch(masked_ids, positions, labels)
-
-
-def mask_whole_words(
-    input_ids: torch.Tensor,
-    special: torch.Tensor,
-    word_start: torch.Tensor,
-    replacement_ids: torch.Tensor,
-    mask_id: int,
-    max_predictions: int,
-    generator: torch.Generator,
-    prob: float = 0.15,
-    mask_frac: float = 0.8,
-    random_frac: float = 0.1,
-) -> MaskedBatch:
-    """Whole-word masking: choose each word with `prob` and mask all of its pieces together;
-    every chosen piece then gets its own 80/10/10 draw (as Google's BERT WWM does).
-
-    Choosing words (not tokens) with `prob` keeps the expected fraction of masked tokens at `prob`:
-    every token is masked exactly when its word is.
-
-    word_start: bool[V] on the device, True for ids that begin a word (specials are treated as
-                starts whatever the table says).
-
-    What counts as a word: a word-start piece plus the continuation pieces after it. Every special
-    token is a word of its own (never chosen), and continuation pieces right after a special
-    token (or at position 0) form a word of their own too: that is a segment truncated at the
-    front so it begins mid-word, whose leading pieces must not be glued to the [CLS]/[SEP]
-    before them.
-    """
-    device = input_ids.device
-    batch, seq_len = input_ids.shape
-    k = max_predictions
-
-    def uniform(*shape):
-        return torch.rand(shape, generator=generator, device=device)
-
-    # On a CPU every fresh [B, S] temporary costs page faults (glibc maps large blocks anew), which
-    # outweighs the arithmetic; hence int32 and bool where an index is not needed, and in-place
-    # updates. (Tensor indices must be int64.)
     flat_ids = input_ids.reshape(-1)  # table lookups as a flat gather: half the cost of table[ids]
     is_special = special.gather(0, flat_ids).view(batch, seq_len)
-    ordinary = ~is_special
-    starts = word_start.gather(0, flat_ids).view(batch, seq_len)
-    starts |= is_special
-    starts[:, 1:] |= is_special[:, :-1]  # continuation pieces after a special start a word
-    starts[:, 0] = True
+    eligible = ~is_special
     index = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    # The position of the word start each token belongs to: a running max over start positions.
-    word_of = torch.where(starts, index, 0).cummax(dim=1).values  # [B, S]
-    # Pieces per word, stored at the word's start position (0 elsewhere).
-    ones = torch.ones(1, 1, dtype=torch.int32, device=device).expand(batch, seq_len)
-    word_len = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)
-    word_len.scatter_add_(1, word_of, ones)
+    if word_start is None:
+        starts = eligible
+    else:
+        starts = word_start.gather(0, flat_ids).view(batch, seq_len)
+        starts |= is_special
+        starts[:, 1:] |= is_special[:, :-1]  # continuation pieces after a special start a word
+        starts[:, 0] = True
+        starts &= eligible
+        # The position of the word start each token belongs to: a running max over starts.
+        word_of = torch.where(starts | is_special, index, 0).cummax(dim=1).values  # [B, S]
+        # Pieces per word, stored at the word's start position (0 elsewhere).
+        word_len = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)
+        word_len.scatter_add_(1, word_of, eligible.int())
 
-    chosen = uniform(batch, seq_len) < prob
-    chosen &= starts
-    chosen &= ordinary  # chosen at word starts only, never a special
+    # How many tokens this row masks: prob · n rounded at random (floor(x + u) has mean x).
+    n = eligible.sum(dim=1, keepdim=True)  # [B, 1]
+    target = (n * prob + uniform(batch, 1)).floor_()
 
-    # The K slots must never hold part of a word, so words are admitted whole, in order, until
-    # the next one would overflow K; later words are dropped whole (input untouched, no label),
-    # like tokens that miss a slot in mask_tokens. The order is the row read from a random start
-    # position, wrapping around, so any word can be the one cut off, not always the last ones
-    # (random sort keys would be fairer still, but cost a sort per step for an overflow that the
-    # K margin makes rare). The start is drawn up to the row's last ordinary token, so padding
-    # does not make position 0 the start more often than any other.
-    index_from_1 = torch.arange(1, seq_len + 1, dtype=torch.int32, device=device)
-    span = torch.where(ordinary, index_from_1, 0).amax(dim=1, keepdim=True)  # [B, 1]
-    offset = (uniform(batch, 1) * span).long()  # [B, 1], < span (or 0 for an all-special row)
-    chosen_len = word_len.mul_(chosen)
-    # Pieces of the chosen words that start at or before each position (a word's pieces count
-    # at its start, so at a start this runs to the end of that word).
-    through = torch.cumsum(chosen_len, dim=1, dtype=torch.int32)
-    total = through[:, -1:]
-    before_offset = through.gather(1, offset) - chosen_len.gather(1, offset)
-    # Read from `offset` with wrap-around, the count up to the end of the word starting here is
-    # through - before_offset, plus total where the position comes after the wrap.
-    wrapped = index < offset
-    fits = torch.where(wrapped, through <= k + before_offset - total,
-                       through <= k + before_offset)
-    fits &= chosen
-    kept = fits.gather(1, word_of)  # [B, S]: every piece of a kept word; at most K per row
+    # Words in a random order: random keys, sorted; only eligible word starts can come first.
+    # Each word has at least one piece, so no word after the K-th can ever fit: top-K suffices.
+    key = uniform(batch, seq_len).masked_fill_(~starts, 2.0)
+    top_key, candidates = torch.topk(key, min(k, seq_len), dim=1, largest=False, sorted=True)
+    valid = top_key < 2.0
+    if word_start is None:
+        # Single tokens: the first `target` of the random order, exactly.
+        chosen = valid & (torch.arange(candidates.shape[1], device=device) < target)
+    else:
+        length = word_len.gather(1, candidates) * valid  # [B, K]
+        through = torch.cumsum(length, dim=1)  # tokens up to and including this word
+        before = through - length
+        # Whole words while they fit the target. The word that would cross it is taken with
+        # the probability that makes the expected count exactly the target (always dropping it
+        # would mask too little, always taking it too much); nothing may overflow the K slots.
+        crossing = (before < target) & (through > target)
+        take = uniform(batch, candidates.shape[1]) * length < target - before
+        chosen = valid & ((through <= target) | (crossing & take)) & (through <= k)
+    chosen_at = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    chosen_at.scatter_(1, candidates, chosen)
+    kept = chosen_at if word_start is None else chosen_at.gather(1, word_of) & eligible
 
     # Kept positions fill the slots in order; every other position writes to a spare slot K
     # that is cut off, which keeps the scatter's shape static.
@@ -188,47 +145,31 @@ def mask_whole_words(
     # Unused slots point at position 0, which a used slot may also hold; a scatter with two
     # different values for one position keeps either. So unused slots repeat slot 0's write
     # (the same position and value; in a row with no used slot that is position 0's own id).
-    target = torch.where(used, positions, positions[:, :1])
+    where = torch.where(used, positions, positions[:, :1])
     values = torch.where(used, new_tokens, new_tokens[:, :1])
-    masked_ids = input_ids.scatter(1, target, values)
-    return MaskedBatch(masked_ids, positions, labels)
+    masked_ids = input_ids.scatter(1, where, values)
+    return MaskedBatch(masked_ids, positions, labels, n.sum())
 
 
 class TokenMasker:
-    """Holds the device-side lookup tables and the generator; one per rank.
+    """Holds the device-side lookup tables and the generator; one per rank."""
 
-    word_starts: bool[V] (e.g. Tokenizer.word_start_table()) turns on whole-word masking;
-    None masks single tokens.
-    """
-
-    def __init__(self, special_table: np.ndarray, mask_id: int, max_predictions: int,
-                 seed: int, rank: int, device: torch.device | str,
-                 prob: float = 0.15, mask_frac: float = 0.8, random_frac: float = 0.1,
-                 word_starts: np.ndarray | None = None):
+    def __init__(self, vocab: Vocabulary, masking: MaskingConfig, *, max_predictions: int,
+                 seed: int, rank: int, device: torch.device | str):
         device = torch.device(device)
-        self.special = torch.as_tensor(special_table, dtype=torch.bool, device=device)
-        self.replacement_ids = torch.as_tensor(np.flatnonzero(~special_table), dtype=torch.long,
-                                               device=device)
-        if len(self.replacement_ids) == 0:
+        if len(vocab.replacement_ids) == 0:
             raise ValueError("the vocabulary has no non-special tokens to draw replacements from")
-        self.word_starts = None
-        if word_starts is not None:
-            if np.shape(word_starts) != np.shape(special_table):
-                raise ValueError(f"word_starts has {np.shape(word_starts)} entries but the special "
-                                 f"table {np.shape(special_table)}: both must cover the vocabulary")
-            self.word_starts = torch.as_tensor(word_starts, dtype=torch.bool, device=device)
-        self.mask_id = mask_id
-        self.max_predictions = max_predictions
+        self.tables = dict(
+            special=torch.as_tensor(vocab.special, dtype=torch.bool, device=device),
+            word_start=(torch.as_tensor(vocab.word_start, dtype=torch.bool, device=device)
+                        if masking.whole_word else None),
+            replacement_ids=torch.as_tensor(vocab.replacement_ids, dtype=torch.long,
+                                            device=device),
+            mask_id=vocab.mask, max_predictions=max_predictions, prob=masking.prob,
+            mask_frac=masking.mask_frac, random_frac=masking.random_frac)
         self.seed, self.rank = seed, rank
-        self.prob, self.mask_frac, self.random_frac = prob, mask_frac, random_frac
         self.generator = torch.Generator(device=device)
 
     def __call__(self, input_ids: torch.Tensor, step: int, micro_step: int = 0) -> MaskedBatch:
         self.generator.manual_seed(mask_seed(self.seed, self.rank, step, micro_step))
-        if self.word_starts is not None:
-            return mask_whole_words(input_ids, self.special, self.word_starts,
-                                    self.replacement_ids, self.mask_id, self.max_predictions,
-                                    self.generator, self.prob, self.mask_frac, self.random_frac)
-        return mask_tokens(input_ids, self.special, self.replacement_ids, self.mask_id,
-                           self.max_predictions, self.generator,
-                           self.prob, self.mask_frac, self.random_frac)
+        return mask_tokens(input_ids, generator=self.generator, **self.tables)

@@ -55,9 +55,8 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.add_text(tag, value)
 
-    def accumulate(self, losses: dict, attention_mask: torch.Tensor, labels: torch.Tensor):
-        # Tokens the masker could have chosen: real tokens minus [CLS] and the two [SEP]s.
-        eligible = attention_mask.sum() - 3 * attention_mask.shape[0]
+    def accumulate(self, losses: dict, attention_mask: torch.Tensor, eligible: torch.Tensor):
+        """`eligible`: the tokens the masker could have chosen (MaskedBatch.eligible)."""
         values = torch.stack([
             losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
@@ -113,6 +112,7 @@ class MetricLogger:
             "train/grad_norm": grad_norm if grad_norm is not None else math.nan,
             "train/seq_len": seq_len,
             "train/skipped_steps": self.skipped_steps,
+            # the effective rate: predicted tokens / tokens that could have been chosen
             "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
             "perf/tokens_per_s_rank_min": -neg_tps_min,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,35 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODEL_FILE = "tokenizer.model"
 WORD_BOUNDARY = "\u2581"  # SentencePiece's "▁", marks a piece that starts a word
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """What the rest of mlm_dist needs to know about a tokenizer's ids, in one object.
+
+    Passed wherever ids matter (batches, masking, evaluation), so a WordPiece model continued
+    with `model.init_from` (other special ids than ours) can never meet a silent default.
+    """
+
+    size: int
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+    special: np.ndarray  # bool[size]: ids masking never chooses nor draws as replacements
+    word_start: np.ndarray  # bool[size]: pieces that begin a word (whole-word masking)
+
+    def __post_init__(self):
+        for name in ("special", "word_start"):
+            if np.shape(getattr(self, name)) != (self.size,):
+                raise ValueError(f"Vocabulary.{name} has {np.shape(getattr(self, name))} entries "
+                                 f"for a vocabulary of {self.size}: it must cover every id")
+
+    @property
+    def replacement_ids(self) -> np.ndarray:
+        """The ids a random replacement (BERT's 10 %) is drawn from."""
+        return np.flatnonzero(~self.special)
 
 
 def train_tokenizer(
@@ -126,12 +156,15 @@ class Tokenizer:
     def encode(self, text: str, parse_mask: bool = False) -> list[int]:
         if not parse_mask:
             return self.sp.encode(text)
-        ids: list[int] = []
-        for i, part in enumerate(text.split("[MASK]")):
-            if i:
-                ids.append(MASK_ID)
-            if part.strip():
-                ids.extend(self.sp.encode(part.strip()))
+        # Each side of a [MASK] must tokenize as it would around a real word: the text after a
+        # [MASK] starts a new word ("▁of") only if a space separates them; "[MASK]." gives ".",
+        # never a "▁" "." the model did not see in training.
+        first, *rest = text.split("[MASK]")
+        ids = self.sp.encode(first)
+        continuing = self._continuing_sp
+        for part in rest:
+            ids.append(MASK_ID)
+            ids.extend((self.sp if _starts_word(continuing, part) else continuing).encode(part))
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -143,16 +176,33 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
-    def special_table(self) -> np.ndarray:
-        """Bool[vocab]: ids that masking must never choose or draw as a random replacement."""
-        table = np.zeros(self.vocab_size, dtype=bool)
-        table[: len(SPECIAL_TOKENS)] = True
-        return table
+    @cached_property
+    def _continuing_sp(self) -> spm.SentencePieceProcessor:
+        """`sp` without the dummy prefix (the "▁" in front of the first word), for text that
+        continues the word before it."""
+        from sentencepiece import sentencepiece_model_pb2
 
-    def word_start_table(self) -> np.ndarray:
-        """Bool[vocab]: pieces that begin a word (whole-word masking groups the rest with them)."""
-        return np.array([self.sp.id_to_piece(i).startswith(WORD_BOUNDARY) or i < len(SPECIAL_TOKENS)
-                         for i in range(self.vocab_size)], dtype=bool)
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        special = np.zeros(self.vocab_size, dtype=bool)
+        special[: len(SPECIAL_TOKENS)] = True
+        # A piece beginning with "▁" begins a word; every special is a word of its own.
+        word_start = np.array([self.sp.id_to_piece(i).startswith(WORD_BOUNDARY)
+                               for i in range(self.vocab_size)], dtype=bool) | special
+        return Vocabulary(self.vocab_size, PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, special,
+                          word_start)
+
+
+def _starts_word(continuing: spm.SentencePieceProcessor, part: str) -> bool:
+    """Whether text following a [MASK] starts a new word. SentencePiece's normalisation decides
+    what is a space (it maps U+200B to one and deletes U+000B, unlike str.isspace), so ask it;
+    the "]" of the [MASK] in front keeps a leading space from being stripped as leading."""
+    return continuing.normalize("]" + part).startswith("]" + WORD_BOUNDARY)
 
 
 def sentences_of(documents: Iterable[list[str]]) -> Iterator[str]:

@@ -194,8 +194,7 @@ def train(cfg: RunConfig) -> dict:
         if rank0 and step:
             print(f"resumed from step {step}", flush=True)
 
-    word_starts = tokenizer.word_start_table() if cfg.masking.whole_word else None
-    special_ids = (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id)
+    vocab = tokenizer.vocabulary
     engine.train()
     consecutive_skips, last_save_time, data_wait = 0, time.monotonic(), 0.0
     last_log_step = step
@@ -214,23 +213,22 @@ def train(cfg: RunConfig) -> dict:
                 state = data_state if same else carry_to_next_unit(data_state)
             if batches is not None:
                 batches.close()
-            batches = ResumableLoader(manifest_shards(cfg.data.shards), phase.seq_len,
-                                      phase.micro_batch, topo.rank, topo.world_size,
-                                      cfg.data.num_workers, seed=t.seed,
-                                      shuffle_buffer=cfg.data.shuffle_buffer,
-                                      short_seq_prob=cfg.data.short_seq_prob,
-                                      pin_memory=device.type == "cuda", state=state,
-                                      special_ids=special_ids[:3])
-            k = max_predictions(phase, cfg.masking.prob)
-            masker = TokenMasker(tokenizer.special_table(), tokenizer.mask_id, k, t.seed,
-                                 topo.rank, device,
-                                 cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac,
-                                 word_starts=word_starts)
+            batches = ResumableLoader(manifest_shards(cfg.data.shards), seq_len=phase.seq_len,
+                                      micro_batch=phase.micro_batch, rank=topo.rank,
+                                      world_size=topo.world_size, seed=t.seed, data=cfg.data,
+                                      vocab=vocab, pin_memory=device.type == "cuda", state=state)
+            k = max_predictions(phase, cfg.masking)
+            masker = TokenMasker(vocab, cfg.masking, max_predictions=k, seed=t.seed,
+                                 rank=topo.rank, device=device)
             rolled_back = False
 
             while step < phase.until_step and not rolled_back:
                 # ---- one optimizer step
                 for micro in range(grad_accum):
+                    # Our step decides where DeepSpeed's accumulation ends, not its run-global
+                    # micro-step counter, which phases with other accumulation and resumes
+                    # would shift off our boundaries.
+                    engine.set_gradient_accumulation_boundary(micro == grad_accum - 1)
                     waited = time.perf_counter()
                     batch = next(batches).to(device)
                     data_wait += time.perf_counter() - waited
@@ -242,7 +240,7 @@ def train(cfg: RunConfig) -> dict:
                         losses["loss"] = losses["loss"] * math.nan
                     engine.backward(losses["loss"])
                     engine.step()
-                    logger.accumulate(losses, batch.attention_mask, masked.labels)
+                    logger.accumulate(losses, batch.attention_mask, masked.eligible)
                 step += 1
 
                 # ---- divergence guard: the update was skipped on every rank (non-finite
@@ -288,10 +286,8 @@ def train(cfg: RunConfig) -> dict:
 
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     engine.eval()
-                    logger.log(step, evaluate(engine, cfg.data.shards, tokenizer.special_table(),
-                                              phase.seq_len, phase.micro_batch, cfg.eval.batches,
-                                              k, cfg.masking.prob, topo.rank, topo.world_size,
-                                              device, cfg.eval.seed, special_ids))
+                    logger.log(step, evaluate(engine, cfg, phase, vocab, rank=topo.rank,
+                                              world_size=topo.world_size, device=device))
                     engine.train()
 
                 # ---- checkpoints: every N steps, every M minutes, at the end, or on a signal.

@@ -16,6 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
+from mlm_dist.tokenizer import Vocabulary
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -41,6 +43,10 @@ class WordPieceTokenizer:
                 strip_accents=config.get("strip_accents"))._tokenizer
         self.backend.no_padding()
         self.backend.no_truncation()
+        # Corpus text is text: a literal "[SEP]" must not inject a separator (HF tokenizers match
+        # their special tokens in raw text unless told not to). Only encode(parse_mask=True)
+        # turns "[MASK]" into the mask id.
+        self.backend.encode_special_tokens = True
         self.files = [self.path] + [directory / n for n in ("tokenizer_config.json",
                                                              "special_tokens_map.json")
                                     if (directory / n).is_file()]
@@ -59,9 +65,15 @@ class WordPieceTokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def encode(self, text: str, parse_mask: bool = False) -> list[int]:
-        # "[MASK]" in the text is always the mask token here: HF tokenizers match their special
-        # tokens in raw text.
-        return self.backend.encode(text, add_special_tokens=False).ids
+        if not parse_mask:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        # BERT's pre-tokenizer splits at spaces and punctuation, so encoding each side of a
+        # [MASK] on its own gives what a real word would have around it: "[MASK]." is [MASK] ".".
+        first, *rest = text.split("[MASK]")
+        ids = self.backend.encode(first, add_special_tokens=False).ids
+        for part in rest:
+            ids += [self.mask_id] + self.backend.encode(part, add_special_tokens=False).ids
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -72,12 +84,12 @@ class WordPieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.backend.id_to_token(int(i))
 
-    def special_table(self) -> np.ndarray:
-        table = np.zeros(self.vocab_size, dtype=bool)
-        table[[self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id]] = True
-        return table
-
-    def word_start_table(self) -> np.ndarray:
-        table = np.array([not (self.id_to_piece(i) or "").startswith("##")
-                          for i in range(self.vocab_size)], dtype=bool)
-        return table | self.special_table()
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        special = np.zeros(self.vocab_size, dtype=bool)
+        special[[self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id]] = True
+        # A piece starting with "##" continues the word before it.
+        word_start = np.array([not (self.id_to_piece(i) or "").startswith("##")
+                               for i in range(self.vocab_size)], dtype=bool) | special
+        return Vocabulary(self.vocab_size, self.pad_id, self.unk_id, self.cls_id, self.sep_id,
+                          self.mask_id, special, word_start)

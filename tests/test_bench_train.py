@@ -67,9 +67,9 @@ def test_phase_defaults_come_from_the_config():
     assert cfg.model.vocab_size == 30522  # BERT's, when the config leaves it to the tokenizer
     short, long = phase_for(cfg, None, None, None), phase_for(cfg, 512, None, None)
     assert (short.seq_len, short.micro_batch, short.max_predictions) == (128, 32, 20)
-    assert (long.seq_len, long.micro_batch, long.max_predictions) == (512, 8, 80)
+    assert (long.seq_len, long.micro_batch, long.max_predictions) == (512, 8, 77)
     other = phase_for(cfg, 256, 4, None)  # no phase at 256: K derived from masking.prob
-    assert other.micro_batch == 4 and 38 < other.max_predictions < 256
+    assert other.micro_batch == 4 and other.max_predictions == 39
     assert phase_for(cfg, 128, 16, 24).max_predictions == 24
 
 
@@ -92,6 +92,7 @@ def test_zero_formulas():
                                                    "optimizer": 6000, "total": 9000}
     assert zero_prediction(3, 1000, 2, "bf16")["total"] == 16000 / 2
     assert zero_prediction(0, 1000, 4, "fp32")["total"] == (4 + 4 + 8) * 1000
+    assert zero_prediction(3, 1000, 4, "fp32")["total"] == (4 + 4 + 12) * 1000 / 4
 
 
 def test_cli_registration():
@@ -121,4 +122,5 @@ def test_bench_memory_follows_zero_formulas():
                 assert rank[key] == pytest.approx(predicted[key], rel=0.1), (stage["stage"], key)
             assert rank["peak_rss"] > rank["baseline_rss"] > 0
     zero0, zero3 = (s["ranks"][0] for s in report["stages"])
-    assert zero3["total"] < 0.6 * zero0["total"]  # everything partitioned over 2 ranks
+    # everything partitioned over 2 ranks (stage 3 adds an fp32 partition copy: 20Ψ/2 vs 16Ψ)
+    assert zero3["total"] < 0.7 * zero0["total"]

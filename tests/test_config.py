@@ -103,6 +103,16 @@ def test_phase_lookup():
 
 def test_max_predictions_derived_or_configured():
     cfg = load_config(None, ["data.shards=x", "schedule.phases.0.seq_len=128"])
-    assert 20 < max_predictions(cfg.schedule.phases[0], 0.15) <= 40  # mean 19.2 + 4 std
-    cfg = load_config(None, ["data.shards=x", "schedule.phases.0.max_predictions=20"])
-    assert max_predictions(cfg.schedule.phases[0], 0.15) == 20
+    assert max_predictions(cfg.schedule.phases[0], cfg.masking) == 20  # ceil(0.15 · 128)
+    cfg = load_config(None, ["data.shards=x", "schedule.phases.0.seq_len=128",
+                             "masking.whole_word=true"])
+    assert max_predictions(cfg.schedule.phases[0], cfg.masking) > 20  # room for a last word
+    cfg = load_config(None, ["data.shards=x", "schedule.phases.0.max_predictions=24"])
+    assert max_predictions(cfg.schedule.phases[0], cfg.masking) == 24
+
+
+def test_max_predictions_too_small_for_the_mask_rate_is_an_error():
+    # 15 % of a full 128-token row is 18.75 tokens: 18 slots would cut rows short.
+    with pytest.raises(ConfigError, match="schedule.phases.0.max_predictions.*at least 19"):
+        load_config(None, ["data.shards=x", "schedule.phases.0.seq_len=128",
+                           "schedule.phases.0.max_predictions=18"])

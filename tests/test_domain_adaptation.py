@@ -32,7 +32,7 @@ def test_wordpiece_tokenizer_reads_the_folder(hf_bert):
     tok = Tokenizer.load(hf_bert)
     assert tok.cls_id == 2 and tok.mask_id == 4 and tok.vocab_size == 500
     ids = tok.encode("Returns the unbelievably long value.")
-    starts = tok.word_start_table()
+    starts = tok.vocabulary.word_start
     assert any(not starts[i] for i in ids)  # '##' continuations are not word starts
     assert all(starts[[tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id]])
 
@@ -41,7 +41,7 @@ def test_continue_pretraining_lowers_perplexity(hf_bert, tiny_corpus, tmp_path):
     shards = tmp_path / "shards"
     cli("prepare", "--input", str(tiny_corpus), "--tokenizer", str(hf_bert), "--out",
         str(shards), "--docs-per-shard", "40", "--valid-fraction", "0.1", "--quiet")
-    evaluate = ("--data", str(shards), "--seq-len", "64", "--batches", "4", "--micro-batch", "8")
+    evaluate = ("--data", str(shards), "--seq-len", "64", "--max-pairs", "32", "--micro-batch", "8")
     before = json.loads(cli("eval", "--checkpoint", str(hf_bert), *evaluate).stdout
                         .splitlines()[-1])
     run = tmp_path / "run"
@@ -62,3 +62,23 @@ def test_tokenizer_mismatch_is_a_clear_error(hf_bert, tiny_shards, tmp_path):
                  launcher="alone", check=False)
     assert proc.returncode == 2
     assert "were not made with" in proc.stderr and "tokenizer" in proc.stderr
+
+
+@pytest.mark.parametrize("file", ["vocab.txt", "tokenizer.json"])
+def test_wordpiece_text_never_becomes_special_ids(hf_bert, tmp_path, file):
+    """Corpus text is text: a literal "[SEP]" must not become a separator in prepared shards.
+    Only encode(parse_mask=True), as fill-mask uses it, turns "[MASK]" into the mask id."""
+    if file == "tokenizer.json":
+        BertWordPieceTokenizer(str(hf_bert / "vocab.txt"), lowercase=True).save(str(tmp_path / file))
+    tok = Tokenizer.load(hf_bert if file == "vocab.txt" else tmp_path)
+    assert tok.path.name == file
+    specials = {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id}
+    text = "a [SEP] b [MASK] c [CLS] [PAD] [UNK] x[SEP]y"
+    assert not specials & set(tok.encode(text))
+    assert not specials & {i for ids in tok.encode_batch([text, "[MASK]"]) for i in ids}
+    assert tok.encode("[SEP]") == tok.encode("[ sep ]")  # the characters, as any other text
+
+    masked = tok.encode("the [MASK] of it [MASK].", parse_mask=True)
+    assert masked == (tok.encode("the") + [tok.mask_id] + tok.encode("of it") + [tok.mask_id]
+                      + tok.encode("."))
+    assert tok.encode("a [SEP] b", parse_mask=True) == tok.encode("a [SEP] b")

@@ -1,8 +1,14 @@
 """The DeepSpeed JSON is derived from our config; the `deepspeed:` block only adds to it."""
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
+from launch import REPO, env
 from mlm_dist.config import ConfigError, load_config
+from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
 from mlm_dist.engine import deepspeed_config, learning_rate_factor
 
 
@@ -15,8 +21,8 @@ def test_batch_arithmetic_and_precision_are_derived():
     ds = deepspeed_config(cfg("train.zero_stage=3", "train.precision=bf16"), world_size=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
-    assert "fp16" not in ds
+    assert ds["zero_optimization"]["stage"] == 3 and ds["torch_autocast"]["dtype"] == "bfloat16"
+    assert "fp16" not in ds and "bf16" not in ds
     fp16 = deepspeed_config(cfg("train.precision=fp16"), world_size=1)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
 
@@ -49,3 +55,30 @@ def test_learning_rate_is_one_schedule_across_phases_with_optional_rewarmup():
     c.schedule.phases[1].warmup_steps = 5
     g = [learning_rate_factor(c, s) for s in range(100)]
     assert g[:90] == f[:90] and abs(g[90] - f[90] / 5) < 1e-12 and g[95:] == f[95:]
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default():
+    ds = deepspeed_config(cfg("train.precision=bf16"), world_size=2)
+    assert "bf16" not in ds and ds["torch_autocast"]["enabled"]
+    assert ds["torch_autocast"]["lower_precision_safe_modules"] == []  # nothing reduced in bf16
+    opted_out = deepspeed_config(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16"), 2)
+    assert opted_out["bf16"] == {"enabled": True} and "torch_autocast" not in opted_out
+    with pytest.raises(ConfigError, match="train.grad_accum_dtype"):
+        cfg("train.precision=fp32", "train.grad_accum_dtype=bf16")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gradients_are_fp32_at_every_zero_stage_under_bf16(stage, tmp_path):
+    out = tmp_path / "dtypes.json"
+    port = free_port()
+    cmd = launcher_command(2, port, "grad_dtype_probe", str(out), f"train.zero_stage={stage}",
+                           "train.precision=bf16")
+    try:
+        proc = subprocess.run(cmd, env={**env(), "PYTHONPATH": str(Path(__file__).parent)},
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        remove_shm_buffers(port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found == {"grads": ["torch.float32"], "reduce": "torch.float32",
+                     "weights": ["torch.float32"]}

@@ -151,6 +151,55 @@ def test_tokenizer_special_tokens_and_pair_layout(exported, tokenizer):
     assert padded["input_ids"][0][-1] == PAD_ID and padded["attention_mask"][0][-1] == 0
 
 
+MASKED = [
+    "[MASK] starts the sentence.", "the [MASK] of the list.", "Return the [MASK]",
+    "Return the [MASK].", "the end, the [MASK], the rest", "a w[MASK]rd", "[MASK][MASK] x[MASK]y",
+    "  spaces  [MASK]  around  [MASK]  ", "tab\t[MASK]\tand [MASK]\u200bzero width", "[MASK]",
+]
+
+
+def test_tokenizer_mask_in_text_gives_our_ids(exported, tokenizer):
+    """[MASK] typed in the text: the same ids as Tokenizer.encode(parse_mask=True), where the
+    text around a [MASK] tokenizes as around a real word ("[MASK]." is [MASK] ".")."""
+    _, _, out = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    texts = MASKED + [re.sub(r"\w+", "[MASK]", line, count=1) for line in docstring_sentences()[::5]
+                      if not re.search(r"(.)\1\1", line)]  # ties, as in the test above
+    for text in texts:
+        ours = tokenizer.encode(text, parse_mask=True)
+        assert hf_tok(text)["input_ids"] == [CLS_ID] + ours + [SEP_ID], text
+    dot = tokenizer.sp.piece_to_id(".")
+    assert tokenizer.encode("the list.")[-1] == dot  # as "▁list" ".", so "[MASK]" "."
+    assert hf_tok("the [MASK].", add_special_tokens=False)["input_ids"] == \
+        tokenizer.encode("the") + [MASK_ID, dot]
+
+
+def test_tokenizer_mask_in_text_without_spaces(tmp_path):
+    from mlm_dist.hf_export import hf_tokenizer
+
+    sentences = ["東京は日本の首都です。", "日本の首都は東京です。", "北京是中国的首都。",
+                 "中国的首都是北京。"]
+    ours = train_tokenizer(sentences * 10, tmp_path, vocab_size=25)
+    hf_tok = hf_tokenizer(tmp_path, model_max_length=64)
+    for text in ("東京は[MASK]の首都です。", "[MASK]是中国的首都。", "中国的首都是[MASK]",
+                 "東京は日本の首都です。"):
+        ids = hf_tok(text)["input_ids"]
+        assert ids == [CLS_ID] + ours.encode(text, parse_mask=True) + [SEP_ID], text
+    tokens = hf_tok.tokenize("東京は[MASK]の首都です。")
+    assert tokens[tokens.index("[MASK]") + 1] == "の"  # the word goes on: no "▁" in front
+
+
+def test_fill_mask_pipeline_agrees_with_ours(exported, tokenizer):
+    from mlm_dist.inference import fill_mask
+
+    model, _, out = exported
+    text = "Return the [MASK] of the list [MASK]."
+    theirs = transformers.pipeline("fill-mask", model=str(out), top_k=5)(text)
+    for ours, hf in zip(fill_mask(model, tokenizer, text, top_k=5), theirs, strict=True):
+        assert [p["token"] for p in ours] == [tokenizer.id_to_piece(p["token"]) for p in hf]
+        assert max(abs(p["prob"] - q["score"]) for p, q in zip(ours, hf)) < 1e-3
+
+
 def test_special_token_strings_in_text_differ_from_ours_as_documented(exported, tokenizer):
     """Known difference: like every transformers tokenizer, the export turns a literal "[SEP]"
     (or [CLS]/[PAD]/[UNK]) in the text into that special id, whereas our Tokenizer.encode never

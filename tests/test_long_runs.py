@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from launch import REPO, cli, env, metrics, records, train, train_command
+from mlm_dist.config import load_config
+from mlm_dist.engine import learning_rate_factor
 from mlm_dist.inference import load_checkpoint
 
 # Two phases: 4 steps at 32 tokens, then 4 at 64 (with a different batch shape), dropout on
@@ -51,6 +53,39 @@ def test_resume_is_bit_exact_at_the_phase_boundary_and_inside_a_phase(tiny_shard
     for a, b in zip(resumed, history[resume_at:]):
         assert a["train/loss"] == b["train/loss"], (a, b)  # exactly, not approximately
         assert a["train/lr"] == b["train/lr"]
+    ours, theirs = load_checkpoint(part)[0].state_dict(), load_checkpoint(full)[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+# Accumulation 2, then 4, after an odd number of steps: DeepSpeed's own run-global micro-step
+# counter would put its boundaries between ours from phase 2 on.
+ACCUMULATION_PHASES = ("schedule.phases=[{seq_len: 32, micro_batch: 4, global_batch: 16, until_step: 3},"
+                       " {seq_len: 64, micro_batch: 2, global_batch: 16, until_step: 9}]")
+
+
+def test_optimizer_steps_at_our_boundaries_across_accumulation_changes_and_resume(tiny_shards,
+                                                                                  tmp_path):
+    common = [ACCUMULATION_PHASES, "train.log_every=1", "model.dropout=0.1",
+              "checkpoint.every=5", "checkpoint.keep=0", "train.zero_stage=2"]
+    full = tmp_path / "full"
+    train(tiny_shards, full, *common)
+    history = metrics(full)
+    assert [r["step"] for r in history] == list(range(1, 10))
+    assert all(r["train/skipped_steps"] == 0 for r in history)
+    # One optimizer (and LR scheduler) step per loop step: the LR logged after step s is the
+    # schedule's value for s, which any extra or missing engine step would shift.
+    cfg = load_config(full / "config.yaml")
+    assert [r["train/lr"] for r in history] == pytest.approx(
+        [cfg.optim.lr * learning_rate_factor(cfg, s) for s in range(1, 10)], rel=1e-6)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    truncate_to(part, 5)  # inside phase 2
+    proc = train(tiny_shards, part, *common, "checkpoint.resume=true")
+    assert "resumed from step 5" in proc.stdout
+    resumed = metrics(part)
+    assert [r["step"] for r in resumed] == [6, 7, 8, 9]
+    for a, b in zip(resumed, history[5:]):
+        assert a["train/loss"] == b["train/loss"] and a["train/lr"] == b["train/lr"], (a, b)
     ours, theirs = load_checkpoint(part)[0].state_dict(), load_checkpoint(full)[0].state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
@@ -130,11 +165,11 @@ def test_divergence_stops_or_rolls_back(tiny_shards, tmp_path):
 
 def test_evaluation_in_training_and_from_the_command_line(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    train(tiny_shards, run, "schedule.phases.0.until_step=10", "eval.every=5", "eval.batches=3")
+    train(tiny_shards, run, "schedule.phases.0.until_step=10", "eval.every=5")
     evals = [r for r in records(run) if "val/mlm_loss" in r]
     assert [r["step"] for r in evals] == [5, 10]
     assert evals[1]["val/perplexity"] > 1 and 0 <= evals[1]["val/nsp_acc"] <= 1
-    args = ("eval", "--checkpoint", str(run), "--batches", "3", "--micro-batch", "4")
+    args = ("eval", "--checkpoint", str(run), "--max-pairs", "40", "--micro-batch", "4")
     first, second = (json.loads(cli(*args).stdout.splitlines()[-1]) for _ in range(2))
     assert first == second  # fixed masks and data: the same weights give the same numbers
     assert first["val/predictions"] > 0 and first["val/perplexity"] > 1

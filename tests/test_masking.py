@@ -1,19 +1,34 @@
 """On-device MLM masking: rates, 80/10/10, specials, static shapes, reproducibility."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from mlm_dist.masking import IGNORE_INDEX, TokenMasker, mask_seed
-from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
+from mlm_dist.bench_masking import _text_batch
+from mlm_dist.config import load_config, max_predictions
 
+from mlm_dist.config import MaskingConfig
+from mlm_dist.masking import IGNORE_INDEX, TokenMasker, mask_seed
+from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Vocabulary
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 1000
 SPECIAL = np.zeros(VOCAB, dtype=bool)
 SPECIAL[:5] = True
 
 
-def masker(k=200, seed=0, rank=0, **kw):
-    return TokenMasker(SPECIAL, MASK_ID, k, seed=seed, rank=rank, device="cpu", **kw)
+def vocabulary(special=SPECIAL, word_start=None):
+    word_start = np.ones(len(special), dtype=bool) if word_start is None else word_start
+    return Vocabulary(len(special), PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, special, word_start)
+
+
+def masker(k=200, seed=0, rank=0, special=SPECIAL, word_starts=None, **kw):
+    """kw: MaskingConfig fields (prob, mask_frac, random_frac)."""
+    masking = MaskingConfig(whole_word=word_starts is not None, **kw)
+    return TokenMasker(vocabulary(special, word_starts), masking, max_predictions=k, seed=seed,
+                       rank=rank, device="cpu")
 
 
 def ordinary_ids(batch=64, seq=512, seed=0):
@@ -87,10 +102,24 @@ def test_overflow_beyond_max_predictions_leaves_input_untouched():
     assert ((out.input_ids != ids).sum(1) <= 5).all()
 
 
-@pytest.mark.parametrize("bad", [np.ones(VOCAB, dtype=bool)])
-def test_vocabulary_without_ordinary_tokens_is_an_error(bad):
+def test_vocabulary_without_ordinary_tokens_is_an_error():
     with pytest.raises(ValueError, match="non-special"):
-        TokenMasker(bad, MASK_ID, 10, seed=0, rank=0, device="cpu")
+        masker(k=10, special=np.ones(VOCAB, dtype=bool))
+
+
+def test_each_row_masks_its_share_exactly():
+    # Rows of very different lengths: each masks prob·n of its n eligible tokens, rounded down
+    # or up at random (never an independent coin per token, whose count would spread widely).
+    ids = ordinary_ids(batch=256, seq=128)
+    lengths = torch.randint(4, 129, (256,), generator=torch.Generator().manual_seed(1))
+    ids[torch.arange(128) >= lengths[:, None]] = PAD_ID
+    out = masker(k=20)(ids, step=0)
+    counts = (out.labels != IGNORE_INDEX).sum(1)
+    exact = 0.15 * lengths
+    assert ((counts == exact.floor()) | (counts == exact.ceil())).all()
+    assert out.eligible == lengths.sum()
+    # rounded at random, not always down: the total is the expectation
+    assert abs(counts.sum().item() - exact.sum().item()) < 4 * np.sqrt(256 * 0.25)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +131,7 @@ WORD_STARTS[FIRST_CONTINUATION:] = False
 
 
 def word_masker(k=512, seed=0, rank=0, word_starts=WORD_STARTS, special=SPECIAL, **kw):
-    return TokenMasker(special, MASK_ID, k, seed=seed, rank=rank, device="cpu",
-                       word_starts=word_starts, **kw)
+    return masker(k, seed, rank, special=special, word_starts=word_starts, **kw)
 
 
 def word_ids(batch=64, seq=512, lengths=(1, 2, 3, 4), seed=0):
@@ -183,15 +211,15 @@ def test_whole_word_expected_token_fraction_is_prob():
     chosen, words = check_whole_words(ids, out)
     lengths = np.array([len(w) for row in words for w in row])
     masked_tokens = sum(len(w) for row in chosen for w in row)
-    # Each word is chosen independently with `prob`, so the count of masked tokens has mean
-    # prob * Σ len and variance prob (1 - prob) Σ len².
-    sigma = np.sqrt(prob * (1 - prob) * (lengths ** 2).sum())
-    assert abs(masked_tokens - prob * lengths.sum()) < 4 * sigma
-    # …and a word's chance does not depend on its length (a long word is not hit more often).
+    # Each row masks prob·n tokens in expectation: whole words in random order up to that count,
+    # the word that would cross it taken with the probability that keeps the mean exact.
+    assert abs(masked_tokens / lengths.sum() - prob) < 0.003
+    # Words of every length are chosen, at about `prob`: the last word of a row is the only one
+    # whose length matters, so long words lose only a little.
     chosen_lengths = np.array([len(w) for row in chosen for w in row])
     for n in (1, 2, 3, 5, 8):
         words_n, chosen_n = (lengths == n).sum(), (chosen_lengths == n).sum()
-        assert abs(chosen_n / words_n - prob) < 4 * np.sqrt(prob * (1 - prob) / words_n), n
+        assert 0.8 * prob < chosen_n / words_n < 1.2 * prob, n
 
 
 def test_whole_word_80_10_10_per_token():
@@ -275,13 +303,13 @@ def test_whole_word_reproducible_from_seed_rank_step():
 
 
 def test_word_start_table_must_cover_the_vocabulary():
-    with pytest.raises(ValueError, match="word_starts"):
+    with pytest.raises(ValueError, match="word_start"):
         word_masker(word_starts=WORD_STARTS[:-1])
 
 
 def test_whole_word_on_a_real_sentencepiece_tokenizer(tiny_tokenizer):
     tok = tiny_tokenizer
-    special, starts = tok.special_table(), tok.word_start_table()
+    special, starts = tok.vocabulary.special, tok.vocabulary.word_start
     assert starts[special].all() and not starts.all()
     text = ("Return the canonical string representation of the object. "
             "Raise ValueError if the argument is not a valid configuration.")
@@ -289,8 +317,7 @@ def test_whole_word_on_a_real_sentencepiece_tokenizer(tiny_tokenizer):
     row = [CLS_ID] + pieces[3:] + [SEP_ID] + pieces + [SEP_ID]  # segment A starts mid-text
     ids = torch.full((256, len(row) + 4), PAD_ID)
     ids[:, :len(row)] = torch.tensor(row)
-    masker_ = TokenMasker(special, MASK_ID, 16, seed=0, rank=0, device="cpu",
-                          word_starts=starts, prob=0.3)
+    masker_ = masker(k=16, special=special, word_starts=starts, prob=0.3)
     out = masker_(ids, step=0)
     chosen, words = check_whole_words(ids, out, starts, special)
     # The reference's words are SentencePiece's: each begins with "▁" unless it follows a special.
@@ -300,3 +327,26 @@ def test_whole_word_on_a_real_sentencepiece_tokenizer(tiny_tokenizer):
         assert not any(tok.id_to_piece(ids[0, i].item()).startswith("\u2581") for i in w[1:])
     assert any(len(w) > 1 for w in words[0])
     assert any(len(w) > 1 for row in chosen for w in row)  # multi-piece words do get masked
+
+
+SHIPPED_PHASES = [(path.name, i, phase) for path in sorted(REPO_CONFIGS.glob("*.yaml"))
+                  for i, phase in enumerate(load_config(path, ["data.shards=x"]).schedule.phases)]
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+@pytest.mark.parametrize("name, index, phase", SHIPPED_PHASES,
+                         ids=[f"{n}-{i}" for n, i, _ in SHIPPED_PHASES])
+def test_effective_rate_is_prob_for_every_shipped_phase(tiny_tokenizer, tiny_corpus, name, index,
+                                                        phase, whole_word):
+    """Full rows of real text (the worst case for the K slots), the config's own K."""
+    cfg = load_config(REPO_CONFIGS / name, ["data.shards=x", f"masking.whole_word={whole_word}"])
+    k = max_predictions(phase, cfg.masking)
+    rows = _text_batch(tiny_tokenizer, tiny_corpus, batch=256, seq_len=phase.seq_len)
+    m = TokenMasker(tiny_tokenizer.vocabulary, cfg.masking, max_predictions=k, seed=0, rank=0,
+                    device="cpu")
+    masked = predicted = 0
+    for step in range(4):
+        out = m(torch.from_numpy(rows["input_ids"]), step=step)
+        masked += (out.labels != IGNORE_INDEX).sum().item()
+        predicted += out.eligible.item()
+    assert abs(masked / predicted - cfg.masking.prob) <= 0.002, (k, masked / predicted)

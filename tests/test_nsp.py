@@ -4,6 +4,7 @@ import numpy as np
 
 from mlm_dist.data.nsp import IS_NEXT, IS_RANDOM, NspPairBuilder, truncate_pair
 from mlm_dist.data.pipeline import BatchWriter
+from mlm_dist.bench_train import synthetic_vocabulary
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 
@@ -26,13 +27,13 @@ def test_packed_rows_have_bert_layout_and_labels_are_balanced():
     seq_len = 64
     pairs = list(NspPairBuilder(seq_len, np.random.default_rng(1))(make_documents()))
     assert len(pairs) > 500
-    labels = np.array([label for _, _, label in pairs])
+    labels = np.array([p.label for p in pairs])
     assert 0.44 < labels.mean() < 0.56, labels.mean()
-    writer = BatchWriter(len(pairs), seq_len)
-    for a, b, label in pairs:
+    writer = BatchWriter(len(pairs), seq_len, synthetic_vocabulary(2000))
+    for a, b, label, _ in pairs:
         writer.add(a, b, label)
     ids, types, mask, nsp = (t.numpy() for t in writer.take())
-    for row, (a, b, label) in enumerate(pairs):
+    for row, (a, b, label, _) in enumerate(pairs):
         n = len(a) + len(b) + 3
         assert len(a) > 0 and len(b) > 0 and n <= seq_len
         assert ids[row, 0] == CLS_ID and ids[row, len(a) + 1] == SEP_ID and ids[row, n - 1] == SEP_ID
@@ -48,7 +49,7 @@ def test_packed_rows_have_bert_layout_and_labels_are_balanced():
 def test_random_next_comes_from_another_document():
     docs = make_documents(n_docs=100)
     owner = {int(t): d for d, doc in enumerate(docs) for s in doc for t in s}
-    for a, b, label in NspPairBuilder(48, np.random.default_rng(2))(docs):
+    for a, b, label, _ in NspPairBuilder(48, np.random.default_rng(2))(docs):
         if label == IS_RANDOM:
             assert owner[int(a[0])] != owner[int(b[0])]
         else:
@@ -74,5 +75,51 @@ def test_long_sentences_are_truncated_and_same_seed_same_pairs():
     docs = [[np.arange(10, 500), np.arange(500, 900)], [np.arange(900, 1300)]] * 5
     x = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
     y = list(NspPairBuilder(32, np.random.default_rng(3))(docs))
-    assert all(len(a) + len(b) + 3 <= 32 for a, b, _ in x)
+    assert all(len(a) + len(b) + 3 <= 32 for a, b, _, _ in x)
     assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(x, y))
+
+
+def book_documents(n_docs=300, sentences=60, seed=0):
+    """Long documents of short sentences, tokens numbered so pairs trace to their document."""
+    rng = np.random.default_rng(seed)
+    docs, next_id = [], 10
+    for _ in range(n_docs):
+        doc = []
+        for _ in range(sentences):
+            n = int(rng.integers(4, 12))
+            doc.append(np.arange(next_id, next_id + n))
+            next_id += n
+        docs.append(doc)
+    return docs
+
+
+def test_interleaving_mixes_documents_in_every_micro_batch():
+    docs = book_documents()
+    pairs = list(NspPairBuilder(64, np.random.default_rng(4), open_documents=256)(docs))
+    batches = [pairs[i:i + 32] for i in range(0, len(pairs) - 31, 32)]
+    distinct = [len({p.document for p in batch}) for batch in batches]
+    assert np.mean(distinct) >= 28, np.mean(distinct)
+    # one document after the other: a micro-batch is a handful of documents
+    sequential = list(NspPairBuilder(64, np.random.default_rng(4))(docs))
+    assert np.mean([len({p.document for p in sequential[i:i + 32]})
+                    for i in range(0, len(sequential) - 31, 32)]) < 6
+    # interleaving only reorders: every document gives about as many pairs either way
+    assert abs(len(pairs) - len(sequential)) < 0.05 * len(pairs)
+
+
+def test_interleaved_pairs_keep_berts_rules():
+    docs = book_documents(n_docs=100)
+    owner = {int(t): d for d, doc in enumerate(docs) for s in doc for t in s}
+    pairs = list(NspPairBuilder(48, np.random.default_rng(5), open_documents=16)(docs))
+    labels = np.array([p.label for p in pairs])
+    assert 0.45 < labels.mean() < 0.55
+    for a, b, label, document in pairs:
+        assert owner[int(a[0])] == document and len(a) + len(b) + 3 <= 48
+        if label == IS_RANDOM:
+            assert owner[int(b[0])] != document
+        else:
+            assert owner[int(b[-1])] == document and b[0] > a[-1]
+    # each document's pairs still come in document order
+    for d in range(len(docs)):
+        starts = [int(p.a[0]) for p in pairs if p.document == d]
+        assert starts == sorted(starts)

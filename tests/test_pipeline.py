@@ -11,16 +11,21 @@ import torch
 from data_fixtures import corpus_documents, write_shards
 from mlm_dist.data.pipeline import (Consumed, ResumableLoader, Shard, manifest_shards, regroup,
                                     work_units)
-from mlm_dist.tokenizer import CLS_ID, SEP_ID
+from mlm_dist.config import DataConfig
+from mlm_dist.data.shards import Manifest
+from mlm_dist.tokenizer import CLS_ID, SEP_ID, Tokenizer
 
 
 def take(loader, n):
     return list(itertools.islice(loader, n))
 
 
-def loader(shards_dir, rank=0, world=2, workers=0, seed=0, seq_len=64, micro=4, state=None):
-    return ResumableLoader(manifest_shards(shards_dir), seq_len, micro, rank, world, workers,
-                           seed, shuffle_buffer=16, state=state)
+def loader(shards_dir, rank=0, world=2, workers=0, seed=0, seq_len=64, micro=4, state=None,
+           vocab=None):
+    vocab = vocab or Tokenizer.load(Manifest.load(shards_dir).tokenizer.path).vocabulary
+    return ResumableLoader(manifest_shards(shards_dir), seq_len=seq_len, micro_batch=micro,
+                           rank=rank, world_size=world, seed=seed, vocab=vocab, state=state,
+                           data=DataConfig(num_workers=workers, shuffle_buffer=16))
 
 
 def ids(batches):

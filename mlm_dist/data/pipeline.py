@@ -7,6 +7,10 @@ seeded permutation of the shards: whole shards when there are at least R of them
 shards. Each reader's stream is infinite (epoch after epoch), so every rank always has a next
 batch: training is counted in steps and nothing ever waits at an epoch boundary.
 
+Mixing. Inside a work unit the documents are shuffled and their NSP pairs interleaved across
+`data.open_documents` documents at a time (nsp.py), so a micro-batch holds pairs of many
+documents even when each document is a book.
+
 Determinism. Inside a work unit everything random (document shuffle, NSP pairing) is seeded by
 (seed, epoch, reader, unit), and nothing is carried from one unit to the next. So a reader's
 position is three integers, (epoch, unit, examples already emitted from it), and restoring it
@@ -25,10 +29,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mlm_dist.data.nsp import NspPairBuilder
+from mlm_dist.config import DataConfig
+from mlm_dist.data.nsp import NspPairBuilder, Pair
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.shards import Manifest
-from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from mlm_dist.model import IGNORE_INDEX
+from mlm_dist.tokenizer import Vocabulary
 
 
 @dataclass
@@ -111,32 +117,33 @@ class ReaderStream:
     readers: int
     seq_len: int
     seed: int
-    shuffle_buffer: int
-    short_seq_prob: float
+    data: DataConfig
     consumed: Consumed | None = None
     skips: SkipCounter = field(default_factory=SkipCounter)
 
-    def examples(self, start: tuple[int, int, int] = (0, 0, 0)):
-        """Yield (a, b, nsp_label, position after this example)."""
+    def examples(self, start: tuple[int, int, int] = (0, 0, 0),
+                 epochs: int | None = None) -> Iterator[tuple[Pair, tuple[int, int, int]]]:
+        """Yield (pair, position after this pair); forever, or for `epochs` epochs."""
         epoch, unit_index, offset = start
-        while True:
+        while epochs is None or epoch < epochs:
             units = work_units(self.shards, epoch, self.seed, self.reader, self.readers,
                                self.consumed)
             for u in range(unit_index, len(units)):
                 skip = offset if u == unit_index else 0
                 emitted = 0
-                for a, b, label in self._unit_examples(units[u], epoch, u):
+                for pair in self._unit_examples(units[u], epoch, u):
                     emitted += 1
                     if emitted > skip:
-                        yield a, b, label, (epoch, u, emitted)
+                        yield pair, (epoch, u, emitted)
             epoch, unit_index, offset = epoch + 1, 0, 0
 
     def _unit_examples(self, unit: WorkUnit, epoch: int, u: int):
         rng = np.random.default_rng([self.seed, epoch, self.reader, u])
         documents = read_documents(unit.shard.path, unit.shard.documents, unit.modulus,
                                    unit.remainder, self.skips)
-        builder = NspPairBuilder(self.seq_len, rng, self.short_seq_prob)
-        return builder(shuffled(documents, self.shuffle_buffer, rng))
+        builder = NspPairBuilder(self.seq_len, rng, short_seq_prob=self.data.short_seq_prob,
+                                 open_documents=self.data.open_documents)
+        return builder(shuffled(documents, self.data.shuffle_buffer, rng))
 
 
 def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -155,10 +162,9 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
 class BatchWriter:
     """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays."""
 
-    def __init__(self, micro_batch: int, seq_len: int,
-                 special_ids: tuple[int, int, int] = (CLS_ID, SEP_ID, PAD_ID)):
+    def __init__(self, micro_batch: int, seq_len: int, vocab: Vocabulary):
         self.micro_batch, self.seq_len = micro_batch, seq_len
-        self.cls_id, self.sep_id, self.pad_id = special_ids
+        self.cls_id, self.sep_id, self.pad_id = vocab.cls, vocab.sep, vocab.pad
         self._new()
 
     def _new(self) -> None:
@@ -189,24 +195,33 @@ class BatchWriter:
         self._new()
         return out
 
+    def take_partial(self) -> tuple[torch.Tensor, ...]:
+        """The rows added so far in a full-shape batch, the rest filler rows that count for
+        nothing: `[CLS] [SEP] [SEP]` (no token to mask, attention never empty) with NSP label
+        IGNORE_INDEX. For a pass that must end exactly where the data ends (evaluation)."""
+        for r in range(self.rows, self.micro_batch):
+            self.ids[r, :3] = (self.cls_id, self.sep_id, self.sep_id)
+            self.mask[r, :3] = 1
+            self.types[r, 2] = 1
+            self.labels[r] = IGNORE_INDEX
+        return self.take()
+
 
 class PretrainingStream(torch.utils.data.IterableDataset):
     """The batches of one rank; each dataloader worker runs one reader."""
 
-    def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
-                 short_seq_prob: float, positions: dict[int, tuple[int, int, int]],
-                 worker_offset: int, consumed: Consumed | None,
-                 special_ids: tuple[int, int, int]):
+    def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
+                 world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
+                 positions: dict[int, tuple[int, int, int]], worker_offset: int,
+                 consumed: Consumed | None):
         self.shards = shards
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
-        self.workers = max(1, num_workers)
-        self.seed, self.shuffle_buffer, self.short_seq_prob = seed, shuffle_buffer, short_seq_prob
+        self.workers = max(1, data.num_workers)
+        self.seed, self.data, self.vocab = seed, data, vocab
         self.positions = positions
         self.worker_offset = worker_offset
         self.consumed = consumed
-        self.special_ids = special_ids
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -216,10 +231,10 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         role = (worker + self.worker_offset) % self.workers
         reader = self.rank * self.workers + role
         stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
-                              self.seed, self.shuffle_buffer, self.short_seq_prob, self.consumed)
-        writer = BatchWriter(self.micro_batch, self.seq_len, self.special_ids)
-        for a, b, label, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
-            if writer.add(a, b, label):
+                              self.seed, self.data, self.consumed)
+        writer = BatchWriter(self.micro_batch, self.seq_len, self.vocab)
+        for pair, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
+            if writer.add(pair.a, pair.b, pair.label):
                 yield Batch(*writer.take(), reader=reader, position=position,
                             skipped=stream.skips.documents)
 
@@ -239,12 +254,11 @@ class ResumableLoader:
     (prefetched batches do not count), plus the number of batches consumed.
     """
 
-    def __init__(self, shards: list[Shard], seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 256,
-                 short_seq_prob: float = 0.1, pin_memory: bool = False,
-                 state: dict | None = None,
-                 special_ids: tuple[int, int, int] = (CLS_ID, SEP_ID, PAD_ID)):
-        """special_ids: ([CLS], [SEP], [PAD]) of the tokenizer the shards were made with."""
+    def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
+                 world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
+                 pin_memory: bool = False, state: dict | None = None):
+        """vocab: of the tokenizer the shards were made with."""
+        num_workers = data.num_workers
         readers = world_size * max(1, num_workers)
         if not shards:
             raise ValueError("data.shards: the manifest lists no train shards")
@@ -260,10 +274,11 @@ class ResumableLoader:
                 "data.num_workers")
         consumed = state.get("consumed")
         self.consumed = consumed and Consumed(consumed["epoch"], frozenset(consumed["shards"]))
-        stream = PretrainingStream(shards, seq_len, micro_batch, rank, world_size, num_workers,
-                                   seed, shuffle_buffer, short_seq_prob, self.positions,
+        stream = PretrainingStream(shards, seq_len=seq_len, micro_batch=micro_batch, rank=rank,
+                                   world_size=world_size, seed=seed, data=data, vocab=vocab,
+                                   positions=self.positions,
                                    worker_offset=self.batches % max(1, num_workers),
-                                   consumed=self.consumed, special_ids=special_ids)
+                                   consumed=self.consumed)
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,

@@ -1,0 +1,105 @@
+"""Evaluation: one deterministic pass over the whole validation split, masked as the run masks,
+with the same numbers on 1 or 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from mlm_dist.config import load_config
+from mlm_dist.data.pipeline import ReaderStream, manifest_shards
+from mlm_dist.evaluate import evaluate
+from mlm_dist.local_launch import free_port
+from mlm_dist.model import BertForPretraining
+
+
+def run_config(shards, *overrides):
+    return load_config(None, [f"data.shards={shards}", "model.vocab_size=600",
+                              "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+                              "model.intermediate_size=64", "model.max_positions=64",
+                              "schedule.phases=[{seq_len: 64, micro_batch: 4, global_batch: 8}]",
+                              *overrides])
+
+
+def pass_pairs(cfg, seq_len=64) -> int:
+    stream = ReaderStream(manifest_shards(cfg.data.shards, "valid"), reader=0, readers=1,
+                          seq_len=seq_len, seed=cfg.eval.seed, data=cfg.data)
+    return sum(1 for _ in stream.examples(epochs=1))
+
+
+def test_one_pass_covers_the_whole_split_and_the_cap_holds(tiny_shards, tiny_tokenizer):
+    cfg = run_config(tiny_shards, "eval.max_pairs=0")
+    torch.manual_seed(0)
+    model = BertForPretraining(cfg.model).eval()
+    vocab = tiny_tokenizer.vocabulary
+    phase = cfg.schedule.phases[0]
+    pairs = pass_pairs(cfg)
+    assert pairs % phase.micro_batch != 0  # the last batch is partial: it must count only its rows
+    whole = evaluate(model, cfg, phase, vocab)
+    assert whole["val/sequences"] == pairs
+    assert whole == evaluate(model, cfg, phase, vocab)  # fixed pairs and masks
+    assert abs(whole["val/mask_rate"] - cfg.masking.prob) < 0.01
+    capped = evaluate(model, run_config(tiny_shards, "eval.max_pairs=10"), phase, vocab)
+    assert capped["val/sequences"] == 10
+
+
+def test_masks_follow_the_runs_masking_settings(tiny_shards, tiny_tokenizer):
+    vocab = tiny_tokenizer.vocabulary
+    seen = []
+
+    def forward(input_ids, token_type_ids, attention_mask, positions):
+        seen.append((input_ids, positions))
+        batch, k = positions.shape
+        return torch.zeros(batch, k, vocab.size), torch.zeros(batch, 2)
+
+    cfg = run_config(tiny_shards, "masking.whole_word=true", "masking.mask_frac=1.0",
+                     "masking.random_frac=0.0", "eval.max_pairs=0")
+    evaluate(forward, cfg, cfg.schedule.phases[0], vocab)
+    masked = torch.cat([ids for ids, _ in seen])
+    is_mask = (masked == vocab.mask).numpy()
+    assert is_mask.sum() > 100
+    # mask_frac=1: every chosen token is [MASK]; whole words: a [MASK] is never followed by a
+    # continuation piece left as it was (the rest of its word is masked too).
+    starts = vocab.word_start[masked.numpy()]
+    assert not (is_mask[:, :-1] & ~starts[:, 1:] & ~is_mask[:, 1:]).any()
+
+
+PROBE = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_evaluate import run_config
+from mlm_dist.evaluate import evaluate
+from mlm_dist.model import BertForPretraining
+from mlm_dist.tokenizer import Tokenizer
+rank, world = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+cfg = run_config({shards!r}, "eval.max_pairs=0")
+torch.manual_seed(0)
+model = BertForPretraining(cfg.model).eval()
+result = evaluate(model, cfg, cfg.schedule.phases[0], Tokenizer.load({tokenizer!r}).vocabulary,
+                  rank=rank, world_size=world)
+if rank == 0:
+    print(json.dumps(result))
+"""
+
+
+def evaluate_on(ranks: int, shards, tokenizer) -> dict:
+    code = PROBE.format(tests=os.path.dirname(__file__), port=free_port(), shards=str(shards),
+                        tokenizer=str(tokenizer.path.parent))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(ranks)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(ranks)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
+    return json.loads(outs[0][0].splitlines()[-1])
+
+
+def test_the_same_numbers_on_one_or_two_ranks(tiny_shards, tiny_tokenizer):
+    one, two = evaluate_on(1, tiny_shards, tiny_tokenizer), evaluate_on(2, tiny_shards,
+                                                                        tiny_tokenizer)
+    assert one == two
+    assert np.isfinite(one["val/mlm_loss"]) and one["val/predictions"] > 0
