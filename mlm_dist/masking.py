@@ -16,9 +16,9 @@ Shapes are static: every sequence gets exactly `max_predictions` prediction slot
 That keeps the MLM head's gather and the vocabulary projection free of data-dependent shapes,
 so there is no host synchronisation and CUDA graphs / torch.compile can apply.
 
-Whole-word masking chooses words instead of tokens. What a word is comes from a bool[V]
-word-start table (SentencePiece: pieces beginning with "▁"; WordPiece: pieces not beginning
-with "##"), so the masking itself knows nothing about the tokenizer.
+Whole-word masking chooses words instead of tokens. Where words begin comes with the batch,
+one flag per token, decided at `prepare` time (data/words.py: a segmenter for Japanese and
+Chinese, the tokenizer's "▁" / "##" otherwise), so the masking knows nothing of languages.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def mask_tokens(
     input_ids: torch.Tensor,
     *,
     special: torch.Tensor,
-    word_start: torch.Tensor | None,
+    word_starts: torch.Tensor | None,
     replacement_ids: torch.Tensor,
     mask_id: int,
     max_predictions: int,
@@ -65,11 +65,11 @@ def mask_tokens(
     random_frac: float,
 ) -> MaskedBatch:
     """BERT masking on the device: choose `prob` of each row's eligible tokens (whole words when
-    `word_start` is given); of the chosen 80 % -> [MASK], 10 % -> a random ordinary token,
+    `word_starts` is given); of the chosen 80 % -> [MASK], 10 % -> a random ordinary token,
     10 % unchanged.
 
     special:          bool[V], True for ids never chosen ([PAD] [CLS] [SEP] [MASK] [UNK])
-    word_start:       bool[V], True for ids that begin a word; None masks single tokens
+    word_starts:      bool[B, S], True where a token begins a word; None masks single tokens
     replacement_ids:  long[R], the non-special ids a random replacement is drawn from
 
     Whole words: every special is a word of its own (never chosen), and continuation pieces
@@ -87,11 +87,10 @@ def mask_tokens(
     is_special = special.gather(0, flat_ids).view(batch, seq_len)
     eligible = ~is_special
     index = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    if word_start is None:
+    if word_starts is None:
         starts = eligible
     else:
-        starts = word_start.gather(0, flat_ids).view(batch, seq_len)
-        starts |= is_special
+        starts = word_starts | is_special
         starts[:, 1:] |= is_special[:, :-1]  # continuation pieces after a special start a word
         starts[:, 0] = True
         starts &= eligible
@@ -110,7 +109,7 @@ def mask_tokens(
     key = uniform(batch, seq_len).masked_fill_(~starts, 2.0)
     top_key, candidates = torch.topk(key, min(k, seq_len), dim=1, largest=False, sorted=True)
     valid = top_key < 2.0
-    if word_start is None:
+    if word_starts is None:
         # Single tokens: the first `target` of the random order, exactly.
         chosen = valid & (torch.arange(candidates.shape[1], device=device) < target)
     else:
@@ -125,7 +124,7 @@ def mask_tokens(
         chosen = valid & ((through <= target) | (crossing & take)) & (through <= k)
     chosen_at = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
     chosen_at.scatter_(1, candidates, chosen)
-    kept = chosen_at if word_start is None else chosen_at.gather(1, word_of) & eligible
+    kept = chosen_at if word_starts is None else chosen_at.gather(1, word_of) & eligible
 
     # Kept positions fill the slots in order; every other position writes to a spare slot K
     # that is cut off, which keeps the scatter's shape static.
@@ -159,10 +158,9 @@ class TokenMasker:
         device = torch.device(device)
         if len(vocab.replacement_ids) == 0:
             raise ValueError("the vocabulary has no non-special tokens to draw replacements from")
+        self.whole_word = masking.whole_word
         self.tables = dict(
             special=torch.as_tensor(vocab.special, dtype=torch.bool, device=device),
-            word_start=(torch.as_tensor(vocab.word_start, dtype=torch.bool, device=device)
-                        if masking.whole_word else None),
             replacement_ids=torch.as_tensor(vocab.replacement_ids, dtype=torch.long,
                                             device=device),
             mask_id=vocab.mask, max_predictions=max_predictions, prob=masking.prob,
@@ -170,6 +168,11 @@ class TokenMasker:
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator(device=device)
 
-    def __call__(self, input_ids: torch.Tensor, step: int, micro_step: int = 0) -> MaskedBatch:
+    def __call__(self, input_ids: torch.Tensor, step: int, micro_step: int = 0,
+                 word_starts: torch.Tensor | None = None) -> MaskedBatch:
+        """`word_starts`: bool [B, S] (Batch.word_starts), needed for whole-word masking."""
+        if self.whole_word and word_starts is None:
+            raise ValueError("whole-word masking needs the batch's word_starts")
         self.generator.manual_seed(mask_seed(self.seed, self.rank, step, micro_step))
-        return mask_tokens(input_ids, generator=self.generator, **self.tables)
+        return mask_tokens(input_ids, generator=self.generator,
+                           word_starts=word_starts if self.whole_word else None, **self.tables)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,10 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODEL_FILE = "tokenizer.model"
 WORD_BOUNDARY = "\u2581"  # SentencePiece's "▁", marks a piece that starts a word
+# SentencePiece's advice for Japanese and Chinese (1.0 for small alphabets); see train_tokenizer.
+DEFAULT_CHARACTER_COVERAGE = 0.9995
+MIN_CHARACTER_COVERAGE = 0.98  # the lowest SentencePiece accepts
+BYTE_PIECES = 256  # <0x00>…<0xFF>, which byte_fallback adds right after the special tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,21 +65,33 @@ def train_tokenizer(
     model_type: str = "unigram",
     seed: int = 0,
     input_sentence_size: int = 2_000_000,
-    character_coverage: float = 0.9995,
+    character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
+    byte_fallback: bool = False,
 ) -> "Tokenizer":
     """Train on an iterable of sentences and write `out_dir/tokenizer.model`.
 
     SentencePiece samples at most `input_sentence_size` sentences (shuffled with the seeded
     generator), so memory stays bounded on large corpora. One thread keeps the result
     bit-for-bit reproducible for a given seed and input.
+
+    `character_coverage` is the share of the corpus's character occurrences that characters with
+    a piece of their own must cover, the most frequent first; the rarest characters beyond it
+    become [UNK], or their UTF-8 bytes with `byte_fallback`. SentencePiece advises 0.9995 for languages with rich
+    character sets (Japanese, Chinese) and 1.0 for the others; the default is 0.9995, which
+    also drops only the stray rare symbols of an English corpus. SentencePiece accepts 0.98
+    to 1.
+
+    `byte_fallback` adds the 256 byte pieces <0x00>…<0xFF> (ids 5…260, counted in `vocab_size`):
+    a character without a piece is then spelled as its UTF-8 bytes instead of [UNK], so no
+    text is lost and decode gives it back. They are ordinary pieces to the model (never in
+    `Vocabulary.special`) and never start with "▁": they continue the word they are in (a word
+    that begins with such a character begins with a lone "▁" piece).
     """
     out = Path(out_dir)
     target = out / MODEL_FILE
     if target.exists():
         raise FileExistsError(f"{target} already exists; choose another --out or remove it")
-    if vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"--vocab-size {vocab_size} is too small: need more than "
-                         f"{len(SPECIAL_TOKENS)} special tokens")
+    _check_options(vocab_size, character_coverage, byte_fallback)
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
@@ -94,6 +111,7 @@ def train_tokenizer(
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
             pad_id=PAD_ID, pad_piece="[PAD]",
@@ -106,13 +124,55 @@ def train_tokenizer(
     except RuntimeError as e:
         if source_errors:  # the corpus reader's own error (bad JSON, damaged .gz) says it best
             raise source_errors[0] from None
-        # The common cause is a vocab larger than the corpus supports; SentencePiece says so.
-        raise ValueError(f"SentencePiece training failed: {e}") from None
+        raise ValueError(_training_error(str(e), vocab_size, character_coverage,
+                                         byte_fallback)) from None
     # Write under a temporary name first so a crash never leaves a half-written model behind.
     tmp = target.with_suffix(".model.tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(target)
     return Tokenizer.load(out)
+
+
+def _check_options(vocab_size: int, character_coverage: float, byte_fallback: bool) -> None:
+    if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:  # SentencePiece refuses others
+        raise ValueError(f"--character-coverage {character_coverage} must be between "
+                         f"{MIN_CHARACTER_COVERAGE} and 1 (0.9995 for Japanese or Chinese, 1.0 "
+                         "for small alphabets)")
+    reserved = len(SPECIAL_TOKENS) + (BYTE_PIECES if byte_fallback else 0)
+    if vocab_size <= reserved:
+        bytes_ = f" and the {BYTE_PIECES} byte pieces of --byte-fallback" if byte_fallback else ""
+        raise ValueError(f"--vocab-size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} "
+                         f"special tokens{bytes_} take {reserved} ids, and the corpus's "
+                         "characters and words need more on top")
+
+
+# SentencePiece's messages for a vocabulary that does not fit the corpus; they name its own
+# flags (--character_coverage), which our command line does not have.
+_TOO_FEW_PIECES = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_TOO_MANY_PIECES = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value "
+                              r"<= (\d+)")
+
+
+def _training_error(message: str, vocab_size: int, character_coverage: float,
+                    byte_fallback: bool) -> str:
+    """SentencePiece's failure, told in terms of our options."""
+    reserved = len(SPECIAL_TOKENS) + (BYTE_PIECES if byte_fallback else 0)
+    if m := _TOO_FEW_PIECES.search(message):
+        needed = int(m.group(2))  # the characters plus the special (and byte) pieces
+        unknown = "their UTF-8 bytes" if byte_fallback else "[UNK]"
+        lower = (f", or lower --character-coverage below {character_coverage:g} so that more "
+                 f"rare characters become {unknown}"
+                 if character_coverage > MIN_CHARACTER_COVERAGE else "")
+        return (f"--vocab-size {vocab_size} is too small for this corpus: at "
+                f"--character-coverage {character_coverage:g}, {needed - reserved} distinct "
+                f"characters each need a piece of their own, {needed} ids with the {reserved} "
+                f"reserved ones. Raise --vocab-size to at least {needed} (more leaves room for "
+                f"words){lower}")
+    if m := _TOO_MANY_PIECES.search(message):
+        return (f"--vocab-size {vocab_size} is too large for this corpus: SentencePiece finds "
+                f"at most {m.group(2)} pieces in it. Lower --vocab-size to {m.group(2)} or less, "
+                "or train on more text")
+    return f"SentencePiece training failed: {message}"
 
 
 class Tokenizer:
@@ -169,6 +229,19 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
+
+    def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids and, per token, the (begin, end) characters of the text it came from (empty for
+        a "▁" SentencePiece added, shared by the byte pieces of one character)."""
+        out = []
+        for text, proto in zip(texts, self.sp.encode(texts, return_type="proto")):
+            # SentencePiece counts UTF-8 bytes; we count characters.
+            char_at = np.zeros(len(text.encode()) + 1, dtype=np.int64)
+            char_at[np.cumsum([len(c.encode()) for c in text])] = 1
+            char_at = np.cumsum(char_at)
+            out.append(([p.id for p in proto.pieces],
+                        [(int(char_at[p.begin]), int(char_at[p.end])) for p in proto.pieces]))
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])

@@ -232,7 +232,7 @@ def train(cfg: RunConfig) -> dict:
                     waited = time.perf_counter()
                     batch = next(batches).to(device)
                     data_wait += time.perf_counter() - waited
-                    masked = masker(batch.input_ids, step, micro)
+                    masked = masker(batch.input_ids, step, micro, batch.word_starts)
                     mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
                                                     batch.attention_mask, masked.positions)
                     losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)

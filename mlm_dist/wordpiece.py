@@ -78,6 +78,11 @@ class WordPieceTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids and, per token, the (begin, end) characters of the text it came from."""
+        return [(e.ids, list(e.offsets))
+                for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([int(i) for i in ids])
 

@@ -21,7 +21,9 @@ def write_shards(out: Path, documents: list[list[list[int]]], sizes: list[int],
         docs = [documents[(start + i) % len(documents)] for i in range(size)]
         with wds.TarWriter(str(out / name), encoder=False, mtime=0) as tar:
             for i, doc in enumerate(docs):
-                tar.write({"__key__": document_key(start + i), **encode_document(doc, dtype)})
+                starts = [tokenizer.vocabulary.word_start[s] for s in doc]
+                tar.write({"__key__": document_key(start + i),
+                           **encode_document(doc, starts, dtype)})
         start += size
         infos.append(ShardInfo(path=name, documents=size, sentences=sum(len(d) for d in docs),
                                tokens=sum(len(s) for d in docs for s in d),

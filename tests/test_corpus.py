@@ -124,3 +124,46 @@ def test_bad_jsonl_line_is_named(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "Fine."}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r'x.jsonl:2: expected an object with a "text"'):
         list(iter_documents([tmp_path / "x.jsonl"]))
+
+
+# Real prose, one document per language; a JSONL reader splits each in its language.
+JA_DOC = ("東京都は日本の首都である。1868年に江戸から改称された。"
+          "「東京」という名は「東の京」を意味する。")
+ZH_DOC = "北京是中华人民共和国的首都。2020年，北京市常住人口约为2,189万人。他说：“北京欢迎你。”"
+EN_DOC = ("Dr. Smith moved to the U.S. in 1999. She earned $1,000 a week, e.g. in 2001. "
+          "It was enough.")
+SENTENCES = {"ja": ["東京都は日本の首都である。", "1868年に江戸から改称された。",
+                    "「東京」という名は「東の京」を意味する。"],
+             "zh": ["北京是中华人民共和国的首都。", "2020年，北京市常住人口约为2,189万人。",
+                    "他说：“北京欢迎你。”"],
+             "en": ["Dr. Smith moved to the U.S. in 1999.",
+                    "She earned $1,000 a week, e.g. in 2001.", "It was enough."]}
+
+
+def test_jsonl_documents_are_split_in_their_detected_language(tmp_path):
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                  + "\n" for t in (JA_DOC, ZH_DOC, EN_DOC)))
+    reader = CorpusReader([tmp_path / "mixed.jsonl"], lang="auto")
+    assert [d.sentences for d in reader.documents()] == [
+        SENTENCES["ja"], SENTENCES["zh"], SENTENCES["en"]]
+    assert list(iter_documents([tmp_path / "mixed.jsonl"], lang="auto")) == [
+        SENTENCES["ja"], SENTENCES["zh"], SENTENCES["en"]]
+    # Named languages: the same where the rules agree; English rules let 。 run into a year.
+    assert list(iter_documents([tmp_path / "mixed.jsonl"], lang="zh"))[1] == SENTENCES["zh"]
+    assert list(iter_documents([tmp_path / "mixed.jsonl"], lang="en"))[1][0] == (
+        "北京是中华人民共和国的首都。2020年，北京市常住人口约为2,189万人。")
+
+
+def test_plain_text_keeps_one_sentence_a_line_in_any_language(tmp_path):
+    lines = ["東京は晴れ。大阪は雨。", "Dr. Smith arrived. He left.", "他说：“好。”然后走了。"]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n\n" + ZH_DOC + "\n")
+    for lang in ("en", "ja", "zh", "auto"):
+        assert list(iter_documents([tmp_path / "a.txt"], lang=lang)) == [lines, [ZH_DOC]], lang
+
+
+def test_unknown_language_is_refused_before_reading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown language 'jp' .*auto, am, .*ja, .*zh"):
+        CorpusReader([tmp_path / "never-read.jsonl"], lang="jp")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": EN_DOC}) + "\n")
+    with pytest.raises(ValueError, match="unknown language 'klingon'"):
+        list(iter_documents([tmp_path / "a.jsonl"], lang="klingon"))

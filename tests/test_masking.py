@@ -25,10 +25,15 @@ def vocabulary(special=SPECIAL, word_start=None):
 
 
 def masker(k=200, seed=0, rank=0, special=SPECIAL, word_starts=None, **kw):
-    """kw: MaskingConfig fields (prob, mask_frac, random_frac)."""
+    """kw: MaskingConfig fields (prob, mask_frac, random_frac). With a word-start table, the
+    batches' per-token word starts are read off it (as `prepare` does for "▁" / "##")."""
     masking = MaskingConfig(whole_word=word_starts is not None, **kw)
-    return TokenMasker(vocabulary(special, word_starts), masking, max_predictions=k, seed=seed,
-                       rank=rank, device="cpu")
+    m = TokenMasker(vocabulary(special), masking, max_predictions=k, seed=seed, rank=rank,
+                    device="cpu")
+    if word_starts is None:
+        return m
+    table = torch.as_tensor(word_starts)
+    return lambda ids, step, micro_step=0: m(ids, step, micro_step, word_starts=table[ids])
 
 
 def ordinary_ids(batch=64, seq=512, seed=0):
@@ -302,9 +307,16 @@ def test_whole_word_reproducible_from_seed_rank_step():
         assert not torch.equal(a.input_ids, other.input_ids)
 
 
-def test_word_start_table_must_cover_the_vocabulary():
+def test_vocabulary_tables_must_cover_the_vocabulary():
     with pytest.raises(ValueError, match="word_start"):
-        word_masker(word_starts=WORD_STARTS[:-1])
+        vocabulary(SPECIAL, WORD_STARTS[:-1])
+
+
+def test_whole_word_masking_needs_the_batchs_word_starts():
+    m = TokenMasker(vocabulary(), MaskingConfig(whole_word=True), max_predictions=8, seed=0,
+                    rank=0, device="cpu")
+    with pytest.raises(ValueError, match="word_starts"):
+        m(ordinary_ids(batch=2, seq=16), step=0)
 
 
 def test_whole_word_on_a_real_sentencepiece_tokenizer(tiny_tokenizer):
@@ -344,9 +356,11 @@ def test_effective_rate_is_prob_for_every_shipped_phase(tiny_tokenizer, tiny_cor
     rows = _text_batch(tiny_tokenizer, tiny_corpus, batch=256, seq_len=phase.seq_len)
     m = TokenMasker(tiny_tokenizer.vocabulary, cfg.masking, max_predictions=k, seed=0, rank=0,
                     device="cpu")
+    ids = torch.from_numpy(rows["input_ids"])
+    starts = torch.from_numpy(tiny_tokenizer.vocabulary.word_start)[ids]
     masked = predicted = 0
     for step in range(4):
-        out = m(torch.from_numpy(rows["input_ids"]), step=step)
+        out = m(ids, step=step, word_starts=starts)
         masked += (out.labels != IGNORE_INDEX).sum().item()
         predicted += out.eligible.item()
     assert abs(masked / predicted - cfg.masking.prob) <= 0.002, (k, masked / predicted)

@@ -4,6 +4,7 @@ import numpy as np
 
 from mlm_dist.data.nsp import IS_NEXT, IS_RANDOM, NspPairBuilder, truncate_pair
 from mlm_dist.data.pipeline import BatchWriter
+from mlm_dist.data.shards import WORD_START
 from mlm_dist.bench_train import synthetic_vocabulary
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -28,11 +29,12 @@ def test_packed_rows_have_bert_layout_and_labels_are_balanced():
     pairs = list(NspPairBuilder(seq_len, np.random.default_rng(1))(make_documents()))
     assert len(pairs) > 500
     labels = np.array([p.label for p in pairs])
-    assert 0.44 < labels.mean() < 0.56, labels.mean()
+    # Half random, and more: as in BERT, a lone sentence at a document's end gets a random B.
+    assert 0.5 < labels.mean() < 0.68, labels.mean()
     writer = BatchWriter(len(pairs), seq_len, synthetic_vocabulary(2000))
     for a, b, label, _ in pairs:
         writer.add(a, b, label)
-    ids, types, mask, nsp = (t.numpy() for t in writer.take())
+    ids, types, mask, nsp, starts = (t.numpy() for t in writer.take())
     for row, (a, b, label, _) in enumerate(pairs):
         n = len(a) + len(b) + 3
         assert len(a) > 0 and len(b) > 0 and n <= seq_len
@@ -123,3 +125,23 @@ def test_interleaved_pairs_keep_berts_rules():
     for d in range(len(docs)):
         starts = [int(p.a[0]) for p in pairs if p.document == d]
         assert starts == sorted(starts)
+
+
+def test_batch_writer_takes_ids_and_word_starts_apart():
+    a = np.array([10, 11, 12]) | (np.array([1, 0, 1]) * WORD_START)
+    b = np.array([13, 14]) | (np.array([0, 1]) * WORD_START)
+    writer = BatchWriter(1, 8, synthetic_vocabulary(100))
+    writer.add(a, b, IS_NEXT)
+    ids, _, _, _, starts = (t.numpy() for t in writer.take())
+    assert ids[0].tolist() == [CLS_ID, 10, 11, 12, SEP_ID, 13, 14, SEP_ID]
+    assert starts[0].tolist() == [False, True, False, True, False, False, True, False]
+
+
+def test_a_lone_sentence_gets_a_random_b_as_in_bert():
+    rng = np.random.default_rng(6)
+    docs = [[np.arange(100 * d, 100 * d + int(rng.integers(8, 20)))] for d in range(200)]
+    pairs = list(NspPairBuilder(64, np.random.default_rng(7), short_seq_prob=0.0)(docs))
+    # the first has no other document to draw from yet, and splits its sentence instead
+    assert pairs[0].label == IS_NEXT and all(p.label == IS_RANDOM for p in pairs[1:])
+    for p in pairs[1:]:  # A is the whole sentence (not half of it), B another document's
+        assert len(p.a) == len(docs[p.document][0]) and p.b[0] // 100 != p.document

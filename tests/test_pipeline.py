@@ -21,11 +21,13 @@ def take(loader, n):
 
 
 def loader(shards_dir, rank=0, world=2, workers=0, seed=0, seq_len=64, micro=4, state=None,
-           vocab=None):
-    vocab = vocab or Tokenizer.load(Manifest.load(shards_dir).tokenizer.path).vocabulary
+           open_documents=1):
+    """open_documents=1: one work unit per shard, as the shard-level tests below expect."""
+    vocab = Tokenizer.load(Manifest.load(shards_dir).tokenizer.path).vocabulary
     return ResumableLoader(manifest_shards(shards_dir), seq_len=seq_len, micro_batch=micro,
                            rank=rank, world_size=world, seed=seed, vocab=vocab, state=state,
-                           data=DataConfig(num_workers=workers, shuffle_buffer=16))
+                           data=DataConfig(num_workers=workers, shuffle_buffer=16,
+                                           open_documents=open_documents))
 
 
 def ids(batches):
@@ -51,8 +53,8 @@ def test_every_document_once_per_epoch_whatever_the_reader_count(sizes, readers)
     for epoch in range(3):
         seen = []
         for r in range(readers):
-            for u in work_units(shards, epoch, 7, r, readers):
-                seen += [(u.shard.path, d) for d in range(u.shard.documents)
+            for u in work_units(shards, epoch, 7, r, readers, documents=12):
+                seen += [(s.path, d) for s in u.shards for d in range(s.documents)
                          if d % u.modulus == u.remainder]
         assert sorted(seen) == sorted((s.path, d) for s in shards for d in range(s.documents))
 
@@ -104,8 +106,8 @@ def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path)
     (epoch, unit, _), = state["positions"].values()
     # Remove every shard the resumed reader should not need to open.
     units = work_units(manifest_shards(shards), epoch, 0, 0, 1)
-    needed = {u.shard.path for u in units[unit:]} | {
-        u.shard.path for u in work_units(manifest_shards(shards), epoch + 1, 0, 0, 1)}
+    needed = {s.path for u in units[unit:] for s in u.shards} | {
+        s.path for u in work_units(manifest_shards(shards), epoch + 1, 0, 0, 1) for s in u.shards}
     for s in manifest_shards(shards):
         if s.path not in needed:
             (shards / s.path.rsplit("/", 1)[1]).unlink()
@@ -117,7 +119,8 @@ def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path)
 def test_resume_refuses_a_different_topology(tiny_shards):
     first = loader(tiny_shards)
     take(first, 3)
-    with pytest.raises(ValueError, match="same seed, shards, ranks and data.num_workers"):
+    with pytest.raises(ValueError, match="same seed, shards, ranks, data.open_documents and "
+                                         "data.num_workers"):
         loader(tiny_shards, workers=2, state=first.state_dict())
 
 
@@ -138,6 +141,14 @@ def test_bad_data_is_skipped_counted_and_named(uneven_shards, tmp_path, caplog):
     assert stream.skipped_documents >= 3 + 59
 
 
+def test_small_shards_are_joined_into_units_of_enough_documents():
+    shards = [Shard(f"s{i}", 5) for i in range(23)]
+    for reader in range(2):
+        units = work_units(shards, 0, 7, reader, 2, documents=16)
+        sizes = [sum(s.documents for s in u.shards) for u in units]
+        assert all(n >= 16 for n in sizes) and max(sizes) < 2 * 16 + 5, sizes
+
+
 @pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (2, 3)])
 def test_regroup_onto_another_rank_count_never_repeats_a_shard(uneven_shards, old_world,
                                                                new_world):
@@ -151,7 +162,7 @@ def test_regroup_onto_another_rank_count_never_repeats_a_shard(uneven_shards, ol
     new_units = [u for r in range(new_world)
                  for u in work_units(shards, epoch, 0, r, new_world,
                                      Consumed(epoch, frozenset(consumed["shards"])))]
-    new_paths = [u.shard.path for u in new_units]
+    new_paths = [s.path for u in new_units for s in u.shards]
     consumed_paths = {shards[i].path for i in consumed["shards"]}
     assert not consumed_paths & set(new_paths)  # nothing read twice in the epoch
     assert consumed_paths | set(new_paths) == {s.path for s in shards}  # and nothing lost

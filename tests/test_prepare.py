@@ -17,14 +17,15 @@ from mlm_dist.data.partitions import merge_partitions
 from mlm_dist.data.prepare import assign_splits, prepare_shards, split_of
 from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, decode_document, document_key,
                                   encode_document, encode_sample, file_sha256, npy_bytes,
-                                  shard_paths, tar_end, token_dtype)
+                                  ShardFormatError, shard_paths, tar_end, token_dtype, token_ids,
+                                  word_starts)
 
 
 def read_samples(paths):
     """{key: [sentence ids, ...]} of every sample in the given shards, read with webdataset."""
     samples = {}
     for sample in wds.WebDataset(paths, shardshuffle=False):
-        samples[sample["__key__"]] = [s.tolist() for s in decode_document(sample)]
+        samples[sample["__key__"]] = [token_ids(s).tolist() for s in decode_document(sample)]
     return samples
 
 
@@ -74,7 +75,7 @@ def test_manifest_counts_and_sha256_match_the_tars(tiny_shards):
                     if member.name.endswith(".lengths.npy"):
                         counts["documents"] += 1
                         counts["sentences"] += array.size
-                    else:
+                    elif member.name.endswith(".tokens.npy"):
                         counts["tokens"] += array.size
             assert counts == {k: getattr(shard, k) for k in counts}, shard.path
             assert shard.sha256 == file_sha256(path)
@@ -207,7 +208,6 @@ def test_manifest_load_errors_name_the_fix(tmp_path, tiny_shards):
     broken = {
         "not JSON": "{",
         "missing key 'dtype'": {k: v for k, v in good.items() if k != "dtype"},
-        "format 2": {**good, "format": 2},
         "documents should be int": {**good, "splits": {"train": [
             {**good["splits"]["train"][0], "documents": "7"}]}},
         "cannot hold": {**good, "tokenizer": {**good["tokenizer"], "vocab_size": 70000}},
@@ -221,6 +221,20 @@ def test_manifest_load_errors_name_the_fix(tmp_path, tiny_shards):
             Manifest.load(directory)
 
 
+@pytest.mark.parametrize("version, hint", [(1, "format 2 stores word boundaries"),
+                                           (3, "the mlm_dist version that wrote them")])
+def test_shards_of_another_format_name_the_fix(tmp_path, tiny_shards, version, hint):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_shards, old)
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    (old / MANIFEST_FILE).write_text(json.dumps({**manifest, "format": version}))
+    with pytest.raises(ShardFormatError, match=f"shard format {version}, and this mlm_dist reads "
+                       f"format 2.*{hint}"):
+        Manifest.load(old)
+    with pytest.raises(ShardFormatError, match="re-run `mlm-dist prepare`"):
+        Manifest.load(old)
+
+
 def test_manifest_save_never_overwrites(tmp_path, tiny_shards):
     manifest = Manifest.load(tiny_shards)
     manifest.save(tmp_path)
@@ -230,8 +244,10 @@ def test_manifest_save_never_overwrites(tmp_path, tiny_shards):
 
 
 def test_decode_checks_lengths_against_tokens():
-    sample = {"__key__": "000000007", **encode_document([[5, 6, 7], [8]], np.uint16)}
-    assert [s.tolist() for s in decode_document(sample)] == [[5, 6, 7], [8]]
+    sample = {"__key__": "000000007",
+              **encode_document([[5, 6, 7], [8]], [[1, 0, 1], [0]], np.uint16)}
+    assert [token_ids(s).tolist() for s in decode_document(sample)] == [[5, 6, 7], [8]]
+    assert [word_starts(s).tolist() for s in decode_document(sample)] == [[1, 0, 1], [0]]
     assert all(s.dtype == np.int64 for s in decode_document(sample))
     sample["lengths.npy"] = npy_bytes(np.array([3, 2], dtype=np.int32))
     with pytest.raises(ValueError, match="'000000007'.*add up to 5 but there are 4 tokens"):
@@ -241,14 +257,19 @@ def test_decode_checks_lengths_against_tokens():
         decode_document(sample)
     with pytest.raises(ValueError, match="'000000008'.*no 'lengths.npy'"):
         decode_document({"__key__": "000000008", "tokens.npy": b""})
+    sample = {"__key__": "000000009", **encode_document([[5, 6]], [[1, 0]], np.uint16)}
+    sample["starts.npy"] = npy_bytes(np.array([1], dtype=np.uint8))
+    with pytest.raises(ValueError, match="'000000009'.*starts.npy has 1 flags for 2 tokens"):
+        decode_document(sample)
 
 
 def test_decode_reads_npy_from_other_writers():
     # Big-endian data misses the fast header path and must still decode correctly.
     sample = {"__key__": "x",
               "tokens.npy": npy_bytes(np.array([9, 10, 11], dtype=">u2")),
-              "lengths.npy": npy_bytes(np.array([1, 2], dtype=">i8"))}
-    assert [s.tolist() for s in decode_document(sample)] == [[9], [10, 11]]
+              "lengths.npy": npy_bytes(np.array([1, 2], dtype=">i8")),
+              "starts.npy": npy_bytes(np.array([1, 1, 0], dtype=">u2"))}
+    assert [token_ids(s).tolist() for s in decode_document(sample)] == [[9], [10, 11]]
 
 
 def test_stdlib_corpus_is_deterministic_real_text(tmp_path):
@@ -331,7 +352,7 @@ def test_shard_bytes_are_what_webdataset_writes():
     ours = b""
     with wds.TarWriter(buffer, encoder=False, mtime=0) as tar:
         for i, doc in enumerate([[[5, 6, 7], [8]], [list(range(5, 700))], [[9]] * 300]):
-            fields = encode_document(doc, np.uint16)
+            fields = encode_document(doc, [[i % 2 for i in s] for s in doc], np.uint16)
             tar.write({"__key__": document_key(i, partition=3), **fields})
             ours += encode_sample(document_key(i, partition=3), fields)
     assert ours + tar_end(len(ours)) == buffer.getvalue()

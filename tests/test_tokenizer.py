@@ -8,7 +8,7 @@ import sentencepiece as spm
 
 from mlm_dist.cli import main
 from mlm_dist.data.corpus import iter_documents
-from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, SEP_ID, SPECIAL_TOKENS,
+from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, SEP_ID, SPECIAL_TOKENS, UNK_ID,
                                 WORD_BOUNDARY, Tokenizer, sentences_of, train_tokenizer)
 
 
@@ -149,3 +149,114 @@ def test_mask_in_text_without_spaces(tmp_path):
         assert not tok.id_to_piece(tail[0]).startswith(WORD_BOUNDARY), text
     assert tok.encode("[MASK]是中国的首都。", parse_mask=True)[:2] == \
         [MASK_ID, tok.sp.piece_to_id("是")]
+
+
+# ----------------------------------------------------------------------------- CJK options
+
+def trainer_spec(tok):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.path.read_bytes())
+    return proto.trainer_spec
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory, tiny_corpus):
+    """English and a little Japanese/Chinese, with byte fallback."""
+    sentences = corpus_sentences(tiny_corpus) + CJK_SENTENCES * 3
+    return train_tokenizer(sentences, tmp_path_factory.mktemp("bytes"), vocab_size=700,
+                           byte_fallback=True)
+
+
+def test_byte_fallback_adds_256_ordinary_byte_pieces(byte_tokenizer):
+    tok = byte_tokenizer
+    assert trainer_spec(tok).byte_fallback
+    assert [tok.id_to_piece(i) for i in range(5, 5 + 256)] == [f"<0x{b:02X}>" for b in range(256)]
+    assert all(tok.sp.is_byte(i) for i in range(5, 261)) and not tok.sp.is_byte(261)
+    # Byte pieces are text to us: masked, predicted and drawn as random replacements.
+    special = tok.vocabulary.special
+    assert special[:5].all() and not special[5:].any()
+    assert set(range(5, 261)) <= set(tok.vocabulary.replacement_ids.tolist())
+    # They never start with "▁", so they continue the word they are in.
+    assert not tok.vocabulary.word_start[5:261].any()
+
+
+@pytest.mark.parametrize("text", ["東京は😀日本の鬱です", "家族👨‍👩‍👧で", "麤 and 𠮷", "emoji 😀"])
+def test_byte_fallback_spells_unseen_characters_as_bytes(byte_tokenizer, text):
+    tok = byte_tokenizer
+    ids = tok.encode(text)
+    assert UNK_ID not in ids and any(tok.sp.is_byte(i) for i in ids)
+    assert tok.decode(ids) == text  # nothing lost (these texts are unchanged by NFKC)
+    # A word starting with an unseen character starts with a lone "▁", the bytes follow it.
+    first = ids.index(next(i for i in ids if tok.sp.is_byte(i)))
+    words = text.split()
+    if any(w[0] in "😀麤𠮷" for w in words):
+        assert WORD_BOUNDARY in [tok.id_to_piece(i) for i in ids[:first]]
+
+
+def test_without_byte_fallback_unseen_characters_are_unk(tiny_tokenizer):
+    assert not trainer_spec(tiny_tokenizer).byte_fallback
+    assert UNK_ID in tiny_tokenizer.encode("emoji 😀")
+    assert not any(tiny_tokenizer.sp.is_byte(i) for i in range(tiny_tokenizer.vocab_size))
+
+
+def test_character_coverage_reaches_sentencepiece(tmp_path):
+    sentences = CJK_SENTENCES * 10
+    full = train_tokenizer(sentences, tmp_path / "full", vocab_size=60, character_coverage=1.0)
+    part = train_tokenizer(sentences, tmp_path / "part", vocab_size=60, character_coverage=0.98)
+    assert trainer_spec(full).character_coverage == 1.0
+    assert abs(trainer_spec(part).character_coverage - 0.98) < 1e-6
+    assert UNK_ID not in full.encode("".join(CJK_SENTENCES))
+    assert UNK_ID in part.encode("".join(CJK_SENTENCES))  # its rarest characters were left out
+
+
+def test_vocab_smaller_than_the_characters_names_our_flags(tmp_path, capsys):
+    with pytest.raises(ValueError) as e:
+        train_tokenizer(CJK_SENTENCES * 10, tmp_path / "a", vocab_size=30)
+    message = str(e.value)
+    assert "--vocab-size 30" in message and "--character-coverage 0.9995" in message
+    assert "at least 60" in message and "character_coverage" not in message
+    assert not (tmp_path / "a" / MODEL_FILE).exists()
+
+    (tmp_path / "cjk.txt").write_text("\n".join(CJK_SENTENCES) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "train", "--input", str(tmp_path / "cjk.txt"), "--vocab-size", "300",
+              "--byte-fallback", "--out", str(tmp_path / "b")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vocab-size 300 is too small" in err and "character_coverage" not in err
+    assert "--character-coverage" in err and "their UTF-8 bytes" in err
+
+
+def test_byte_fallback_needs_room_for_the_byte_pieces(tmp_path):
+    with pytest.raises(ValueError, match=r"--vocab-size 261 is too small: the 5 special tokens "
+                                         r"and the 256 byte pieces of --byte-fallback"):
+        train_tokenizer(CJK_SENTENCES, tmp_path / "tok", vocab_size=261, byte_fallback=True)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_vocab_larger_than_the_corpus_names_the_largest(tmp_path):
+    with pytest.raises(ValueError, match=r"--vocab-size 5000 is too large for this corpus: "
+                                         r"SentencePiece finds at most (\d+) pieces"):
+        train_tokenizer(CJK_SENTENCES, tmp_path / "tok", vocab_size=5000)
+
+
+@pytest.mark.parametrize("coverage", [0.0, 0.97, 1.5])
+def test_character_coverage_out_of_range(tmp_path, coverage):
+    with pytest.raises(ValueError, match="--character-coverage .* must be between 0.98 and 1"):
+        train_tokenizer(CJK_SENTENCES, tmp_path / "tok", vocab_size=60, character_coverage=coverage)
+
+
+def test_cli_passes_coverage_and_byte_fallback(tmp_path):
+    from mlm_dist.cli import build_parser
+    from mlm_dist.tokenizer import DEFAULT_CHARACTER_COVERAGE
+
+    args = build_parser().parse_args(["tokenizer", "train", "--input", "x", "--vocab-size", "9",
+                                      "--out", "y"])
+    assert (args.character_coverage, args.byte_fallback) == (DEFAULT_CHARACTER_COVERAGE, False)
+    (tmp_path / "cjk.txt").write_text("\n".join(CJK_SENTENCES * 30) + "\n")
+    main(["tokenizer", "train", "--input", str(tmp_path / "cjk.txt"), "--vocab-size", "320",
+          "--character-coverage", "1.0", "--byte-fallback", "--out", str(tmp_path / "tok")])
+    spec = trainer_spec(Tokenizer.load(tmp_path / "tok"))
+    assert spec.byte_fallback and spec.character_coverage == 1.0

@@ -2,7 +2,8 @@
 
 Two formats, chosen by file name:
   *.jsonl, *.jsonl.gz      one JSON object per line with a "text" field; one document per line,
-                           split into sentences here
+                           split into sentences by data/sentences.py in the reader's language
+                           ("en", "ja", "zh", …, or "auto": detected per document)
   anything else            plain text: one sentence per line, a blank line between documents
                            (*.txt, *.txt.gz and any other name; *.gz is read through gzip)
 
@@ -22,6 +23,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+from mlm_dist.data.sentences import AUTO, check_language, detect_language, split_sentences
+
 KNOWN_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # what a directory contributes
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -29,20 +32,6 @@ _ENCODED_REPLACEMENT = "\ufffd".encode()
 # JSON can spell unpaired surrogates ("\ud800"), which no UTF-8 encoder (SentencePiece's
 # included) accepts; they are invalid text like bad bytes are, and are replaced and counted too.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-# A sentence ends at . ! or ? (optionally followed by a closing quote or bracket, which stays
-# with its sentence) followed by whitespace and something that starts a sentence.
-# Deliberately simple: NSP needs plausible sentence boundaries, not linguistic perfection.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
-
-
-def split_sentences(text: str) -> list[str]:
-    sentences = []
-    for paragraph in text.splitlines():
-        paragraph = paragraph.strip()
-        if paragraph:
-            sentences.extend(s.strip() for s in _SENTENCE_END.split(paragraph) if s.strip())
-    return sentences
 
 
 # ----------------------------------------------------------------------------- naming inputs
@@ -127,6 +116,7 @@ class Document(NamedTuple):
     file_index: int  # where its file stands in the whole input list (all partitions)
     index: int  # where it stands among its file's documents
     sentences: list[str]
+    lang: str  # the reader's language, or the one detected for this document under "auto"
 
 
 class CorpusReader:
@@ -135,11 +125,13 @@ class CorpusReader:
     `file_indices` are the files' places in the whole input list when this reader gets only
     some of them (one partition); they make a document's identity independent of partitioning.
     `report` is called with a line such as "x.txt: 3 invalid UTF-8 sequences replaced" as soon
-    as a file with invalid text has been read.
+    as a file with invalid text has been read. `lang` is the language JSONL documents are split
+    into sentences in ("auto": detected per document); plain text is one sentence a line already.
     """
 
     def __init__(self, files: list[Path], file_indices: list[int] | None = None,
-                 report: Callable[[str], None] | None = None):
+                 report: Callable[[str], None] | None = None, lang: str = "en"):
+        self.lang = check_language(lang)  # an unknown code stops here, before any file is read
         self.files = files
         self.file_indices = list(range(len(files))) if file_indices is None else file_indices
         self.report = report
@@ -151,18 +143,27 @@ class CorpusReader:
             self.files_opened += 1
             invalid = [0]  # the file's readers add to it as they go
             lines = _decoded_lines(path, invalid)
-            read = _jsonl_documents(path, lines, invalid) if _is_jsonl(path) else _text_documents(lines)
-            for index, sentences in enumerate(read):
-                yield Document(file_index, index, sentences)
+            read = (_jsonl_documents(path, lines, invalid) if _is_jsonl(path)
+                    else _text_documents(lines))
+            index = 0
+            for text, sentences in read:
+                # Under "auto" each document's language is detected once, for its sentence
+                # splitting (JSONL) and for its word segmentation (data/words.py).
+                lang = detect_language(text) if self.lang == AUTO else self.lang
+                sentences = split_sentences(text, lang) if sentences is None else sentences
+                if sentences:
+                    yield Document(file_index, index, sentences, lang)
+                    index += 1
             if invalid[0]:
                 self.invalid_utf8[path] = invalid[0]
                 if self.report is not None:
                     self.report(invalid_utf8_message(path, invalid[0]))
 
 
-def iter_documents(inputs: Iterable[str | Path]) -> Iterator[list[str]]:
-    """Yield each document (a list of sentences) of each input, in order."""
-    for document in CorpusReader(resolve_inputs(inputs)).documents():
+def iter_documents(inputs: Iterable[str | Path], lang: str = "en") -> Iterator[list[str]]:
+    """Yield each document (a list of sentences) of each input, in order; JSONL documents are
+    split into sentences in `lang` (see CorpusReader)."""
+    for document in CorpusReader(resolve_inputs(inputs), lang=lang).documents():
         yield document.sentences
 
 
@@ -197,7 +198,8 @@ def _decoded_lines(path: Path, invalid: list[int]) -> Iterator[tuple[int, str]]:
                              "it again") from None
 
 
-def _text_documents(lines: Iterator[tuple[int, str]]) -> Iterator[list[str]]:
+def _text_documents(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[str, list[str]]]:
+    """(the start of its text, for language detection; its sentences) of each document."""
     doc: list[str] = []
     for _, physical_line in lines:
         # Lines end in \n, \r\n or a lone \r (old Mac files), as in Python's text mode.
@@ -206,14 +208,15 @@ def _text_documents(lines: Iterator[tuple[int, str]]) -> Iterator[list[str]]:
             if line:
                 doc.append(line)
             elif doc:
-                yield doc
+                yield " ".join(doc[:50]), doc
                 doc = []
     if doc:
-        yield doc
+        yield " ".join(doc[:50]), doc
 
 
 def _jsonl_documents(path: Path, lines: Iterator[tuple[int, str]],
-                     invalid: list[int]) -> Iterator[list[str]]:
+                     invalid: list[int]) -> Iterator[tuple[str, None]]:
+    """(text, None) of each document: the reader splits it, once it knows the language."""
     for lineno, line in lines:
         if not line.strip():
             continue
@@ -227,6 +230,4 @@ def _jsonl_documents(path: Path, lines: Iterator[tuple[int, str]],
             raise ValueError(f'{path}:{lineno}: expected an object with a "text" string')
         text, surrogates = _SURROGATE.subn("\ufffd", text)
         invalid[0] += surrogates
-        sentences = split_sentences(text)
-        if sentences:
-            yield sentences
+        yield text, None  # split by the reader, in the document's language

@@ -13,6 +13,7 @@ import numpy as np
 
 from mlm_dist.data.corpus import Document
 from mlm_dist.data.shards import encode_document
+from mlm_dist.data.words import SEGMENTERS, WordSegmenter, token_word_starts
 from mlm_dist.tokenizer import Tokenizer
 
 # Sentences per batch handed to a worker: large enough to amortize the hand-over and the
@@ -29,31 +30,56 @@ class EncodedDocument(NamedTuple):
 
 
 class DocumentEncoder:
-    """Callable on a batch of Documents; picklable, so each worker process loads its own model."""
+    """Callable on a batch of Documents; picklable, so each worker process loads its own model.
+
+    Word starts come from a segmenter for a document in a segmented language (words.py: ja,
+    zh), from the tokenizer's pieces ("▁" / "##") for any other."""
 
     def __init__(self, tokenizer_path: str | Path, dtype: np.dtype):
         self.tokenizer_path = Path(tokenizer_path)
         self.dtype = np.dtype(dtype)
         self._tokenizer: Tokenizer | None = None
+        self._segmenters = {code: WordSegmenter(code) for code in SEGMENTERS}
 
     def __getstate__(self):
         # A SentencePiece processor does not cross processes; its path does.
-        return {"tokenizer_path": self.tokenizer_path, "dtype": self.dtype, "_tokenizer": None}
+        return {**self.__dict__, "_tokenizer": None}
 
     def __call__(self, documents: list[Document]) -> list[EncodedDocument]:
         """The documents that have any tokens, encoded; empty sentences dropped."""
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.load(self.tokenizer_path)
-        ids = self._tokenizer.encode_batch([s for document in documents for s in document.sentences])
-        encoded, start = [], 0
-        for document in documents:
-            sentences = [s for s in ids[start:start + len(document.sentences)] if s]
-            start += len(document.sentences)
+        encoded = []
+        for document, sentences in zip(documents, self._encode(documents)):
+            sentences = [(ids, starts) for ids, starts in sentences if len(ids)]
             if sentences:
+                ids, starts = zip(*sentences)
                 encoded.append(EncodedDocument(document.file_index, document.index,
-                                               encode_document(sentences, self.dtype),
-                                               len(sentences), sum(map(len, sentences))))
+                                               encode_document(ids, starts, self.dtype),
+                                               len(ids), sum(map(len, ids))))
         return encoded
+
+    def _encode(self, documents: list[Document]) -> list[list[tuple[list[int], np.ndarray]]]:
+        """(ids, word starts) of every sentence of every document. One tokenizer call for all
+        the sentences the tokenizer's own word marks serve, one per segmented language."""
+        tokenizer = self._tokenizer
+        langs = [document.lang for document in documents]
+        out: list[list] = [[] for _ in documents]
+        for lang in dict.fromkeys(langs):
+            mine = [d for d, doc_lang in enumerate(langs) if doc_lang == lang]
+            texts = [s for d in mine for s in documents[d].sentences]
+            if lang in self._segmenters:
+                segmenter = self._segmenters[lang]
+                encoded = [(ids, token_word_starts(text, spans, segmenter.word_starts(text)))
+                           for text, (ids, spans) in zip(texts, tokenizer.encode_spans(texts))]
+            else:
+                table = tokenizer.vocabulary.word_start
+                encoded = [(ids, table[ids]) for ids in tokenizer.encode_batch(texts)]
+            position = 0
+            for d in mine:
+                out[d] = encoded[position:position + len(documents[d].sentences)]
+                position += len(documents[d].sentences)
+        return out
 
 
 def document_batches(documents: Iterable[Document],

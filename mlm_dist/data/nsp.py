@@ -126,13 +126,19 @@ class NspPairBuilder:
             chunk.append(sentences[i])
             length += len(sentences[i])
             if i == len(sentences) - 1 or length >= target:
-                is_random = rng.random() < 0.5 and self._has_other(doc)
-                if not is_random and len(chunk) == 1 and i + 1 < len(sentences):
+                coin = rng.random() < 0.5
+                if not coin and len(chunk) == 1 and i + 1 < len(sentences):
                     # An actual-next pair needs two sentences; borrow the next one.
                     i += 1
                     chunk.append(sentences[i])
                 a_end = 1 if len(chunk) < 2 else int(rng.integers(1, len(chunk)))
                 a = np.concatenate(chunk[:a_end])
+                # As BERT: a lone sentence (the end of a document, or a one-sentence document)
+                # always gets a random B, taken up to the target length from another document.
+                # On a corpus of short documents that leans NSP towards "random", but the
+                # sequence is spent on text rather than padding (splitting the sentence into A
+                # and B would leave most of the row empty).
+                is_random = (coin or len(chunk) == 1) and self._has_other(doc)
                 if is_random:
                     b = self._random_segment(max(1, target - len(a)), doc)
                     # The sentences not used for A go back to the document for the next pair.
@@ -142,9 +148,8 @@ class NspPairBuilder:
                     b = np.concatenate(chunk[a_end:])
                     label = IS_NEXT
                 else:
-                    # One sentence left and the coin said "actual next": split the sentence
-                    # itself, which keeps the labels balanced (BERT would force a random B here,
-                    # skewing NSP towards "random" on corpora of short documents).
+                    # A lone sentence and no other document yet to take B from: the sentence
+                    # itself, split in two.
                     if len(a) < 2:
                         chunk, length, i = [], 0, i + 1
                         doc.remaining = int(doc.suffix[i])

@@ -140,7 +140,7 @@ def merge_partitions(directory: str | Path) -> Manifest:
                           seed=first.prepare.seed, valid_fraction=first.prepare.valid_fraction,
                           invalid_utf8=sum(i.invalid_utf8 for i in infos),
                           invalid_utf8_files=sum(i.invalid_utf8_files for i in infos),
-                          num_partitions=count))
+                          num_partitions=count, lang=first.prepare.lang))
     if merged.totals("train")["documents"] == 0:
         raise ValueError(f"no partition of {root} has any train document: the inputs have no "
                          "text; nothing to merge")
@@ -166,7 +166,8 @@ def _check_partitions_agree(root: Path, parts: list[tuple[Path, Manifest]], coun
                  "every partition must see the same --input files (did files change between jobs?)"),
                 ("seed", info.seed, first.prepare.seed, "use the same --seed"),
                 ("valid fraction", info.valid_fraction, first.prepare.valid_fraction,
-                 "use the same --valid-fraction")):
+                 "use the same --valid-fraction"),
+                ("language", info.lang, first.prepare.lang, "use the same --lang")):
             if mine != theirs:
                 raise ValueError(f"{path.name} and {first_path.name} in {root} differ in {what} "
                                  f"({mine} vs {theirs}): {fix}; re-run the partitions that differ")

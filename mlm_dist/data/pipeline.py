@@ -32,7 +32,7 @@ import torch
 from mlm_dist.config import DataConfig
 from mlm_dist.data.nsp import NspPairBuilder, Pair
 from mlm_dist.data.reader import SkipCounter, read_documents
-from mlm_dist.data.shards import Manifest
+from mlm_dist.data.shards import Manifest, token_ids, word_starts
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.tokenizer import Vocabulary
 
@@ -43,6 +43,7 @@ class Batch:
     token_type_ids: torch.Tensor  # long [B, S]
     attention_mask: torch.Tensor  # long [B, S], 1 = real token
     nsp_label: torch.Tensor  # long [B]
+    word_starts: torch.Tensor  # bool [B, S], True where a token begins a word (from the shards)
     # Bookkeeping for resume, not sent to the device.
     reader: int = 0
     position: tuple[int, int, int] = (0, 0, 0)
@@ -51,13 +52,13 @@ class Batch:
     def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.input_ids), move(self.token_type_ids),
-                     move(self.attention_mask), move(self.nsp_label),
+                     move(self.attention_mask), move(self.nsp_label), move(self.word_starts),
                      self.reader, self.position, self.skipped)
 
     def pin_memory(self) -> "Batch":
         return Batch(self.input_ids.pin_memory(), self.token_type_ids.pin_memory(),
                      self.attention_mask.pin_memory(), self.nsp_label.pin_memory(),
-                     self.reader, self.position, self.skipped)
+                     self.word_starts.pin_memory(), self.reader, self.position, self.skipped)
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,19 @@ class Consumed:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    shard: Shard
+    shards: tuple[Shard, ...]  # read one after the other, their documents' pairs mixed together
     modulus: int  # this unit is the documents whose index % modulus == remainder
     remainder: int
 
 
 def work_units(shards: list[Shard], epoch: int, seed: int, reader: int, readers: int,
-               consumed: Consumed | None = None) -> list[WorkUnit]:
+               consumed: Consumed | None = None, documents: int = 1) -> list[WorkUnit]:
     """What one reader reads in one epoch. Over all readers: every document exactly once
-    (less the shards already consumed in that epoch by a run on another number of ranks)."""
+    (less the shards already consumed in that epoch by a run on another number of ranks).
+
+    A reader's shards are joined into units of at least `documents` documents (the run's
+    data.open_documents): pairs are mixed within a unit, so a corpus of books cut into small
+    shards still mixes as many books as one of short documents."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
     if consumed is not None and epoch == consumed.epoch:
         order = np.array([i for i in order if i not in consumed.shards], dtype=np.int64)
@@ -102,10 +107,20 @@ def work_units(shards: list[Shard], epoch: int, seed: int, reader: int, readers:
             return []
     n = len(order)
     if n >= readers:
-        return [WorkUnit(shards[i], 1, 0) for i in order[reader::readers]]
+        units, unit = [], []
+        for i in order[reader::readers]:
+            unit.append(shards[i])
+            if sum(s.documents for s in unit) >= documents:
+                units.append(WorkUnit(tuple(unit), 1, 0))
+                unit = []
+        if unit and units:  # a short rest joins the last unit rather than mixing poorly alone
+            units[-1] = WorkUnit(units[-1].shards + tuple(unit), 1, 0)
+        elif unit:
+            units.append(WorkUnit(tuple(unit), 1, 0))
+        return units
     # Fewer shards than readers: readers r, r+n, r+2n, ... share shard order[r % n].
     sharing = len(range(reader % n, readers, n))
-    return [WorkUnit(shards[order[reader % n]], sharing, reader // n)]
+    return [WorkUnit((shards[order[reader % n]],), sharing, reader // n)]
 
 
 @dataclass
@@ -127,7 +142,7 @@ class ReaderStream:
         epoch, unit_index, offset = start
         while epochs is None or epoch < epochs:
             units = work_units(self.shards, epoch, self.seed, self.reader, self.readers,
-                               self.consumed)
+                               self.consumed, self.data.open_documents)
             for u in range(unit_index, len(units)):
                 skip = offset if u == unit_index else 0
                 emitted = 0
@@ -139,8 +154,9 @@ class ReaderStream:
 
     def _unit_examples(self, unit: WorkUnit, epoch: int, u: int):
         rng = np.random.default_rng([self.seed, epoch, self.reader, u])
-        documents = read_documents(unit.shard.path, unit.shard.documents, unit.modulus,
-                                   unit.remainder, self.skips)
+        documents = (document for shard in unit.shards
+                     for document in read_documents(shard.path, shard.documents, unit.modulus,
+                                                    unit.remainder, self.skips))
         builder = NspPairBuilder(self.seq_len, rng, short_seq_prob=self.data.short_seq_prob,
                                  open_documents=self.data.open_documents)
         return builder(shuffled(documents, self.data.shuffle_buffer, rng))
@@ -160,7 +176,8 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
 
 
 class BatchWriter:
-    """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays."""
+    """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays; the segments'
+    tokens carry their word-start flags (shards.WORD_START), which go to their own array."""
 
     def __init__(self, micro_batch: int, seq_len: int, vocab: Vocabulary):
         self.micro_batch, self.seq_len = micro_batch, seq_len
@@ -173,6 +190,7 @@ class BatchWriter:
         self.types = np.zeros(shape, dtype=np.int64)
         self.mask = np.zeros(shape, dtype=np.int64)
         self.labels = np.zeros(self.micro_batch, dtype=np.int64)
+        self.starts = np.zeros(shape, dtype=bool)
         self.rows = 0
 
     def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
@@ -180,10 +198,12 @@ class BatchWriter:
         r, la, lb = self.rows, len(a), len(b)
         ids = self.ids[r]
         ids[0] = self.cls_id
-        ids[1:1 + la] = a
+        ids[1:1 + la] = token_ids(a)
         ids[1 + la] = self.sep_id
-        ids[2 + la:2 + la + lb] = b
+        ids[2 + la:2 + la + lb] = token_ids(b)
         ids[2 + la + lb] = self.sep_id
+        self.starts[r, 1:1 + la] = word_starts(a)
+        self.starts[r, 2 + la:2 + la + lb] = word_starts(b)
         self.types[r, 2 + la:3 + la + lb] = 1
         self.mask[r, :3 + la + lb] = 1
         self.labels[r] = label
@@ -191,7 +211,8 @@ class BatchWriter:
         return self.rows == self.micro_batch
 
     def take(self) -> tuple[torch.Tensor, ...]:
-        out = tuple(torch.from_numpy(x) for x in (self.ids, self.types, self.mask, self.labels))
+        out = tuple(torch.from_numpy(x)
+                    for x in (self.ids, self.types, self.mask, self.labels, self.starts))
         self._new()
         return out
 
@@ -266,11 +287,13 @@ class ResumableLoader:
         self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         self.batches = int(state.get("batches", 0))
         self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
-        self.signature = {"seed": seed, "readers": readers, "shards": len(shards)}
+        self.signature = {"seed": seed, "readers": readers, "shards": len(shards),
+                          "open_documents": data.open_documents}
         if state and state.get("signature") != self.signature:
             raise ValueError(
                 f"the saved data position was made with {state.get('signature')} and this run "
-                f"has {self.signature}; resume with the same seed, shards, ranks and "
+                f"has {self.signature}; resume with the same seed, shards, ranks, "
+                "data.open_documents and "
                 "data.num_workers")
         consumed = state.get("consumed")
         self.consumed = consumed and Consumed(consumed["epoch"], frozenset(consumed["shards"]))
@@ -338,7 +361,8 @@ def regroup(states: list[dict], shards: list[Shard], world_size: int, num_worker
     cost of the unread rest of at most one shard per old reader.
     """
     signature = states[0]["signature"]
-    seed, old_readers = signature["seed"], signature["readers"]
+    seed, old_readers, grouped = (signature["seed"], signature["readers"],
+                                  signature["open_documents"])
     positions = {int(k): v for st in states for k, v in st["positions"].items()}
     at = {r: positions.get(r, (0, 0, 0)) for r in range(old_readers)}
     epoch = min(e for e, _, _ in at.values())
@@ -348,11 +372,12 @@ def regroup(states: list[dict], shards: list[Shard], world_size: int, num_worker
     index = {s.path: i for i, s in enumerate(shards)}
     consumed = set(earlier.shards) if earlier and earlier.epoch == epoch else set()
     for r, (e, unit, offset) in at.items():
-        units = work_units(shards, epoch, seed, r, old_readers, earlier)
+        units = work_units(shards, epoch, seed, r, old_readers, earlier, grouped)
         done = units if e > epoch else units[:unit + (1 if offset else 0)]
-        consumed.update(index[u.shard.path] for u in done)
+        consumed.update(index[s.path] for u in done for s in u.shards)
     readers = world_size * max(1, num_workers)
     return {"positions": {str(r): [epoch, 0, 0] for r in range(readers)},
             "batches": 0, "skipped": {},
-            "signature": {"seed": seed, "readers": readers, "shards": len(shards)},
+            "signature": {"seed": seed, "readers": readers, "shards": len(shards),
+                          "open_documents": grouped},
             "consumed": {"epoch": epoch, "shards": sorted(consumed)}}

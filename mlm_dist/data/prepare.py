@@ -29,6 +29,7 @@ from mlm_dist.data.partitions import (check_out_dir, check_partition, inputs_sha
                                       partial_manifest_name, partition_file_indices, shard_prefix)
 from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, PrepareInfo, ShardInfo, TokenizerInfo,
                                   document_key, encode_sample, tar_end, token_dtype)
+from mlm_dist.data.words import check_language
 from mlm_dist.data.workers import check_workers, ordered_map
 from mlm_dist.tokenizer import Tokenizer
 
@@ -47,6 +48,7 @@ def prepare_shards(
     num_partitions: int = 1,
     partition_index: int = 0,
     progress: bool = False,
+    lang: str = "en",
 ) -> Manifest:
     """Tokenize `inputs` into train/valid shards in `out_dir`; return the manifest (it has the stats).
 
@@ -54,11 +56,14 @@ def prepare_shards(
     goes to valid with probability `valid_fraction`, by a draw seeded with `seed` and the
     document's identity (its file's place in the input list, its place in the file), so the
     split of a document does not depend on the number of workers or partitions.
+    `lang` ("en", "ja", "zh", …, or "auto": per document) chooses how JSONL text is split into
+    sentences and how word boundaries are found (data/words.py).
     """
     out = Path(out_dir)
     _check_options(docs_per_shard, valid_fraction, seed)
     check_workers(workers)
     check_partition(num_partitions, partition_index)
+    lang = check_language(lang)
     all_files = resolve_inputs(inputs)
     file_indices = partition_file_indices(len(all_files), num_partitions, partition_index)
     files = [all_files[k] for k in file_indices]
@@ -73,7 +78,8 @@ def prepare_shards(
                for split in SPLITS}
     bar = tqdm(desc="prepare", unit=" docs", file=sys.stderr, dynamic_ncols=True,
                disable=None if progress else True)  # None: only when stderr is a terminal
-    reader = CorpusReader(files, file_indices, report=lambda line: bar.write(line, file=sys.stderr))
+    reader = CorpusReader(files, file_indices, report=lambda line: bar.write(line, file=sys.stderr),
+                          lang=lang)
     try:
         batches = ordered_map(DocumentEncoder(Path(tokenizer.path).parent, dtype),
                               document_batches(reader.documents()), workers)
@@ -98,7 +104,8 @@ def prepare_shards(
                                 seed=seed, valid_fraction=float(valid_fraction),
                                 invalid_utf8=sum(reader.invalid_utf8.values()),
                                 invalid_utf8_files=len(reader.invalid_utf8),
-                                num_partitions=num_partitions, partition=partition),
+                                num_partitions=num_partitions, partition=partition,
+                                lang=lang),
         )
         manifest.save(out, MANIFEST_FILE if partition is None
                       else partial_manifest_name(partition, num_partitions))

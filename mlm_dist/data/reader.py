@@ -66,7 +66,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         data = stream.read(size)
         if len(data) < size:
             raise DamagedTar("truncated member")
-        stream.read(-size % 512)  # padding to the next block
+        padding = -size % 512  # to the next block: a tar cut inside it is damaged too
+        if len(stream.read(padding)) < padding:
+            raise DamagedTar("truncated member")
         kind = header[156:157]
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")

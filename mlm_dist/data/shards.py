@@ -4,11 +4,21 @@ A shard is a plain (uncompressed) WebDataset tar. One sample is one document:
 
     {"__key__": "000000042",          # the document's index in the corpus, 9 digits
      "tokens.npy": <npy bytes>,       # 1-D: every token id of the document, sentences concatenated
-     "lengths.npy": <npy bytes>}      # 1-D int32: tokens per sentence, in order
+     "lengths.npy": <npy bytes>,      # 1-D int32: tokens per sentence, in order
+     "starts.npy": <npy bytes>}       # 1-D uint8, one per token: 1 where the token begins a word
 
 Token ids are uint16 when the vocabulary fits (half the disk and page cache of int32), else int32.
 No [CLS]/[SEP] are stored: the loader builds NSP pairs at the current sequence length, so the
 shards stay valid for every phase of the length schedule.
+
+Word starts are decided once, at `prepare` time, where the text is at hand: by a real word
+segmenter for Japanese (MeCab) and Chinese (jieba), whose words a tokenizer cannot see in text
+without spaces, and by the tokenizer's own marks otherwise ("▁" / "##"). Whole-word masking
+reads them from the batch. Format 2 added them; format 1 shards must be prepared again.
+
+Decoded, a sentence is one int64 array carrying both: the id in the low bits and WORD_START
+set where the token begins a word (`token_ids`, `word_starts` take them apart). One array per
+sentence keeps NSP pairing, truncation and batching as simple as ids alone would be.
 
 Next to the shards, manifest.json records the tokenizer they were made with and, per shard,
 its counts and sha256, so a run can check everything before spending any time on it. A
@@ -31,7 +41,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WORD_START = 1 << 40  # the flag bit in a decoded token (ids stay below 2**31)
 TOKEN_DTYPES = ("uint16", "int32")
 _PREPARE_HINT = "run `mlm-dist prepare --input … --tokenizer … --out DIR` to create shards"
 
@@ -54,11 +65,26 @@ def document_key(index: int, partition: int | None = None) -> str:
     return f"{index:09d}" if partition is None else f"p{partition:05d}-{index:09d}"
 
 
-def encode_document(sentences_ids: list[list[int]], dtype) -> dict:
-    """The two .npy fields of one document's sample (the caller adds "__key__")."""
+def encode_document(sentences_ids: list[list[int]], sentences_starts: list, dtype) -> dict:
+    """The .npy fields of one document's sample (the caller adds "__key__");
+    `sentences_starts[i][j]` is true where token j of sentence i begins a word."""
     lengths = np.array([len(s) for s in sentences_ids], dtype=np.int32)
     tokens = np.array([i for s in sentences_ids for i in s], dtype=dtype)
-    return {"tokens.npy": npy_bytes(tokens), "lengths.npy": npy_bytes(lengths)}
+    starts = np.array([bool(f) for s in sentences_starts for f in s], dtype=np.uint8)
+    if starts.size != tokens.size:
+        raise ValueError(f"{starts.size} word-start flags for {tokens.size} tokens")
+    return {"tokens.npy": npy_bytes(tokens), "lengths.npy": npy_bytes(lengths),
+            "starts.npy": npy_bytes(starts)}
+
+
+def token_ids(sentence: np.ndarray) -> np.ndarray:
+    """The ids of a decoded sentence (or pair segment), without the word-start flags."""
+    return sentence & (WORD_START - 1)
+
+
+def word_starts(sentence: np.ndarray) -> np.ndarray:
+    """Bool per token of a decoded sentence: where a word begins."""
+    return sentence >= WORD_START
 
 
 def encode_sample(key: str, fields: dict[str, bytes]) -> bytes:
@@ -107,13 +133,14 @@ def _tar_member(name: str, data: bytes) -> bytes:
 
 
 def decode_document(sample: dict) -> list[np.ndarray]:
-    """A document's sentences as int64 arrays, checked against each other."""
+    """A document's sentences as int64 arrays of ids with their WORD_START flags, checked."""
     where = _sample_name(sample)
-    for field in ("tokens.npy", "lengths.npy"):
+    for field in ("tokens.npy", "lengths.npy", "starts.npy"):
         if field not in sample:
             raise ValueError(f"{where} has no {field!r}; is this a shard written by `mlm-dist prepare`?")
     tokens = _array_of(sample["tokens.npy"], where, "tokens.npy")
     lengths = _array_of(sample["lengths.npy"], where, "lengths.npy")
+    starts = _array_of(sample["starts.npy"], where, "starts.npy")
     if lengths.size and lengths.min() <= 0:
         raise ValueError(f"{where}: lengths.npy has a sentence of {lengths.min()} tokens; "
                          "the shard is corrupt, re-create it with `mlm-dist prepare`")
@@ -121,9 +148,13 @@ def decode_document(sample: dict) -> list[np.ndarray]:
     if total != tokens.size:
         raise ValueError(f"{where}: sentence lengths add up to {total} but there are "
                          f"{tokens.size} tokens; the shard is corrupt, re-create it with `mlm-dist prepare`")
+    if starts.size != tokens.size:
+        raise ValueError(f"{where}: starts.npy has {starts.size} flags for {tokens.size} tokens; "
+                         "the shard is corrupt, re-create it with `mlm-dist prepare`")
     if lengths.size == 0:
         return []
-    return np.split(tokens.astype(np.int64), np.cumsum(lengths[:-1]))
+    packed = tokens.astype(np.int64) | (starts.astype(np.int64) * WORD_START)
+    return np.split(packed, np.cumsum(lengths[:-1]))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -175,6 +206,10 @@ def _sample_name(sample: dict) -> str:
 
 # ----------------------------------------------------------------------------- manifest
 
+class ShardFormatError(ValueError):
+    """Shards written in another format than this mlm_dist reads."""
+
+
 @dataclass
 class TokenizerInfo:
     sha256: str
@@ -203,6 +238,7 @@ class PrepareInfo:
     invalid_utf8_files: int  # how many of the files had any
     num_partitions: int = 1  # of the run; a merged manifest keeps the count it was merged from
     partition: int | None = None  # set only in a partial manifest: the partition it covers
+    lang: str = "en"  # `prepare --lang`: sentence splitting and word segmentation
 
 
 @dataclass
@@ -263,6 +299,8 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return _manifest_from_json(data)
+        except ShardFormatError as e:
+            raise ShardFormatError(f"{path}: {e}") from None
         except (ValueError, KeyError, TypeError) as e:
             problem = (f"missing key {e}" if isinstance(e, KeyError) else
                        f"not JSON: {e}" if isinstance(e, json.JSONDecodeError) else str(e))
@@ -288,8 +326,13 @@ def _manifest_from_json(data) -> Manifest:
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object")
     if data["format"] != FORMAT_VERSION:
-        raise ValueError(f"format {data['format']!r} is not the format {FORMAT_VERSION} this "
-                         "mlm_dist reads")
+        raise ShardFormatError(
+            f"shard format {data['format']!r}, and this mlm_dist reads format {FORMAT_VERSION}"
+            + (" (format 2 stores word boundaries for whole-word masking)"
+               if data["format"] == 1 else "")
+            + "; re-run `mlm-dist prepare` on the corpus to write the shards again"
+            + (", or use the mlm_dist version that wrote them" if isinstance(data["format"], int)
+               and data["format"] > FORMAT_VERSION else ""))
     tok = _typed(data["tokenizer"], dict, "tokenizer")
     tokenizer = TokenizerInfo(sha256=_typed(tok["sha256"], str, "tokenizer.sha256"),
                               vocab_size=_typed(tok["vocab_size"], int, "tokenizer.vocab_size"),
@@ -316,7 +359,8 @@ def _prepare_from_json(entry) -> PrepareInfo:
            for k in ("files", "seed", "invalid_utf8", "invalid_utf8_files", "num_partitions")},
         inputs_sha256=_typed(entry["inputs_sha256"], str, "prepare.inputs_sha256"),
         valid_fraction=float(fraction),
-        partition=None if partition is None else _typed(partition, int, "prepare.partition"))
+        partition=None if partition is None else _typed(partition, int, "prepare.partition"),
+        lang=_typed(entry.get("lang", "en"), str, "prepare.lang"))
 
 
 def _shard_from_json(entry, where: str) -> ShardInfo:

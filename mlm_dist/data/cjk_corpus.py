@@ -1,0 +1,367 @@
+"""Real Japanese and Chinese prose for the CJK demos: Debian's translated manual pages.
+
+Like the English demo (data/demo_corpus.py), the text must already be on the machine or come
+from a package registry: nothing is downloaded at run time. Debian ships the Linux manual pages
+translated by volunteers, as roff sources under /usr/share/man/<lang>:
+
+  Japanese  `apt-get install manpages-ja`  /usr/share/man/ja      JM Project translations; each
+            page under the license of its English original (GPL, BSD-style, the man-pages
+            licence: all DFSG-free, redistribution allowed; see /usr/share/doc/manpages-ja/copyright)
+  Chinese   `apt-get install manpages-zh`  /usr/share/man/zh_CN   Simplified Chinese (CMPP
+            project and others), GFDL-1.2+ (a few pages GPL-2.0+; see
+            /usr/share/doc/manpages-zh/copyright)
+
+The pages are technical prose, as the stdlib docstrings are for English. Each page is read with
+a small roff reader below (not `man`/`groff`, whose output depends on their version and the
+terminal width): code blocks, tables, synopses, option tags and colophons are dropped, wrapped
+lines are joined (without a space between two CJK characters), and the prose is split into
+sentences at 。！？. One page with at least two sentences is one document.
+
+Output is the txt format (one sentence a line, a blank line between documents), sentences split
+here, so it does not depend on a sentence splitter that knows CJK punctuation. It is
+deterministic for a given package version: pages are read in sorted order and exact duplicate
+pages are kept once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+MAN_ROOT = Path("/usr/share/man")
+_MIN_DOCUMENT_SENTENCES = 2
+
+
+# ----------------------------------------------------------------------------- what is prose
+
+_KANA = re.compile(r"[\u3041-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_HANGUL = re.compile(r"[\u1100-\u11ff\uac00-\ud7af\u3130-\u318f]")
+# Characters that sit between two CJK characters without a space: ideographs, kana, CJK
+# punctuation (、。「」…) and full-width forms (（），：).
+_WIDE = re.compile(r"[\u2e80-\u303f\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                   r"\uff00-\uffef]")
+_MIN_CJK_CHARS = 5
+_MIN_CJK_SHARE = 0.3  # of the non-space characters: option names and paths may fill the rest
+
+
+def is_japanese_sentence(sentence: str) -> bool:
+    """Japanese prose always has kana; Chinese (which shares the ideographs) never does."""
+    return bool(_KANA.search(sentence)) and _mostly_cjk(sentence)
+
+
+def is_chinese_sentence(sentence: str) -> bool:
+    return not _KANA.search(sentence) and not _HANGUL.search(sentence) and \
+        len(_HAN.findall(sentence)) >= 4 and _mostly_cjk(sentence)
+
+
+def _mostly_cjk(sentence: str) -> bool:
+    wide = len(_WIDE.findall(sentence))
+    visible = len(sentence) - sentence.count(" ")
+    return wide >= _MIN_CJK_CHARS and wide >= _MIN_CJK_SHARE * visible
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    language: str
+    man_dir: str  # below MAN_ROOT
+    package: str  # the Debian package that installs it
+    is_sentence: Callable[[str], bool]
+
+
+JAPANESE = CorpusSource("Japanese", "ja", "manpages-ja", is_japanese_sentence)
+CHINESE = CorpusSource("Chinese", "zh_CN", "manpages-zh", is_chinese_sentence)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_japanese_corpus(path: str | Path, max_documents: int | None = None,
+                          man_root: str | Path = MAN_ROOT) -> dict:
+    """Write the Japanese manual pages (Debian `manpages-ja`) to `path` as a txt corpus."""
+    return write_corpus(JAPANESE, path, max_documents, man_root)
+
+
+def write_chinese_corpus(path: str | Path, max_documents: int | None = None,
+                         man_root: str | Path = MAN_ROOT) -> dict:
+    """Write the Simplified Chinese manual pages (Debian `manpages-zh`) to `path` as a txt corpus."""
+    return write_corpus(CHINESE, path, max_documents, man_root)
+
+
+def write_corpus(source: CorpusSource, path: str | Path, max_documents: int | None,
+                 man_root: str | Path = MAN_ROOT) -> dict:
+    """One sentence a line, a blank line between documents; returns documents, sentences,
+    bytes and the source package."""
+    target = Path(path)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another path or remove it")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
+    pages = man_pages(source, Path(man_root))  # a missing package is reported before writing
+    stats = {"documents": 0, "sentences": 0, "bytes": 0, "source": source.package}
+    # Written under a temporary name so a crash never leaves a truncated corpus behind.
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for sentences in documents_of(source, pages):
+                if max_documents is not None and stats["documents"] >= max_documents:
+                    break
+                f.write("\n".join(sentences) + "\n\n")
+                stats["documents"] += 1
+                stats["sentences"] += len(sentences)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stats["bytes"] = target.stat().st_size
+    return stats
+
+
+def man_pages(source: CorpusSource, man_root: Path) -> list[Path]:
+    """The source's page files in a fixed order; symlinks are other names of a page read anyway."""
+    directory = man_root / source.man_dir
+    pages = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if directory.is_dir() else []
+    if not pages:
+        raise FileNotFoundError(
+            f"the {source.language} demo corpus needs the {source.language} manual pages in "
+            f"{directory}: apt-get install {source.package} (on a Docker image that excludes "
+            "/usr/share/man, e.g. with a dpkg path-exclude, allow it and install again)")
+    return pages
+
+
+def documents_of(source: CorpusSource, pages: Iterable[Path]) -> Iterator[list[str]]:
+    """The sentences of each page that has enough prose, each distinct page once."""
+    seen: set[bytes] = set()
+    for page in pages:
+        sentences = [s for paragraph in page_paragraphs(read_page(page))
+                     for s in split_cjk_sentences(paragraph) if source.is_sentence(s)]
+        if len(sentences) < _MIN_DOCUMENT_SENTENCES:
+            continue
+        digest = hashlib.sha1("\n".join(sentences).encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            yield sentences
+
+
+def read_page(page: Path) -> str:
+    data = page.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- sentences
+
+# A sentence ends at 。！？ (a run of them), with the closing brackets or quotes after it.
+_SENTENCE_END = re.compile(r"(?:(?<=[。！？])|(?<=[。！？][」』）)”’〕】]))(?![。！？」』）)”’〕】])")
+# Older translations end sentences with ASCII . ! ? ("传送过去.不管…"): a sentence end where
+# such a mark follows an ideograph or kana and another starts the next sentence. ("1.2",
+# "a.out" and ".conf" never have an ideograph or kana on both sides.)
+_ASCII_SENTENCE_END = re.compile(r"(?<=[\u3041-\u30ff\u3400-\u9fff][.!?])\s*"
+                                 r"(?=[\u3041-\u30ff\u3400-\u9fff])")
+_SPACES = re.compile(r"\s+")
+
+
+def split_cjk_sentences(paragraph: str) -> list[str]:
+    # NFC only: NFKC would turn the full-width punctuation of real text into ASCII, and the
+    # tokenizer (which normalises with NFKC itself) should see the text as people write it.
+    paragraph = unicodedata.normalize("NFC", paragraph)
+    return [s.strip() for part in _ASCII_SENTENCE_END.split(paragraph)
+            for s in _SENTENCE_END.split(part) if s.strip()]
+
+
+def join_lines(lines: list[str]) -> str:
+    """Undo roff's line wrapping: a space between two lines, except between two CJK characters
+    (Japanese and Chinese put none between words)."""
+    text = ""
+    for line in (line.strip() for line in lines):
+        if not line:
+            continue
+        if text and not (_WIDE.match(text[-1]) and _WIDE.match(line[0])):
+            text += " "
+        text += line
+    return _SPACES.sub(" ", text).strip()
+
+
+# ----------------------------------------------------------------------------- roff
+
+# Sections that hold no prose: names, synopses, cross references, authors, translators,
+# copyright notices. Matched as substrings of the heading (headings mix languages: "描述 DESCRIPTION").
+_SKIPPED_SECTIONS = re.compile(
+    r"NAME|SYNOPSIS|SEE ALSO|AUTHOR|COPYRIGHT|TRANSLAT|KEYWORDS|COLOPHON|名前|名称|書式|概要|"
+    r"概述|总览|大纲|関連項目|参见|另见|参照|著者|作者|译者|翻訳|翻译|著作権|版权|跋|中文版|謝辞|"
+    r"この文書について|关键字", re.IGNORECASE)
+# Blocks of literal text: examples, code, tables, equations, pictures, pod2man/Tcl verbatim.
+_LITERAL_BLOCKS = {"nf": "fi", "EX": "EE", "Vb": "Ve", "CS": "CE", "TS": "TE", "EQ": "EN",
+                   "PS": "PE", "Bd": "Ed",
+                   "Dl": None}  # .Dl: a one-line display, on the macro line itself
+_IGNORED_BLOCKS = {"de", "de1", "am", "ig", "ds1"}  # macro definitions and comments, up to ".."
+_SECTION_MACROS = {"SH", "Sh"}
+_BREAK_MACROS = {"PP", "LP", "P", "TP", "TQ", "IP", "HP", "sp", "br", "RS", "RE", "SS", "Ss",
+                 "Pp", "Lp", "It", "Sp", "Bl", "El", "in", "ti", "bp", "ne", "SY", "YS", "D1"}
+_FONT_MACROS = {"B", "I", "SM", "SB"}  # arguments with spaces between them
+_ALTERNATING_MACROS = {"BR", "RB", "IR", "RI", "BI", "IB"}  # arguments run together
+_MDOC_MACRO = re.compile(r"^[A-Z][a-z]$")
+_ARGUMENT = re.compile(r'"((?:[^"]|"")*)"?|(\S+)')
+
+
+@dataclass
+class _PageState:
+    paragraphs: list[list[str]]
+    lines: list[str]
+    skipping_section: bool = False
+    heading_next: bool = False  # ".SH" alone: the heading is the next line
+    tag_next: bool = False  # ".TP": the next line is an option tag, a paragraph of its own
+    block_end: str | None = None  # inside a literal or ignored block, until this macro
+    brace_depth: int = 0  # inside a conditional's \{ … \} block
+
+    def flush(self):
+        if self.lines and not self.skipping_section:
+            self.paragraphs.append(self.lines)
+        self.lines = []
+
+
+def page_paragraphs(roff: str) -> list[str]:
+    """The prose paragraphs of one man page (man or mdoc macros), as plain text."""
+    state = _PageState(paragraphs=[], lines=[])
+    for line in roff.splitlines():
+        _read_line(state, line)
+    state.flush()
+    return [text for text in map(join_lines, state.paragraphs) if text]
+
+
+def _read_line(state: _PageState, line: str) -> None:
+    if state.brace_depth > 0:  # the body of `.if … \{`: string definitions and the like
+        state.brace_depth += line.count("\\{") - line.count("\\}")
+        return
+    if state.block_end is not None:
+        if _macro_name(line) == state.block_end or (state.block_end == ".." and
+                                                    line.strip() == ".."):
+            state.block_end = None
+        return
+    if line[:1] in (".", "'"):
+        _read_control_line(state, line)
+        return
+    text = strip_escapes(line)
+    if state.heading_next:
+        state.heading_next = False
+        state.skipping_section = bool(_SKIPPED_SECTIONS.search(text))
+    elif state.tag_next:
+        state.tag_next = False
+        state.lines.append(text)
+        state.flush()
+    else:
+        state.lines.append(text)
+
+
+def _read_control_line(state: _PageState, line: str) -> None:
+    name = _macro_name(line)
+    if name == '\\"':
+        return  # a comment line
+    if line.count("\\{") > line.count("\\}"):  # a conditional block: roff logic, not text
+        state.brace_depth = line.count("\\{") - line.count("\\}")
+        return
+    arguments = line.lstrip(".' \t")[len(name):]
+    if name in _LITERAL_BLOCKS:
+        if name != "Bd" or re.search(r"-(literal|unfilled)", arguments):
+            state.flush()
+            state.block_end = _LITERAL_BLOCKS[name]
+        return
+    if name in _IGNORED_BLOCKS:
+        state.block_end = ".."
+        return
+    if name in _SECTION_MACROS:
+        state.flush()
+        heading = strip_escapes(" ".join(macro_arguments(arguments)))
+        state.skipping_section = bool(_SKIPPED_SECTIONS.search(heading))
+        state.heading_next = not heading
+    elif name in _BREAK_MACROS:
+        state.flush()
+        state.tag_next = name in ("TP", "TQ")
+    elif name in _FONT_MACROS or name in _ALTERNATING_MACROS or _MDOC_MACRO.match(name):
+        text = _inline_macro_text(name, macro_arguments(arguments))
+        if text:
+            _read_line(state, text if not text.startswith((".", "'")) else "\\&" + text)
+    # Anything else (.TH, .ds, .nr, .ft, .ad, .UR …) sets up formatting: no text.
+
+
+def _inline_macro_text(name: str, arguments: list[str]) -> str:
+    if name in _ALTERNATING_MACROS:
+        return "".join(arguments)
+    if name in _FONT_MACROS:
+        return " ".join(arguments)
+    # mdoc (.Nm .Xr .Fl …): the arguments, minus the names of macros called inside the line
+    return " ".join(a for a in arguments if not _MDOC_MACRO.match(a))
+
+
+def _macro_name(line: str) -> str:
+    if line[:1] not in (".", "'"):
+        return ""
+    rest = line[1:].lstrip(" \t")
+    if rest.startswith('\\"'):
+        return '\\"'  # a comment line
+    m = re.match(r"[^\s\\]+", rest)
+    return m.group() if m else ""
+
+
+def macro_arguments(text: str) -> list[str]:
+    """A macro line's arguments: space separated, or "quoted" ("" is a quote inside quotes)."""
+    text = text.split('\\"', 1)[0]  # a comment after the arguments
+    return [quoted.replace('""', '"') if quoted is not None else bare
+            for quoted, bare in ((m.group(1), m.group(2)) for m in _ARGUMENT.finditer(text))]
+
+
+# ----------------------------------------------------------------------------- roff escapes
+
+_SPECIAL_CHARACTERS = {
+    "em": "—", "en": "–", "hy": "-", "mi": "-", "bu": "•", "lq": "“", "rq": "”", "oq": "‘",
+    "cq": "’", "aq": "'", "dq": '"', "co": "©", "rg": "®", "tm": "™", "ti": "~", "ha": "^",
+    "rs": "\\", "sl": "/", "mu": "×", "di": "÷", "+-": "±", "<=": "≤", ">=": "≥", "!=": "≠",
+    "->": "→", "<-": "←", "de": "°", "ul": "_", "ba": "|", "bv": "|", "ga": "`", "aa": "´",
+    "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "ts": '"', "Do": "$", "at": "@", "sh": "#",
+    "**": "*", "pl": "+", "eq": "=",
+}
+# Strings that man pages generated by pod2man and others define (\*(C` … \*(C' quote code).
+_STRINGS = {"lq": "“", "rq": "”", 'L"': "“", 'R"': "”", "C`": '"', "C'": '"', "Aq": "'",
+            "--": "—", "PI": "π", "Tm": "™", "R": "®", "Lq": "“", "Rq": "”", "q": '"'}
+_SIMPLE_ESCAPES = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "t": " ",
+                   "'": "'", "`": "`", ".": ".", "_": "_"}
+_ESCAPE = re.compile(r"""\\(?:
+      (?P<comment>["\#].*)                                  # \" comment to the end of the line
+    | \((?P<char2>..)                                       # \(xx special character
+    | \[(?P<charn>[^\]]*)\]                                 # \[name] special character
+    | \*(?:\((?P<str2>..)|\[(?P<strn>[^\]]*)\]|(?P<str1>.))  # \*x \*(xx \*[name] strings
+    | [fFgmMnYk](?:\(..|\[[^\]]*\]|.)                       # font, colour, register: no text
+    | s(?:[-+]?\(\d\d|\[[^\]]*\]|[-+]?\d|'[^']*')            # size change
+    | (?P<delimited>[hvwoHlLSXZDNRbxCA])(?P<d>.).*?(?P=d)     # escapes with a delimited argument
+    | (?P<other>.|$)                    # one character; at the end, a continued line
+    )""", re.VERBOSE)
+
+
+def strip_escapes(line: str) -> str:
+    """roff text -> plain text: fonts and spacing dropped, named characters spelled out."""
+    return _ESCAPE.sub(_escape_text, line)
+
+
+def _escape_text(m: re.Match) -> str:
+    name = m.group("char2") or m.group("charn")
+    if name is not None:
+        return _named_character(name)
+    string = m.group("str2") or m.group("strn") or m.group("str1")
+    if string is not None:
+        return _STRINGS.get(string, "")
+    if m.group("delimited") == "C":  # \C'name': a named character too
+        return _named_character(m.group()[3:-1])
+    other = m.group("other")
+    return _SIMPLE_ESCAPES.get(other, "") if other is not None else ""
+
+
+def _named_character(name: str) -> str:
+    if re.fullmatch(r"u[0-9A-Fa-f]{4,6}(?:_[0-9A-Fa-f]{4,6})*", name):  # \[u30A2]
+        return "".join(chr(int(code, 16)) for code in name[1:].split("_"))
+    return _SPECIAL_CHARACTERS.get(name, "")
