@@ -28,6 +28,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from mlm_dist.data.corpus import write_txt_corpus
 from mlm_dist.data.demo_corpus import (docstrings_of, prose_sentences, stdlib_root,
                                        stdlib_source_files)
 
@@ -128,31 +129,17 @@ def write_corpus(kind: str, path: str | Path, max_documents: int | None = None,
                  sources: tuple[str, ...] = SOURCES,
                  book_sentences: tuple[int, int] = BOOK_SENTENCES) -> dict:
     """Write a `kind` corpus to `path` (txt format) and return its stats."""
-    target = Path(path)
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another path or remove it")
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
-    stats = {"kind": kind, "documents": 0, "sentences": 0, "bytes": 0,
-             "min_sentences": None, "max_sentences": 0,
-             "sources": [s for s in sources if source_root(s) is not None],
-             "missing_sources": [s for s in sources if source_root(s) is None]}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")  # never a truncated corpus under the real name
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for sentences in corpus_documents(kind, sources, book_sentences):
-                if max_documents is not None and stats["documents"] >= max_documents:
-                    break
-                f.write("\n".join(sentences) + "\n\n")
-                stats["documents"] += 1
-                stats["sentences"] += len(sentences)
-                stats["max_sentences"] = max(stats["max_sentences"], len(sentences))
-                stats["min_sentences"] = min(stats["min_sentences"] or len(sentences),
-                                             len(sentences))
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    stats["bytes"] = target.stat().st_size
-    return stats
+    lengths: list[int] = []  # sentences per document, for the stats
+
+    def counted(documents: Iterator[list[str]]) -> Iterator[list[str]]:
+        for sentences in documents:
+            lengths.append(len(sentences))
+            yield sentences
+
+    stats = write_txt_corpus(path, counted(corpus_documents(kind, sources, book_sentences)),
+                             max_documents)
+    written = lengths[:stats["documents"]]
+    return {"kind": kind, **stats, "min_sentences": min(written, default=None),
+            "max_sentences": max(written, default=0),
+            "sources": [s for s in sources if source_root(s) is not None],
+            "missing_sources": [s for s in sources if source_root(s) is None]}

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from mlm_dist.data.corpus import write_txt_corpus
+
 MAN_ROOT = Path("/usr/share/man")
 _MIN_DOCUMENT_SENTENCES = 2
 
@@ -96,29 +98,13 @@ def write_corpus(source: CorpusSource, path: str | Path, max_documents: int | No
                  man_root: str | Path = MAN_ROOT) -> dict:
     """One sentence a line, a blank line between documents; returns documents, sentences,
     bytes and the source package."""
-    target = Path(path)
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another path or remove it")
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
-    pages = man_pages(source, Path(man_root))  # a missing package is reported before writing
-    stats = {"documents": 0, "sentences": 0, "bytes": 0, "source": source.package}
-    # Written under a temporary name so a crash never leaves a truncated corpus behind.
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for sentences in documents_of(source, pages):
-                if max_documents is not None and stats["documents"] >= max_documents:
-                    break
-                f.write("\n".join(sentences) + "\n\n")
-                stats["documents"] += 1
-                stats["sentences"] += len(sentences)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    stats["bytes"] = target.stat().st_size
-    return stats
+    def documents() -> Iterator[list[str]]:
+        # Looked for once writing starts: an existing output is refused first, and a missing
+        # package stops the write before a line of it is kept.
+        yield from documents_of(source, man_pages(source, Path(man_root)))
+
+    stats = write_txt_corpus(path, documents(), max_documents)
+    return {**stats, "source": source.package}
 
 
 def man_pages(source: CorpusSource, man_root: Path) -> list[Path]:

@@ -110,6 +110,37 @@ def check_readable(files: Iterable[Path]):
                              "without .gz, or compress it")
 
 
+# ----------------------------------------------------------------------------- writing
+
+def write_txt_corpus(path: str | Path, documents: Iterable[list[str]],
+                     max_documents: int | None = None) -> dict:
+    """Write documents (lists of sentences) to `path` in the txt format: one sentence a line, a
+    blank line between documents; the first `max_documents`. Returns documents, sentences and
+    bytes written. Written under a temporary name, so a crash never leaves a truncated corpus
+    under the real one; an existing file is never replaced."""
+    target = Path(path)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another path or remove it")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stats = {"documents": 0, "sentences": 0}
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for sentences in documents:
+                if max_documents is not None and stats["documents"] >= max_documents:
+                    break
+                f.write("\n".join(sentences) + "\n\n")
+                stats["documents"] += 1
+                stats["sentences"] += len(sentences)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {**stats, "bytes": target.stat().st_size}
+
+
 # ----------------------------------------------------------------------------- reading
 
 class Document(NamedTuple):

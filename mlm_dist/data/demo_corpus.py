@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from mlm_dist.data.corpus import split_sentences
+from mlm_dist.data.corpus import split_sentences, write_txt_corpus
 
 # Directories that hold tests, third-party packages, demos or generated code rather than
 # documented library modules. (pydoc_data's help topics are read on their own, at the end.)
@@ -55,28 +55,7 @@ def write_stdlib_corpus(path: str | Path, max_documents: int | None = None) -> d
     One docstring with at least two sentences is one document: one sentence per line, a blank
     line between documents. Exact duplicate docstrings (inherited boilerplate) are kept once.
     """
-    target = Path(path)
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another path or remove it")
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
-    stats = {"documents": 0, "sentences": 0, "bytes": 0}
-    # Written under a temporary name so a crash never leaves a truncated corpus behind.
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for sentences in stdlib_documents():
-                if max_documents is not None and stats["documents"] >= max_documents:
-                    break
-                f.write("\n".join(sentences) + "\n\n")
-                stats["documents"] += 1
-                stats["sentences"] += len(sentences)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    stats["bytes"] = target.stat().st_size
-    return stats
+    return write_txt_corpus(path, stdlib_documents(), max_documents)
 
 
 def stdlib_documents() -> Iterator[list[str]]:
