@@ -55,26 +55,35 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     device = torch.device(device)
     masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
                          seed=cfg.eval.seed, rank=0, device=device)
-    batches = list(validation_batches(cfg, phase, vocab, shards or cfg.data.shards))
-    if not batches:
-        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no NSP pairs; "
-                         "re-run `mlm-dist prepare` with a larger --valid-fraction")
-    # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each):
-    # ranks short of a batch score a repeat of batch 0 and throw the result away.
-    per_rank = math.ceil(len(batches) / world_size)
-    sums = torch.zeros(per_rank, _SUMS, dtype=torch.float64, device=device)
-    for i in range(per_rank):
-        g = i * world_size + rank
-        ids, types, attention, nsp_labels, starts = (
-            t.to(device) for t in batches[min(g, len(batches) - 1)])
+
+    def score(batch: tuple[torch.Tensor, ...], g: int) -> torch.Tensor:
+        ids, types, attention, nsp_labels, starts = (t.to(device) for t in batch)
         masked = masker(ids, step=g, word_starts=starts)
         mlm_logits, nsp_logits = forward(masked.input_ids, types, attention, masked.positions)
         out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
         nsp_count = (nsp_labels != IGNORE_INDEX).sum()
-        row = torch.stack([out["mlm_loss"] * out["mlm_count"], out["mlm_acc"] * out["mlm_count"],
-                           out["mlm_count"], out["nsp_loss"] * nsp_count,
-                           out["nsp_acc"] * nsp_count, nsp_count, masked.eligible]).double()
-        sums[i] = row if g < len(batches) else 0.0
+        return torch.stack([out["mlm_loss"] * out["mlm_count"],
+                            out["mlm_acc"] * out["mlm_count"], out["mlm_count"],
+                            out["nsp_loss"] * nsp_count, out["nsp_acc"] * nsp_count, nsp_count,
+                            masked.eligible]).double()
+
+    # Every rank builds the whole stream (cheap next to the forward passes) and scores batch g
+    # when g % ranks == rank, holding one batch at a time.
+    rows, first, total = [], None, 0
+    for g, batch in enumerate(validation_batches(cfg, phase, vocab, shards or cfg.data.shards)):
+        first, total = first or batch, g + 1
+        if g % world_size == rank:
+            rows.append(score(batch, g))
+    if not total:
+        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no NSP pairs; "
+                         "re-run `mlm-dist prepare` with a larger --valid-fraction")
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each):
+    # a rank short of one scores batch 0 again and throws the result away.
+    per_rank = math.ceil(total / world_size)
+    while len(rows) < per_rank:
+        score(first, 0)
+        rows.append(torch.zeros(_SUMS, dtype=torch.float64, device=device))
+    sums = torch.stack(rows)
     if world_size > 1:
         gathered = [torch.empty_like(sums) for _ in range(world_size)]
         dist.all_gather(gathered, sums)
