@@ -323,7 +323,9 @@ def test_no_host_sync_in_masking_forward_loss_and_backward():
     import numpy as np
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from mlm_dist.config import MaskingConfig
     from mlm_dist.masking import TokenMasker
+    from mlm_dist.tokenizer import Vocabulary
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -343,12 +345,13 @@ def test_no_host_sync_in_masking_forward_loss_and_backward():
     input_ids, token_type_ids, attention_mask = batch(cfg)
     special = np.zeros(cfg.vocab_size, dtype=bool)
     special[:5] = True
-    maskers = [TokenMasker(special, 4, 6, seed=0, rank=0, device="cpu"),
-               TokenMasker(special, 4, 6, seed=0, rank=0, device="cpu",
-                           word_starts=np.arange(cfg.vocab_size) % 3 == 0)]
-    for masker in maskers:
+    vocab = Vocabulary(cfg.vocab_size, 0, 1, 2, 3, 4, special, np.ones(cfg.vocab_size, bool))
+    word_starts = torch.arange(input_ids.numel()).view_as(input_ids) % 3 == 0
+    for whole_word in (False, True):
+        masker = TokenMasker(vocab, MaskingConfig(whole_word=whole_word), max_predictions=6,
+                             seed=0, rank=0, device="cpu")
         with Recorder() as recorder:
-            masked = masker(input_ids, step=3)
+            masked = masker(input_ids, step=3, word_starts=word_starts)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 mlm, nsp = model(masked.input_ids, token_type_ids, attention_mask, masked.positions)
             losses = pretraining_loss(mlm, masked.labels, nsp, torch.tensor([0, 1, 0]))
