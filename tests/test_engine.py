@@ -67,18 +67,15 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default():
         cfg("train.precision=fp32", "train.grad_accum_dtype=bf16")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_gradients_are_fp32_at_every_zero_stage_under_bf16(stage, tmp_path):
+def test_gradients_are_fp32_at_every_zero_stage_under_bf16(tmp_path):
     out = tmp_path / "dtypes.json"
     port = free_port()
-    cmd = launcher_command(2, port, "grad_dtype_probe", str(out), f"train.zero_stage={stage}",
-                           "train.precision=bf16")
+    cmd = launcher_command(2, port, "grad_dtype_probe", str(out), "train.precision=bf16")
     try:
         proc = subprocess.run(cmd, env={**env(), "PYTHONPATH": str(Path(__file__).parent)},
                               cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:
         remove_shm_buffers(port)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(out.read_text())
-    assert found == {"grads": ["torch.float32"], "reduce": "torch.float32",
-                     "weights": ["torch.float32"]}
+    fp32 = {"grads": ["torch.float32"], "reduce": "torch.float32", "weights": ["torch.float32"]}
+    assert json.loads(out.read_text()) == {str(stage): fp32 for stage in range(4)}

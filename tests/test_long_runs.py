@@ -34,14 +34,15 @@ def truncate_to(run, step):
     shutil.rmtree(run / "tensorboard")
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO 2 resumes inside a phase, across a change of accumulation, in the test after this one.
+@pytest.mark.parametrize("stage", [1, 3])
 def test_resume_is_bit_exact_at_the_phase_boundary_and_inside_a_phase(tiny_shards, tmp_path,
                                                                       stage):
     full = tmp_path / "full"
     train(tiny_shards, full, f"train.zero_stage={stage}", *EXACT)
     history = metrics(full)
     assert [r["train/seq_len"] for r in history] == [32] * 4 + [64] * 4
-    resume_at = {1: 4, 2: 6, 3: 4}[stage]  # the boundary (ZeRO 1, 3) and inside phase 2
+    resume_at = {1: 4, 3: 6}[stage]  # the boundary (ZeRO 1) and inside phase 2 (ZeRO 3)
     part = tmp_path / "part"
     shutil.copytree(full, part)
     truncate_to(part, resume_at)
