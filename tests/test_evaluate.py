@@ -12,7 +12,6 @@ import torch
 from mlm_dist.config import load_config
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.evaluate import evaluate
-from mlm_dist.local_launch import free_port
 from mlm_dist.model import BertForPretraining
 
 
@@ -76,7 +75,7 @@ from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import Tokenizer
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=world)
 cfg = run_config({shards!r}, "eval.max_pairs=0")
 torch.manual_seed(0)
 model = BertForPretraining(cfg.model).eval()
@@ -84,22 +83,25 @@ result = evaluate(model, cfg, cfg.schedule.phases[0], Tokenizer.load({tokenizer!
                   rank=rank, world_size=world)
 if rank == 0:
     print(json.dumps(result))
+dist.barrier()
+dist.destroy_process_group()  # gloo's threads otherwise die with the interpreter: abort()
 """
 
 
-def evaluate_on(ranks: int, shards, tokenizer) -> dict:
-    code = PROBE.format(tests=os.path.dirname(__file__), port=free_port(), shards=str(shards),
+def evaluate_on(ranks: int, shards, tokenizer, store) -> dict:
+    # A file rendezvous: no port to race for with the other tests' launches
+    code = PROBE.format(tests=os.path.dirname(__file__), store=str(store), shards=str(shards),
                         tokenizer=str(tokenizer.path.parent))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(ranks)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(ranks)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     return json.loads(outs[0][0].splitlines()[-1])
 
 
-def test_the_same_numbers_on_one_or_two_ranks(tiny_shards, tiny_tokenizer):
-    one, two = evaluate_on(1, tiny_shards, tiny_tokenizer), evaluate_on(2, tiny_shards,
-                                                                        tiny_tokenizer)
+def test_the_same_numbers_on_one_or_two_ranks(tiny_shards, tiny_tokenizer, tmp_path):
+    one = evaluate_on(1, tiny_shards, tiny_tokenizer, tmp_path / "one.store")
+    two = evaluate_on(2, tiny_shards, tiny_tokenizer, tmp_path / "two.store")
     assert one == two
     assert np.isfinite(one["val/mlm_loss"]) and one["val/predictions"] > 0
