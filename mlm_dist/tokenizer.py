@@ -235,12 +235,15 @@ class Tokenizer:
         a "▁" SentencePiece added, shared by the byte pieces of one character)."""
         out = []
         for text, proto in zip(texts, self.sp.encode(texts, return_type="proto")):
-            # SentencePiece counts UTF-8 bytes; we count characters.
-            char_at = np.zeros(len(text.encode()) + 1, dtype=np.int64)
-            char_at[np.cumsum([len(c.encode()) for c in text])] = 1
-            char_at = np.cumsum(char_at)
-            out.append(([p.id for p in proto.pieces],
-                        [(int(char_at[p.begin]), int(char_at[p.end])) for p in proto.pieces]))
+            pieces = proto.pieces
+            # SentencePiece counts UTF-8 bytes, we count characters: a byte offset is the
+            # number of characters that end at or before it.
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            ends = np.cumsum(1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000))
+            bounds = np.fromiter((b for p in pieces for b in (p.begin, p.end)), dtype=np.int64,
+                                 count=2 * len(pieces))
+            chars = np.searchsorted(ends, bounds, side="right").reshape(-1, 2).tolist()
+            out.append(([p.id for p in pieces], [tuple(span) for span in chars]))
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
