@@ -26,14 +26,13 @@ pages are kept once.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from mlm_dist.data.corpus import write_txt_corpus
+from mlm_dist.data.corpus import distinct_documents, write_txt_corpus
 
 MAN_ROOT = Path("/usr/share/man")
 _MIN_DOCUMENT_SENTENCES = 2
@@ -122,16 +121,9 @@ def man_pages(source: CorpusSource, man_root: Path) -> list[Path]:
 
 def documents_of(source: CorpusSource, pages: Iterable[Path]) -> Iterator[list[str]]:
     """The sentences of each page that has enough prose, each distinct page once."""
-    seen: set[bytes] = set()
-    for page in pages:
-        sentences = [s for paragraph in page_paragraphs(read_page(page))
-                     for s in split_cjk_sentences(paragraph) if source.is_sentence(s)]
-        if len(sentences) < _MIN_DOCUMENT_SENTENCES:
-            continue
-        digest = hashlib.sha1("\n".join(sentences).encode()).digest()
-        if digest not in seen:
-            seen.add(digest)
-            yield sentences
+    return distinct_documents(([s for paragraph in page_paragraphs(read_page(page))
+                                for s in split_cjk_sentences(paragraph) if source.is_sentence(s)]
+                               for page in pages), _MIN_DOCUMENT_SENTENCES)
 
 
 def read_page(page: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -111,6 +112,20 @@ def check_readable(files: Iterable[Path]):
 
 
 # ----------------------------------------------------------------------------- writing
+
+def distinct_documents(documents: Iterable[list[str]],
+                       min_sentences: int) -> Iterator[list[str]]:
+    """The documents with at least `min_sentences` sentences, each exact duplicate once
+    (inherited docstrings, man pages installed under two names)."""
+    seen: set[bytes] = set()
+    for sentences in documents:
+        if len(sentences) < min_sentences:
+            continue
+        digest = hashlib.sha1("\n".join(sentences).encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            yield sentences
+
 
 def write_txt_corpus(path: str | Path, documents: Iterable[list[str]],
                      max_documents: int | None = None) -> dict:

@@ -15,7 +15,6 @@ docstrings in source order. Different Python versions ship different docstrings,
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import re
 import sysconfig
@@ -23,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from mlm_dist.data.corpus import split_sentences, write_txt_corpus
+from mlm_dist.data.corpus import distinct_documents, split_sentences, write_txt_corpus
 
 # Directories that hold tests, third-party packages, demos or generated code rather than
 # documented library modules. (pydoc_data's help topics are read on their own, at the end.)
@@ -60,15 +59,7 @@ def write_stdlib_corpus(path: str | Path, max_documents: int | None = None) -> d
 
 def stdlib_documents() -> Iterator[list[str]]:
     """Yield each distinct stdlib docstring (then help topic) that cleans to two or more sentences."""
-    seen: set[bytes] = set()
-    for text in stdlib_texts():
-        sentences = prose_sentences(text)
-        if len(sentences) < _MIN_DOCUMENT_SENTENCES:
-            continue
-        digest = hashlib.sha1("\n".join(sentences).encode()).digest()
-        if digest not in seen:
-            seen.add(digest)
-            yield sentences
+    return distinct_documents(map(prose_sentences, stdlib_texts()), _MIN_DOCUMENT_SENTENCES)
 
 
 def stdlib_texts() -> Iterator[str]:
