@@ -30,7 +30,7 @@ def _tokenizer_train(args) -> None:
 # and their defaults; they default to None on the command line so a stray one is noticed.
 _PREPARE_BUILD_DEFAULTS = {"tokenizer": None, "out": None, "docs_per_shard": 2000,
                            "valid_fraction": 0.02, "seed": 0, "num_partitions": 1,
-                           "partition_index": None, "lang": "en"}
+                           "partition_index": None, "lang": "en", "shuffle_mb": 512}
 
 
 def _prepare(args) -> None:
@@ -59,7 +59,8 @@ def _prepare(args) -> None:
                               workers=default_workers() if args.workers is None else args.workers,
                               num_partitions=args.num_partitions,
                               partition_index=args.partition_index or 0,
-                              progress=not args.quiet, lang=args.lang)
+                              progress=not args.quiet, lang=args.lang,
+                              shuffle_mb=args.shuffle_mb)
     _print_totals(manifest)
     info = manifest.prepare
     if info.invalid_utf8:
@@ -292,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="language of the text (default en): splits .jsonl documents into "
                          "sentences and, for ja (MeCab) and zh (jieba), finds the words "
                          "whole-word masking masks; auto: decide per document")
+    pr.add_argument("--shuffle-mb", type=int, metavar="MB",
+                    help="documents reach the shards through a shuffle buffer of this size, so "
+                         "a shard is a sample of the corpus, not one region of it (default 512; "
+                         "0: keep the corpus order)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 

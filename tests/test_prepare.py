@@ -14,7 +14,7 @@ from mlm_dist.cli import main
 from mlm_dist.data import encoding
 from mlm_dist.data.encoding import EncodedDocument
 from mlm_dist.data.partitions import merge_partitions
-from mlm_dist.data.prepare import assign_splits, prepare_shards, split_of
+from mlm_dist.data.prepare import assign_splits, prepare_shards, shuffled_documents, split_of
 from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, decode_document, document_key,
                                   encode_document, encode_sample, file_sha256, npy_bytes,
                                   ShardFormatError, shard_paths, tar_end, token_dtype, token_ids,
@@ -120,6 +120,45 @@ def test_split_assignment_is_seeded_and_guarantees_both_splits():
     assert list(assign_splits([], 0.5)) == []
 
 
+def test_shuffle_buffer_is_a_seeded_permutation_within_its_window():
+    import random
+
+    docs = [("train", (i, EncodedDocument(0, i, {"ids.npy": b"x" * 10}, 1, 5))) for i in range(500)]
+    order = [i for _, (i, _) in shuffled_documents(docs, 100, random.Random(3))]
+    assert sorted(order) == list(range(500))
+    assert order == [i for _, (i, _) in shuffled_documents(docs, 100, random.Random(3))]
+    assert order != [i for _, (i, _) in shuffled_documents(docs, 100, random.Random(4))]
+    # 100 bytes hold 10 documents: none leaves more than 10 places ahead of its turn.
+    assert max(i - j for j, i in enumerate(order)) <= 10
+    assert order != sorted(order)
+    # A buffer larger than the corpus shuffles it whole; 0 keeps the corpus order.
+    whole = [i for _, (i, _) in shuffled_documents(docs, 10**9, random.Random(3))]
+    assert np.corrcoef(whole, range(500))[0, 1] < 0.2
+    assert [i for _, (i, _) in shuffled_documents(docs, 0, random.Random(3))] == list(range(500))
+
+
+def test_shards_sample_the_whole_of_a_corpus_given_in_order(tmp_path, tiny_tokenizer):
+    """A corpus of two halves (say, two sources one after the other) must not give shards
+    that each hold one half: the loader reads a shard at a time, so its batches would too."""
+    corpus = tmp_path / "ordered.txt"
+    halves = (["The cat sat on the mat.", "It was a sunny day."],
+              ["Numbers are added by the machine.", "The result is printed."])
+    corpus.write_text("\n\n".join("\n".join(halves[d >= 100]) for d in range(200)) + "\n")
+    first_half = tiny_tokenizer.encode(halves[0][0])
+
+    def halves_per_shard(out, **options):
+        prepare_shards([corpus], tiny_tokenizer.path.parent, out, docs_per_shard=25,
+                       valid_fraction=0.0, **options)
+        return [{sentences[0] == first_half for sentences in read_samples([str(path)]).values()}
+                for path in shard_paths(out, "train")]
+
+    assert all(len(kinds) == 2 for kinds in halves_per_shard(tmp_path / "shuffled"))
+    manifest = Manifest.load(tmp_path / "shuffled")
+    assert manifest.prepare.shuffle_mb == 512 and manifest.totals("train")["documents"] == 200
+    in_order = halves_per_shard(tmp_path / "in-order", shuffle_mb=0)
+    assert in_order == [{True}] * 4 + [{False}] * 4
+
+
 def test_prepare_is_deterministic(tmp_path, tiny_shards, tiny_corpus, tiny_tokenizer):
     again = prepare_shards([tiny_corpus], tiny_tokenizer.path.parent, tmp_path / "again",
                            docs_per_shard=40, valid_fraction=0.1, seed=0)
@@ -162,6 +201,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path, tiny_corpus, tiny_tokenize
         prepare_shards([tiny_corpus], tok, tmp_path / "b", valid_fraction=1.0)
     with pytest.raises(ValueError, match="docs_per_shard"):
         prepare_shards([tiny_corpus], tok, tmp_path / "c", docs_per_shard=0)
+    with pytest.raises(ValueError, match="--shuffle-mb"):
+        prepare_shards([tiny_corpus], tok, tmp_path / "c", shuffle_mb=-1)
     with pytest.raises(FileNotFoundError, match="mlm-dist tokenizer train"):
         prepare_shards([tiny_corpus], tmp_path / "no-tokenizer", tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")

@@ -140,7 +140,8 @@ def merge_partitions(directory: str | Path) -> Manifest:
                           seed=first.prepare.seed, valid_fraction=first.prepare.valid_fraction,
                           invalid_utf8=sum(i.invalid_utf8 for i in infos),
                           invalid_utf8_files=sum(i.invalid_utf8_files for i in infos),
-                          num_partitions=count, lang=first.prepare.lang))
+                          num_partitions=count, lang=first.prepare.lang,
+                          shuffle_mb=first.prepare.shuffle_mb))
     if merged.totals("train")["documents"] == 0:
         raise ValueError(f"no partition of {root} has any train document: the inputs have no "
                          "text; nothing to merge")
@@ -165,6 +166,8 @@ def _check_partitions_agree(root: Path, parts: list[tuple[Path, Manifest]], coun
                 ("input list", info.inputs_sha256, first.prepare.inputs_sha256,
                  "every partition must see the same --input files (did files change between jobs?)"),
                 ("seed", info.seed, first.prepare.seed, "use the same --seed"),
+                ("shuffle buffer", info.shuffle_mb, first.prepare.shuffle_mb,
+                 "use the same --shuffle-mb"),
                 ("valid fraction", info.valid_fraction, first.prepare.valid_fraction,
                  "use the same --valid-fraction"),
                 ("language", info.lang, first.prepare.lang, "use the same --lang")):

@@ -2,8 +2,8 @@
 
 Documents stream through: read (corpus.CorpusReader) in this process, tokenized in batches on
 `workers` processes (results taken back in order, so the shards are byte-identical whatever the
-number of workers), assigned to train or valid, written into numbered tar shards. Memory holds
-a few batches, never the corpus. Each shard is written as `<name>.tmp` and renamed once
+number of workers), assigned to train or valid, shuffled in a bounded buffer, written into
+numbered tar shards. Memory holds a few batches and the shuffle buffer, never the corpus. Each shard is written as `<name>.tmp` and renamed once
 complete, and the manifest is written last, so a directory with a manifest is always whole; a
 failed run removes what it wrote.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sys
 import time
 from contextlib import closing
@@ -49,6 +50,7 @@ def prepare_shards(
     partition_index: int = 0,
     progress: bool = False,
     lang: str = "en",
+    shuffle_mb: int = 512,
 ) -> Manifest:
     """Tokenize `inputs` into train/valid shards in `out_dir`; return the manifest (it has the stats).
 
@@ -58,9 +60,10 @@ def prepare_shards(
     split of a document does not depend on the number of workers or partitions.
     `lang` ("en", "ja", "zh", …, or "auto": per document) chooses how JSONL text is split into
     sentences and how word boundaries are found (data/words.py).
+    Documents reach the shards through a shuffle buffer of `shuffle_mb` MB (shuffled_documents).
     """
     out = Path(out_dir)
-    _check_options(docs_per_shard, valid_fraction, seed)
+    _check_options(docs_per_shard, valid_fraction, seed, shuffle_mb)
     check_workers(workers)
     check_partition(num_partitions, partition_index)
     lang = check_language(lang)
@@ -87,7 +90,9 @@ def prepare_shards(
             documents = _counted(batches, bar, reader)
             drawn = ((split_of(doc, seed, valid_fraction), (index, doc))
                      for index, doc in enumerate(documents))
-            for split, (index, doc) in assign_splits(drawn, valid_fraction):
+            shuffled = shuffled_documents(assign_splits(drawn, valid_fraction),
+                                          shuffle_mb * 2**20, random.Random(f"{seed}/{partition}"))
+            for split, (index, doc) in shuffled:
                 writers[split].write(document_key(index, partition), doc)
         for writer in writers.values():
             writer.close()
@@ -105,7 +110,7 @@ def prepare_shards(
                                 invalid_utf8=sum(reader.invalid_utf8.values()),
                                 invalid_utf8_files=len(reader.invalid_utf8),
                                 num_partitions=num_partitions, partition=partition,
-                                lang=lang),
+                                lang=lang, shuffle_mb=shuffle_mb),
         )
         manifest.save(out, MANIFEST_FILE if partition is None
                       else partial_manifest_name(partition, num_partitions))
@@ -117,8 +122,11 @@ def prepare_shards(
     return manifest
 
 
-def _check_options(docs_per_shard: int, valid_fraction: float, seed: int):
+def _check_options(docs_per_shard: int, valid_fraction: float, seed: int, shuffle_mb: int):
     """Every mistake we can see up front is reported before a single document is tokenized."""
+    if isinstance(shuffle_mb, bool) or not isinstance(shuffle_mb, int) or shuffle_mb < 0:
+        raise ValueError(f"shuffle_mb (--shuffle-mb) must be an integer >= 0 (0: keep the corpus "
+                         f"order), got {shuffle_mb!r}")
     if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or docs_per_shard < 1:
         raise ValueError(f"docs_per_shard must be a positive integer, got {docs_per_shard!r}")
     if not 0.0 <= valid_fraction < 1.0:
@@ -182,6 +190,44 @@ def assign_splits(drawn: Iterable[tuple[str, T]], valid_fraction: float) -> Iter
     elif valid_fraction > 0 and same >= 2:
         split = "valid"
     yield split, document
+
+
+# ----------------------------------------------------------------------------- shuffling
+
+def shuffled_documents(documents: Iterable[tuple[str, tuple[int, EncodedDocument]]],
+                       capacity: int, rng: random.Random
+                       ) -> Iterator[tuple[str, tuple[int, EncodedDocument]]]:
+    """(split, (index, document)) in a random order, through a buffer of `capacity` bytes.
+
+    Corpora come in an order that means something (a dump sorted by title, one source after
+    another, the chapters of a book series), and a shard written in that order holds one
+    region of the corpus. The loader reads one shard at a time per reader, so a rank's batches
+    would follow that region for thousands of steps while validation samples the whole corpus,
+    and the validation loss lags (README, "bench convergence"). Google and Hugging Face shuffle
+    the whole corpus; a stream cannot, so every shard takes its documents from a window as
+    large as `capacity` (a corpus smaller than the buffer is shuffled whole). Bounded by bytes,
+    not documents: one book weighs as much as thousands of reviews. Seeded and fed in input
+    order, so the shards stay the same whatever the number of workers. capacity 0 keeps the
+    corpus order.
+    """
+    buffer: list = []
+    held = 0
+    for item in documents:
+        buffer.append(item)
+        held += _weight(item)
+        while held > capacity and buffer:
+            # Swap a random document to the end and emit it: O(1), order of the rest kept.
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            out = buffer.pop()
+            held -= _weight(out)
+            yield out
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _weight(item: tuple[str, tuple[int, EncodedDocument]]) -> int:
+    return sum(len(v) for v in item[1][1].fields.values())
 
 
 # ----------------------------------------------------------------------------- writing

@@ -239,6 +239,7 @@ class PrepareInfo:
     num_partitions: int = 1  # of the run; a merged manifest keeps the count it was merged from
     partition: int | None = None  # set only in a partial manifest: the partition it covers
     lang: str = "en"  # `prepare --lang`: sentence splitting and word segmentation
+    shuffle_mb: int | None = None  # `prepare --shuffle-mb` (None: made before it existed)
 
 
 @dataclass
@@ -353,14 +354,15 @@ def _prepare_from_json(entry) -> PrepareInfo:
     fraction = entry["valid_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
         raise ValueError(f"prepare.valid_fraction should be a number, got {fraction!r}")
-    partition = entry.get("partition")
+    partition, shuffle_mb = entry.get("partition"), entry.get("shuffle_mb")
     return PrepareInfo(
         **{k: _typed(entry[k], int, f"prepare.{k}")
            for k in ("files", "seed", "invalid_utf8", "invalid_utf8_files", "num_partitions")},
         inputs_sha256=_typed(entry["inputs_sha256"], str, "prepare.inputs_sha256"),
         valid_fraction=float(fraction),
         partition=None if partition is None else _typed(partition, int, "prepare.partition"),
-        lang=_typed(entry.get("lang", "en"), str, "prepare.lang"))
+        lang=_typed(entry.get("lang", "en"), str, "prepare.lang"),
+        shuffle_mb=None if shuffle_mb is None else _typed(shuffle_mb, int, "prepare.shuffle_mb"))
 
 
 def _shard_from_json(entry, where: str) -> ShardInfo:
