@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from mlm_dist import bench_memory, bench_train, slurm
+from mlm_dist.bench import memory as bench_memory, train as bench_train
+from mlm_dist.launch import slurm
 from mlm_dist.config import ConfigError, DataConfig
 
 
@@ -112,14 +113,14 @@ def _train(args) -> None:
     from mlm_dist.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
-    from mlm_dist.train import train
+    from mlm_dist.training.loop import train
 
     train(cfg)
 
 
 def _export_hf(args) -> None:
-    from mlm_dist.inference import load_checkpoint
-    from mlm_dist.hf_export import export_hf
+    from mlm_dist.interop.fill_mask import load_checkpoint
+    from mlm_dist.interop.huggingface import export_hf
 
     model, cfg, tokenizer_dir = load_checkpoint(args.checkpoint)
     export_hf(model.state_dict(), cfg.model, tokenizer_dir, args.out)
@@ -127,7 +128,7 @@ def _export_hf(args) -> None:
 
 
 def _fill_mask(args) -> None:
-    from mlm_dist.inference import fill_mask, load_checkpoint
+    from mlm_dist.interop.fill_mask import fill_mask, load_checkpoint
     from mlm_dist.tokenizer import Tokenizer
 
     model, _, tokenizer_dir = load_checkpoint(args.checkpoint)
@@ -141,13 +142,13 @@ def _eval(args) -> None:
     import dataclasses
 
     from mlm_dist.config import SequencePhase, load_config
-    from mlm_dist.evaluate import evaluate
+    from mlm_dist.training.evaluate import evaluate
     from mlm_dist.tokenizer import Tokenizer
 
     source = Path(args.checkpoint)
     if (source / "config.json").is_file():
         # A Hugging Face BERT folder: the "before" of a domain adaptation.
-        from mlm_dist.hf_export import pretrained_model_config, pretrained_state_dict
+        from mlm_dist.interop.huggingface import pretrained_model_config, pretrained_state_dict
         from mlm_dist.model import BertForPretraining
 
         if not args.data:
@@ -159,7 +160,7 @@ def _eval(args) -> None:
         model.eval()
         tokenizer_dir = source
     else:
-        from mlm_dist.inference import load_checkpoint
+        from mlm_dist.interop.fill_mask import load_checkpoint
 
         model, cfg, tokenizer_dir = load_checkpoint(source)
     phase = cfg.schedule.phases[-1]
@@ -185,7 +186,7 @@ def _eval(args) -> None:
 def _consolidate(args) -> None:
     import torch
 
-    from mlm_dist.inference import load_checkpoint
+    from mlm_dist.interop.fill_mask import load_checkpoint
 
     out = Path(args.out)
     if out.exists():
@@ -198,8 +199,8 @@ def _consolidate(args) -> None:
 
 
 def _bench_data(args) -> None:
-    from mlm_dist.bench_data import bench_loader
-    from mlm_dist.bench_masking import bench_masking
+    from mlm_dist.bench.data import bench_loader
+    from mlm_dist.bench.masking import bench_masking
     from mlm_dist.data.shards import Manifest
     from mlm_dist.tokenizer import Tokenizer
 
@@ -215,13 +216,13 @@ def _bench_data(args) -> None:
 
 
 def _bench_convergence(args) -> None:
-    from mlm_dist.bench_convergence import convergence_command
+    from mlm_dist.bench.convergence import convergence_command
 
     convergence_command(args)
 
 
 def _demo(args) -> None:
-    from mlm_dist.demo import run_demo
+    from mlm_dist.demo.run import run_demo
 
     run_demo(Path(args.out), steps=args.steps, ranks=args.ranks, lang=args.lang)
 
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=_bench_data)
     bench_train.add_parser(bench)
     bench_memory.add_parser(bench)
-    from mlm_dist import bench_convergence  # light at import: heavy modules load when it runs
+    from mlm_dist.bench import convergence as bench_convergence  # light at import: heavy modules load when it runs
 
     bench_convergence.add_parser(bench).set_defaults(func=_bench_convergence)
 

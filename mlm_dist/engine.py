@@ -27,9 +27,9 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase, validate_topology  # noqa: E402
-from mlm_dist.local_launch import free_port  # noqa: E402
+from mlm_dist.launch.local import free_port  # noqa: E402
 from mlm_dist.model import parameter_groups  # noqa: E402
-from mlm_dist.optimizers import build_optimizer as make_optimizer  # noqa: E402
+from mlm_dist.optim import build_optimizer as make_optimizer  # noqa: E402
 
 
 @dataclass

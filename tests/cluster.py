@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mlm_dist.local_launch import free_port
+from mlm_dist.launch.local import free_port
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlm_dist.data.corpus import iter_documents
-from mlm_dist.data.demo_corpus import write_stdlib_corpus
+from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.data.prepare import prepare_shards
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 

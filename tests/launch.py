@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlm_dist.local_launch import free_port, launcher_command
+from mlm_dist.launch.local import free_port, launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

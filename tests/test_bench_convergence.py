@@ -11,9 +11,9 @@ import random
 import numpy as np
 import pytest
 
-from mlm_dist.bench_convergence import (create_instances_from_document,
+from mlm_dist.bench.convergence import (create_instances_from_document,
                                         create_training_instances, lr_factor, truncate_seq_pair)
-from mlm_dist.bench_corpora import write_corpus
+from mlm_dist.bench.corpora import write_corpus
 
 SENTENCE = 5  # tokens per sentence in the synthetic documents below
 

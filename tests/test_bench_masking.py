@@ -3,7 +3,7 @@ assertions: the machine is shared and noisy."""
 
 import pytest
 
-from mlm_dist.bench_masking import bench_masking
+from mlm_dist.bench.masking import bench_masking
 
 KEYS = {"batch", "seq_len", "ours_ms", "ours_whole_word_ms", "hf_collator_ms", "ratio", "threads"}
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from mlm_dist.data.cjk_corpus import (CHINESE, JAPANESE, MAN_ROOT, join_lines, page_paragraphs,
+from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, MAN_ROOT, join_lines, page_paragraphs,
                                       split_cjk_sentences, strip_escapes, write_chinese_corpus,
                                       write_japanese_corpus)
 from mlm_dist.data.corpus import iter_documents

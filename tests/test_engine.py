@@ -8,7 +8,7 @@ import pytest
 
 from launch import REPO, env
 from mlm_dist.config import ConfigError, load_config
-from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 from mlm_dist.engine import deepspeed_config, learning_rate_factor
 
 

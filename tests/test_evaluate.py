@@ -12,7 +12,7 @@ import torch
 
 from mlm_dist.config import load_config
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
-from mlm_dist.evaluate import evaluate
+from mlm_dist.training.evaluate import evaluate
 from mlm_dist.model import BertForPretraining
 
 
@@ -72,7 +72,7 @@ PROBE = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_evaluate import run_config
-from mlm_dist.evaluate import evaluate
+from mlm_dist.training.evaluate import evaluate
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import Tokenizer
 rank, world = int(sys.argv[1]), int(sys.argv[2])

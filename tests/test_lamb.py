@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mlm_dist.optimizers import Lamb, build_optimizer
+from mlm_dist.optim import Lamb, build_optimizer
 
 
 def lamb_reference(w: list[float], grads: list[list[float]], lr: float, beta1: float,

@@ -1,4 +1,4 @@
-"""Multi-node launch with deepspeed over a hostfile (mlm_dist/hostfile.py, launcher/).
+"""Multi-node launch with deepspeed over a hostfile (mlm_dist/launch/multinode.py, launcher/).
 
 The checks and the generated files are tested directly; one test starts a real sshd on
 loopback and launches 2 ranks on 2 "hosts" (localhost, 127.0.0.2) through deepspeed and pdsh."""
@@ -17,7 +17,7 @@ import pytest
 
 from cluster import SshServer, running
 from launch import REPO, TINY, TINY_OVERRIDES, env as launch_env, free_port, metrics
-from mlm_dist import hostfile
+from mlm_dist.launch import multinode as hostfile
 
 SCRIPT = REPO / "launcher" / "deepspeed_multinode.sh"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlm_dist.bench_masking import _text_batch
+from mlm_dist.bench.masking import _text_batch
 from mlm_dist.config import load_config, max_predictions
 
 from mlm_dist.config import MaskingConfig

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mlm_dist.config import ModelConfig
-from mlm_dist.hf_export import from_hf_state_dict, hf_bert_config, to_hf_state_dict
+from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
 from mlm_dist.model import BertForPretraining, num_parameters, parameter_groups, pretraining_loss
 
 transformers = pytest.importorskip("transformers")

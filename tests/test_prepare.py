@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from mlm_dist.data.corpus import iter_documents, split_sentences
-from mlm_dist.data.demo_corpus import write_stdlib_corpus
+from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.cli import main
 from mlm_dist.data import encoding
 from mlm_dist.data.encoding import EncodedDocument

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mlm_dist import checkpoint
+from mlm_dist.training import checkpoint
 from mlm_dist.config import RunConfig
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import Tokenizer

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,43 +18,15 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from mlm_dist.tokenizer.vocabulary import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID,
+                                           Vocabulary)
+
 MODEL_FILE = "tokenizer.model"
 WORD_BOUNDARY = "\u2581"  # SentencePiece's "▁", marks a piece that starts a word
 # SentencePiece's advice for Japanese and Chinese (1.0 for small alphabets); see train_tokenizer.
 DEFAULT_CHARACTER_COVERAGE = 0.9995
 MIN_CHARACTER_COVERAGE = 0.98  # the lowest SentencePiece accepts
 BYTE_PIECES = 256  # <0x00>…<0xFF>, which byte_fallback adds right after the special tokens
-
-
-@dataclass(frozen=True, eq=False)
-class Vocabulary:
-    """What the rest of mlm_dist needs to know about a tokenizer's ids, in one object.
-
-    Passed wherever ids matter (batches, masking, evaluation), so a WordPiece model continued
-    with `model.init_from` (other special ids than ours) can never meet a silent default.
-    """
-
-    size: int
-    pad: int
-    unk: int
-    cls: int
-    sep: int
-    mask: int
-    special: np.ndarray  # bool[size]: ids masking never chooses nor draws as replacements
-    word_start: np.ndarray  # bool[size]: pieces that begin a word (whole-word masking)
-
-    def __post_init__(self):
-        for name in ("special", "word_start"):
-            if np.shape(getattr(self, name)) != (self.size,):
-                raise ValueError(f"Vocabulary.{name} has {np.shape(getattr(self, name))} entries "
-                                 f"for a vocabulary of {self.size}: it must cover every id")
-
-    @property
-    def replacement_ids(self) -> np.ndarray:
-        """The ids a random replacement (BERT's 10 %) is drawn from."""
-        return np.flatnonzero(~self.special)
 
 
 def train_tokenizer(
@@ -196,7 +167,7 @@ class Tokenizer:
         p = Path(path)
         model = p / MODEL_FILE if p.is_dir() else p
         if p.is_dir() and not model.is_file():
-            from mlm_dist.wordpiece import WordPieceTokenizer, is_wordpiece_dir
+            from mlm_dist.tokenizer.wordpiece import WordPieceTokenizer, is_wordpiece_dir
             if is_wordpiece_dir(p):
                 return WordPieceTokenizer(p)
         if not model.is_file():

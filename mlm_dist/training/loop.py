@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlm_dist import checkpoint, faults
+from mlm_dist.training import checkpoint, faults
 from mlm_dist.config import RunConfig, dump_yaml, max_predictions, validate_topology
 from mlm_dist.data.pipeline import (ResumableLoader, carry_to_next_unit, manifest_shards,
                                     regroup)
@@ -30,10 +30,10 @@ from mlm_dist.data.reader import BadDataError
 from mlm_dist.data.shards import Manifest
 from mlm_dist.engine import (build_engine, check_precision, init_distributed, set_phase,
                              to_universal)
-from mlm_dist.evaluate import evaluate
+from mlm_dist.training.evaluate import evaluate
 from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
-from mlm_dist.metrics import MetricLogger
+from mlm_dist.training.metrics import MetricLogger
 from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
 from mlm_dist.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer, Manifest]:
                          "or re-run `mlm-dist prepare`")
     model_cfg = cfg.model
     if model_cfg.init_from:
-        from mlm_dist.hf_export import pretrained_model_config
+        from mlm_dist.interop.huggingface import pretrained_model_config
 
         model_cfg = pretrained_model_config(model_cfg.init_from, model_cfg)
         theirs = Tokenizer.load(model_cfg.init_from)
@@ -125,7 +125,7 @@ def train(cfg: RunConfig) -> dict:
     cfg, tokenizer, manifest = resolve_data(cfg)
     topo = init_distributed()
     if topo.device.type == "cpu":
-        from mlm_dist.allocator import tune_cpu_allocator
+        from mlm_dist.training.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()  # big tensors reuse mapped heap instead of page-faulting each step
     check_precision(cfg)
@@ -137,7 +137,7 @@ def train(cfg: RunConfig) -> dict:
 
     model = BertForPretraining(cfg.model)
     if cfg.model.init_from:
-        from mlm_dist.hf_export import pretrained_state_dict
+        from mlm_dist.interop.huggingface import pretrained_state_dict
 
         # strict: a missing head or a shape mismatch is an error, never a random weight
         model.load_state_dict(pretrained_state_dict(cfg.model.init_from), strict=True)

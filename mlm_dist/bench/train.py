@@ -156,7 +156,7 @@ class OursStep:
 
         from mlm_dist.masking import TokenMasker
         from mlm_dist.model import BertForPretraining, parameter_groups, pretraining_loss
-        from mlm_dist.optimizers import build_optimizer
+        from mlm_dist.optim import build_optimizer
 
         self.device, self.precision, self.loss_fn = device, precision, pretraining_loss
         torch.manual_seed(cfg.train.seed)
@@ -201,7 +201,7 @@ class HFStep:
         import torch
         from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
-        from mlm_dist.hf_export import hf_bert_config
+        from mlm_dist.interop.huggingface import hf_bert_config
 
         self.device, self.precision = device, precision
         torch.manual_seed(cfg.train.seed)
@@ -264,7 +264,7 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
     both sides alike), as a CPU training run would."""
     import torch
 
-    from mlm_dist.allocator import tune_cpu_allocator
+    from mlm_dist.training.allocator import tune_cpu_allocator
     from mlm_dist.flops import (MatmulTimer, cuda_peak_from_table, model_flops_per_token,
                                 sparse_flops_per_token)
 

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlm_dist.bench_train import DEFAULT_VOCAB, bench_config
-from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.bench.train import DEFAULT_VOCAB, bench_config
+from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 
 
 def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
@@ -48,10 +48,10 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
                  steps: int = 2, vocab_size: int = 0, checkpoint_activations: bool = False,
                  timeout: int = 900) -> dict:
     """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
-    mlm_dist.bench_memory_rank) and gather their byte counts next to the formula's."""
+    mlm_dist.bench.memory_rank) and gather their byte counts next to the formula's."""
     import torch
 
-    from mlm_dist import bench_memory_rank
+    from mlm_dist.bench import memory_rank as bench_memory_rank
 
     cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
     # bf16 under autocast holds fp32 weights and gradients: the fp32 formula applies
@@ -65,7 +65,7 @@ def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2,
     for stage in stages:
         port = free_port()
         with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
-            cmd = launcher_command(ranks, port, "mlm_dist.bench_memory_rank",
+            cmd = launcher_command(ranks, port, "mlm_dist.bench.memory_rank",
                                    "--stage", str(stage), "--out", tmp, "--steps", str(steps),
                                    "--vocab-size", str(cfg.model.vocab_size))
             if config:

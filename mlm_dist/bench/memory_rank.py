@@ -1,7 +1,7 @@
 """One rank of `mlm-dist bench memory`: build the engine at a ZeRO stage, train a few steps on a
 synthetic batch, and write what this rank holds to <out>/rank<R>.json.
 
-Started by the deepspeed launcher (`--module mlm_dist.bench_memory_rank`), one process per rank.
+Started by the deepspeed launcher (`--module mlm_dist.bench.memory_rank`), one process per rank.
 
 What is counted: every tensor reachable from the model (parameters, their .grad, ZeRO-3's
 partitions) and from the DeepSpeed optimizer wrapper (fp32 master copies, flat buffers,
@@ -135,7 +135,7 @@ def held_bytes(engine) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    p = argparse.ArgumentParser(prog="python -m mlm_dist.bench_memory_rank")
+    p = argparse.ArgumentParser(prog="python -m mlm_dist.bench.memory_rank")
     p.add_argument("--config")
     p.add_argument("--stage", type=int, required=True)
     p.add_argument("--out", required=True)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from mlm_dist.bench_train import (bench_config, phase_for, synthetic_batch,
+    from mlm_dist.bench.train import (bench_config, phase_for, synthetic_batch,
                                       synthetic_vocabulary)
     from mlm_dist.config import ScheduleConfig
     from mlm_dist.engine import build_engine, check_precision, init_distributed

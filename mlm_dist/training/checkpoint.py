@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mlm_dist import faults
+from mlm_dist.training import faults
 from mlm_dist.config import RunConfig, dump_yaml, load_config
 
 CHECKPOINTS = "checkpoints"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlm_dist.data.corpus import write_txt_corpus
-from mlm_dist.data.demo_corpus import (docstrings_of, prose_sentences, stdlib_root,
+from mlm_dist.demo.stdlib_corpus import (docstrings_of, prose_sentences, stdlib_root,
                                        stdlib_source_files)
 
 # Sources in a fixed order: the standard library, then installed packages with a lot of prose

@@ -1,7 +1,7 @@
 """A Hugging Face BERT tokenizer (WordPiece: tokenizer.json or vocab.txt), for continuing the
 pretraining of an existing BERT on new text (domain adaptation, `model.init_from`).
 
-It offers what the rest of mlm_dist asks of a tokenizer (see tokenizer.Tokenizer): ids of
+It offers what the rest of mlm_dist asks of a tokenizer (see sentencepiece.Tokenizer): ids of
 the five special tokens, encode/encode_batch without specials, the special and word-start
 tables (a piece starting with "##" continues a word), and the files that describe it.
 """
@@ -16,9 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from mlm_dist.tokenizer import Vocabulary
-
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from mlm_dist.tokenizer.vocabulary import SPECIAL_TOKENS, Vocabulary
 
 
 def is_wordpiece_dir(directory: Path) -> bool:
@@ -50,9 +48,9 @@ class WordPieceTokenizer:
         self.files = [self.path] + [directory / n for n in ("tokenizer_config.json",
                                                              "special_tokens_map.json")
                                     if (directory / n).is_file()]
-        ids = [self.backend.token_to_id(t) for t in SPECIALS]
+        ids = [self.backend.token_to_id(t) for t in SPECIAL_TOKENS]
         if None in ids:
-            missing = [t for t, i in zip(SPECIALS, ids) if i is None]
+            missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
             raise ValueError(f"{self.path} has no {', '.join(missing)}: not a BERT tokenizer")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
 

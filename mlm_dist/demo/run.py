@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -35,17 +35,17 @@ class Demo:
 
 
 def _stdlib(path: Path) -> dict:
-    from mlm_dist.data.demo_corpus import write_stdlib_corpus
+    from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
     return write_stdlib_corpus(path)
 
 
 def _japanese(path: Path) -> dict:
-    from mlm_dist.data.cjk_corpus import write_japanese_corpus
+    from mlm_dist.demo.manpage_corpus import write_japanese_corpus
     return write_japanese_corpus(path)
 
 
 def _chinese(path: Path) -> dict:
-    from mlm_dist.data.cjk_corpus import write_chinese_corpus
+    from mlm_dist.demo.manpage_corpus import write_chinese_corpus
     return write_chinese_corpus(path)
 
 
@@ -128,9 +128,9 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
 
     import torch
 
-    from mlm_dist.evaluate import evaluate
-    from mlm_dist.hf_export import export_hf
-    from mlm_dist.inference import fill_mask, load_checkpoint
+    from mlm_dist.training.evaluate import evaluate
+    from mlm_dist.interop.huggingface import export_hf
+    from mlm_dist.interop.fill_mask import fill_mask, load_checkpoint
     from mlm_dist.model import BertForPretraining
     from mlm_dist.tokenizer import Tokenizer
 

@@ -26,7 +26,7 @@ import torch
 from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.config import max_predictions as derived_max_predictions
 from mlm_dist.data.corpus import iter_documents
-from mlm_dist.data.demo_corpus import write_stdlib_corpus
+from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.masking import TokenMasker
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 
@@ -86,7 +86,7 @@ def bench_masking(tokenizer_dir: str | None = None, batch: int = 256, seq_len: i
     """
     from transformers import DataCollatorForLanguageModeling
 
-    from mlm_dist.hf_export import hf_tokenizer
+    from mlm_dist.interop.huggingface import hf_tokenizer
 
     if seq_len < 8 or batch < 1 or repeats < 1:
         raise ValueError(f"bench_masking needs seq_len >= 8, batch >= 1 and repeats >= 1; got "

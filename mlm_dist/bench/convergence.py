@@ -238,8 +238,8 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     import torch
     from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
-    from mlm_dist.bench_train import hf_collator_tokenizer
-    from mlm_dist.hf_export import from_hf_state_dict, hf_bert_config, to_hf_state_dict
+    from mlm_dist.bench.train import hf_collator_tokenizer
+    from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
     from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
     start = time.perf_counter()
@@ -340,8 +340,8 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
 def train_ours(config: Path, overrides: list[str], run_dir: Path, ranks: int) -> dict:
     import torch
 
-    from mlm_dist import checkpoint
-    from mlm_dist.local_launch import free_port, launcher_command, remove_shm_buffers
+    from mlm_dist.training import checkpoint
+    from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 
     port = free_port()
     cmd = launcher_command(ranks, port, "mlm_dist", "train", "--config", str(config),
@@ -408,7 +408,7 @@ def score(model, cfg, shards, tokenizer) -> dict:
     masks whatever the model, so both sides' numbers compare."""
     import dataclasses
 
-    from mlm_dist.evaluate import evaluate
+    from mlm_dist.training.evaluate import evaluate
 
     phase = dataclasses.replace(cfg.schedule.phases[-1], micro_batch=EVAL_MICRO_BATCH)
     model.eval()
@@ -424,8 +424,8 @@ def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: in
     """Score the shared initial weights (step 0) and every saved model of both sides."""
     import torch
 
-    from mlm_dist.checkpoint import CHECKPOINTS, tag_for
-    from mlm_dist.inference import load_checkpoint
+    from mlm_dist.training.checkpoint import CHECKPOINTS, tag_for
+    from mlm_dist.interop.fill_mask import load_checkpoint
     from mlm_dist.model import BertForPretraining
 
     shards = cfg.data.shards
@@ -495,7 +495,7 @@ def check_comparable(cfg) -> None:
 def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
                  max_documents: int | None) -> Path:
     """corpus -> tokenizer -> shards under `out`, each stage skipped when its output exists."""
-    from mlm_dist.bench_corpora import write_corpus
+    from mlm_dist.bench.corpora import write_corpus
     from mlm_dist.data.corpus import iter_documents
     from mlm_dist.data.prepare import prepare_shards
     from mlm_dist.data.workers import default_workers
@@ -556,7 +556,7 @@ def run_convergence(corpus: str, out: Path, steps: int, config: Path = REPO_CONF
                     vocab_size: int = 8000, valid_fraction: float = DEFAULT_VALID_FRACTION,
                     max_documents: int | None = None) -> dict:
     from mlm_dist.config import load_config
-    from mlm_dist.train import resolve_data
+    from mlm_dist.training.loop import resolve_data
 
     if importlib.util.find_spec("matplotlib") is None:  # before the hours of training, not after
         raise ValueError("bench convergence draws its curves with matplotlib: "

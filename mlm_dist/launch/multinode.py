@@ -1,6 +1,6 @@
 """Multi-node launch with the `deepspeed` launcher (pdsh over ssh) from a hostfile.
 
-    python -m mlm_dist.hostfile [options] HOSTFILE CONFIG [key=value ...]
+    python -m mlm_dist.launch.multinode [options] HOSTFILE CONFIG [key=value ...]
     launcher/deepspeed_multinode.sh [options] HOSTFILE CONFIG [key=value ...]   (the same)
 
 Run it on the first host of HOSTFILE. Before anything starts it checks the hostfile (one
