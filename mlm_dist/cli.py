@@ -148,16 +148,14 @@ def _eval(args) -> None:
     source = Path(args.checkpoint)
     if (source / "config.json").is_file():
         # A Hugging Face BERT folder: the "before" of a domain adaptation.
-        from mlm_dist.interop.huggingface import pretrained_model_config, pretrained_state_dict
-        from mlm_dist.model import BertForPretraining
+        from mlm_dist.interop.huggingface import load_pretrained
+        from mlm_dist.preflight import resolve_data
 
         if not args.data:
             raise ConfigError("--data is required to evaluate a Hugging Face folder")
-        cfg = load_config(None, [f"data.shards={args.data}"])
-        cfg.model = pretrained_model_config(source, cfg.model)
-        model = BertForPretraining(cfg.model)
-        model.load_state_dict(pretrained_state_dict(source), strict=True)
-        model.eval()
+        cfg, _ = resolve_data(load_config(None, [f"data.shards={args.data}",
+                                                 f"model.init_from={source}"]))
+        model = load_pretrained(cfg.model).eval()
         tokenizer_dir = source
     else:
         from mlm_dist.interop.fill_mask import load_checkpoint

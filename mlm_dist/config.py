@@ -409,6 +409,25 @@ def validate(cfg: RunConfig) -> None:
     _require(bool(cfg.data.shards), "data.shards",
              "is required: the directory written by `mlm-dist prepare`")
     _require(bool(cfg.out_dir), "out_dir", "is required")
+    _validate_deepspeed_extras(cfg.deepspeed)
+
+
+# Keys of the DeepSpeed JSON we derive from our own config (engine.deepspeed_config); setting
+# them under `deepspeed:` would configure them twice.
+DERIVED_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                          "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
+                          "torch_autocast", "data_types", "optimizer", "scheduler")
+
+
+def _validate_deepspeed_extras(extras: dict) -> None:
+    for key, value in extras.items():
+        _require(key not in DERIVED_DEEPSPEED_KEYS, f"deepspeed.{key}",
+                 "derived from the run config, set it there instead (schedule.phases / train.* "
+                 "/ optim.*)")
+        if key == "zero_optimization":
+            _require(isinstance(value, dict), "deepspeed.zero_optimization", "expected a mapping")
+            _require("stage" not in value, "deepspeed.zero_optimization.stage",
+                     "set train.zero_stage instead")
 
 
 def validate_topology(cfg: RunConfig, world_size: int) -> list[int]:

@@ -23,13 +23,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 import deepspeed  # noqa: E402
+from torch.distributed.elastic.utils.distributed import get_free_port  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase, validate_topology  # noqa: E402
-from mlm_dist.launch.local import free_port  # noqa: E402
 from mlm_dist.model import parameter_groups  # noqa: E402
-from mlm_dist.optim import build_optimizer as make_optimizer  # noqa: E402
+from mlm_dist.optim import optimizer_and_schedule  # noqa: E402
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Topology:
     device: torch.device
 
 
-def _environment_ranks() -> tuple[int, int, int, int]:
+def environment_ranks() -> tuple[int, int, int, int]:
     """(rank, local_rank, world_size, local_world_size) from torchrun/deepspeed or Slurm."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -56,12 +56,12 @@ def _environment_ranks() -> tuple[int, int, int, int]:
 
 
 def init_distributed() -> Topology:
-    rank, local_rank, world, local_world = _environment_ranks()
+    rank, local_rank, world, local_world = environment_ranks()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     if world == 1:
         # Alone: a private rendezvous so concurrent single-process runs never collide.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", str(get_free_port()))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         # Ranks on one host share its cores; without this each rank spawns a thread per core.
@@ -85,12 +85,6 @@ def check_precision(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision: bf16 is not supported on {name}; use fp16 or fp32")
 
 
-# Keys we derive from our own config; setting them in `deepspeed:` would configure them twice.
-DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
-                "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
-                "torch_autocast", "data_types", "optimizer", "scheduler")
-
-
 def autocast_bf16(cfg: RunConfig) -> bool:
     """bf16 with fp32 gradients: fp32 weights (which are the master weights), the forward under
     torch.autocast, so gradients are accumulated over micro-batches and reduced across ranks in
@@ -103,7 +97,7 @@ def autocast_bf16(cfg: RunConfig) -> bool:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON, generated from our config; `deepspeed:` extras merged and checked.
+    """The DeepSpeed JSON, generated from our config, `deepspeed:` extras merged.
     Batch settings are the first phase's; `set_phase` moves the engine to later ones.
     `load_universal`: checkpoints are loaded from DeepSpeed's universal (topology-free) form."""
     t, first = cfg.train, cfg.schedule.phases[0]
@@ -130,15 +124,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    # `deepspeed:` extras (config.validate has refused the keys derived above)
     for key, value in cfg.deepspeed.items():
-        if key in DERIVED_KEYS:
-            raise ConfigError(f"deepspeed.{key}: derived from the run config, set it there "
-                              "instead (schedule.phases / train.* / optim.*)")
         if key == "zero_optimization":
-            if not isinstance(value, dict):
-                raise ConfigError("deepspeed.zero_optimization: expected a mapping")
-            if "stage" in value:
-                raise ConfigError("deepspeed.zero_optimization.stage: set train.zero_stage instead")
             ds["zero_optimization"].update(value)
         else:
             ds[key] = value
@@ -152,40 +140,9 @@ def set_phase(engine, phase: SequencePhase) -> None:
     engine.set_train_batch_size(phase.global_batch)
 
 
-def learning_rate_factor(cfg: RunConfig, step: int) -> float:
-    """The LR policy, one schedule over the whole run whatever the phases: linear warmup for
-    optim.warmup_steps, then linear decay to 0 at the last step. A phase with warmup_steps
-    scales that down to 0 at its start and ramps it back over its first steps (re-warmup)."""
-    o, total = cfg.optim, cfg.schedule.total_steps
-    if step < o.warmup_steps:
-        factor = (step + 1) / o.warmup_steps
-    else:
-        factor = max(0.0, (total - step) / max(1, total - o.warmup_steps))
-    index = cfg.schedule.phase_at(step)
-    into_phase = step - cfg.schedule.start_of(index)
-    rewarm = cfg.schedule.phases[index].warmup_steps
-    if index > 0 and into_phase < rewarm:
-        factor *= (into_phase + 1) / rewarm
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
-    o = cfg.optim
-    optimizer = make_optimizer(parameter_groups(model, o.weight_decay), o.name, lr=o.lr,
-                               betas=(o.beta1, o.beta2), eps=o.eps,
-                               weight_decay=o.weight_decay, device=device,
-                               # DeepSpeed checks for non-finite gradients everywhere but at
-                               # ZeRO 0 with fp32 weights (fp32, or bf16 under autocast)
-                               skip_non_finite=(cfg.train.zero_stage == 0
-                                                and cfg.train.fp32_weights))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(cfg, step))
-    return optimizer, scheduler
-
-
 def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology,
                  load_universal: bool = False):
-    optimizer, scheduler = build_optimizer(model, cfg, topo.device)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, topo.world_size, load_universal))

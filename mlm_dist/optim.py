@@ -18,7 +18,7 @@ The trust ratio needs each tensor whole. DeepSpeed ZeRO (stages 1-3) hands the o
 partitions of many tensors, so under ZeRO the ratio would be taken per partition instead of
 per layer: use LAMB with ZeRO stage 0 (DeepSpeed then keeps one fp32 master per tensor).
 
-This module does not import DeepSpeed; engine.py picks DeepSpeed's FusedLamb on CUDA.
+Also here: the LR policy of a run (learning_rate_factor). This module does not import DeepSpeed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+from mlm_dist.config import RunConfig
+from mlm_dist.model import parameter_groups
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -156,9 +159,10 @@ def fused_adamw_available(device: torch.device | str) -> bool:
     return kind in ("cuda", "xpu", "mps")
 
 
-def build_optimizer(param_groups: list[dict], name: str, lr: float, betas: tuple[float, float],
-                    eps: float, weight_decay: float, device: torch.device | str = "cpu",
-                    fused: bool = True, skip_non_finite: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: list[dict], *, name: str, lr: float,
+                    betas: tuple[float, float], eps: float, weight_decay: float,
+                    device: torch.device | str = "cpu", fused: bool = True,
+                    skip_non_finite: bool = False) -> torch.optim.Optimizer:
     """AdamW or LAMB over `param_groups` (model.parameter_groups: decayed / not decayed; each
     group's own weight_decay wins over `weight_decay`).
 
@@ -174,3 +178,35 @@ def build_optimizer(param_groups: list[dict], name: str, lr: float, betas: tuple
         lamb = GuardedLamb if skip_non_finite else Lamb
         return lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def learning_rate_factor(cfg: RunConfig, step: int) -> float:
+    """The LR policy, one schedule over the whole run whatever the phases: linear warmup for
+    optim.warmup_steps, then linear decay to 0 at the last step. A phase with warmup_steps
+    scales that down to 0 at its start and ramps it back over its first steps (re-warmup)."""
+    o, total = cfg.optim, cfg.schedule.total_steps
+    if step < o.warmup_steps:
+        factor = (step + 1) / o.warmup_steps
+    else:
+        factor = max(0.0, (total - step) / max(1, total - o.warmup_steps))
+    index = cfg.schedule.phase_at(step)
+    into_phase = step - cfg.schedule.start_of(index)
+    rewarm = cfg.schedule.phases[index].warmup_steps
+    if index > 0 and into_phase < rewarm:
+        factor *= (into_phase + 1) / rewarm
+    return factor
+
+
+def optimizer_and_schedule(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
+    """The run's optimizer (BERT's weight-decay groups) and its LR policy as a torch scheduler."""
+    o = cfg.optim
+    optimizer = build_optimizer(parameter_groups(model, o.weight_decay), name=o.name, lr=o.lr,
+                                betas=(o.beta1, o.beta2), eps=o.eps,
+                                weight_decay=o.weight_decay, device=device,
+                                # DeepSpeed checks for non-finite gradients everywhere but at
+                                # ZeRO 0 with fp32 weights (fp32, or bf16 under autocast)
+                                skip_non_finite=(cfg.train.zero_stage == 0
+                                                 and cfg.train.fp32_weights))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(cfg, step))
+    return optimizer, scheduler

@@ -7,6 +7,7 @@ must treat them as read-only: copy before modifying.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,13 @@ def _mapped_shm() -> set[str]:
 def _remove_deepspeed_shm_buffers():
     """DeepSpeed's CPU all-reduce never unlinks its /dev/shm segments (~66 MiB per rank and
     launch); over the suite they would fill memory. After each test, drop the ones no live
-    process maps."""
+    process maps and that are more than a minute old: a launch of another pytest session
+    creates its segment a moment before its ranks map it."""
     yield
     in_use = _mapped_shm()
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
-        if path.name not in in_use:
-            path.unlink(missing_ok=True)
+        try:
+            if path.name not in in_use and time.time() - path.stat().st_mtime > 60:
+                path.unlink()
+        except OSError:
+            pass

@@ -108,7 +108,7 @@ def test_truncation_makes_googles_choices(la, lb, max_tokens):
 
 def test_reference_lr_schedule_is_ours():
     from mlm_dist.config import load_config
-    from mlm_dist.engine import learning_rate_factor
+    from mlm_dist.optim import learning_rate_factor
 
     cfg = load_config(None, ["data.shards=x", "schedule.phases.0.until_step=50",
                              "optim.warmup_steps=7"])

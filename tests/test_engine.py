@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from launch import REPO, env
-from mlm_dist.config import ConfigError, load_config
+from mlm_dist.config import ConfigError, load_config, validate
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
-from mlm_dist.engine import deepspeed_config, learning_rate_factor
+from mlm_dist.engine import deepspeed_config
+from mlm_dist.optim import learning_rate_factor
 
 
 def cfg(*overrides):
@@ -37,8 +38,8 @@ def test_extra_keys_merge_and_derived_keys_are_refused():
                      ({"zero_optimization": {"stage": 1}}, "deepspeed.zero_optimization.stage"),
                      ({"bf16": {"enabled": False}}, "deepspeed.bf16")]:
         c.deepspeed = bad
-        with pytest.raises(ConfigError, match=key):
-            deepspeed_config(c, world_size=2)
+        with pytest.raises(ConfigError, match=key):  # at load time, before any process starts
+            validate(c)
 
 
 def test_world_size_that_does_not_divide_the_batch():

@@ -123,15 +123,15 @@ def test_build_optimizer():
     model = torch.nn.Linear(4, 2)
     groups = [{"params": [model.weight], "weight_decay": 0.01},
               {"params": [model.bias], "weight_decay": 0.0}]
-    adamw = build_optimizer(groups, "adamw", lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+    adamw = build_optimizer(groups, name="adamw", lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
                             weight_decay=0.01, device="cpu")
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.0]
-    lamb = build_optimizer(groups, "lamb", lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+    lamb = build_optimizer(groups, name="lamb", lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
                            weight_decay=0.01)
     assert isinstance(lamb, Lamb) and [g["weight_decay"] for g in lamb.param_groups] == [0.01, 0.0]
     with pytest.raises(ValueError, match="optim.name"):
-        build_optimizer(groups, "sgd", lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+        build_optimizer(groups, name="sgd", lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
@@ -139,7 +139,7 @@ def test_build_optimizer():
 def test_guarded_optimizer_skips_a_non_finite_step_and_takes_the_next(name, bad):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    guarded = build_optimizer([{"params": list(model.parameters())}], name, lr=1e-2,
+    guarded = build_optimizer([{"params": list(model.parameters())}], name=name, lr=1e-2,
                               betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                               skip_non_finite=True)
     before = copy.deepcopy(model.state_dict())

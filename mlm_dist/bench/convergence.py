@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # imported where used: registering the command must stay chea
 # torch, numpy, transformers and deepspeed are imported where they are used, so that
 # registering the command costs `mlm-dist --help` nothing.
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from mlm_dist.demo.run import TINY_CONFIG as REPO_CONFIG  # packaged: found in a wheel too
 # The targets: ours must match the reference's quality for the same tokens, in less time.
 MLM_LOSS_MARGIN = 0.02
 NSP_ACC_MARGIN = 0.01
@@ -205,7 +205,7 @@ def read_train_documents(shards_dir: str | Path) -> list:
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup over warmup_steps, then linear decay to 0 at total_steps; optimizer step
-    `step` (0-based) runs at lr × lr_factor(step). engine.learning_rate_factor's single-phase
+    `step` (0-based) runs at lr × lr_factor(step). optim.learning_rate_factor's single-phase
     case, written again so the reference depends on nothing of ours (a test checks they agree)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -556,7 +556,7 @@ def run_convergence(corpus: str, out: Path, steps: int, config: Path = REPO_CONF
                     vocab_size: int = 8000, valid_fraction: float = DEFAULT_VALID_FRACTION,
                     max_documents: int | None = None) -> dict:
     from mlm_dist.config import load_config
-    from mlm_dist.training.loop import resolve_data
+    from mlm_dist.preflight import resolve_data
 
     if importlib.util.find_spec("matplotlib") is None:  # before the hours of training, not after
         raise ValueError("bench convergence draws its curves with matplotlib: "
@@ -572,7 +572,7 @@ def run_convergence(corpus: str, out: Path, steps: int, config: Path = REPO_CONF
                      "eval.every=0"]
     cfg = load_config(config, [*run_overrides, f"out_dir={ours_dir}"])
     check_comparable(cfg)
-    cfg, tokenizer, _ = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
+    cfg, tokenizer = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
     phase = cfg.schedule.phases[0]
     if phase.global_batch % (phase.micro_batch * ranks):
         raise ValueError(f"schedule.phases.0.global_batch {phase.global_batch} is not divisible "

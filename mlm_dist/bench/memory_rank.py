@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -147,16 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from mlm_dist.bench.train import (bench_config, phase_for, synthetic_batch,
+    from mlm_dist.bench.train import (as_batch, bench_config, phase_for, synthetic_batch,
                                       synthetic_vocabulary)
     from mlm_dist.config import ScheduleConfig
     from mlm_dist.engine import build_engine, check_precision, init_distributed
     from mlm_dist.masking import TokenMasker
-    from mlm_dist.model import BertForPretraining, num_parameters, pretraining_loss
+    from mlm_dist.model import BertForPretraining, num_parameters
+    from mlm_dist.training.step import train_step
 
     baseline_rss = _rss_now()  # interpreter + torch + deepspeed, before any model exists
     cfg = bench_config(args.config, args.overrides, args.vocab_size)
     phase = phase_for(cfg, args.seq_len, args.micro_batch, None)
+    check_precision(cfg)  # before the process group: a user's mistake is one clear line
     topo = init_distributed()
     world = topo.world_size
     steps = max(1, args.steps)
@@ -179,31 +182,26 @@ def main(argv: list[str] | None = None) -> None:
         cfg, train=dataclasses.replace(cfg.train, zero_stage=args.stage),
         schedule=ScheduleConfig(phases=[phase]),
         optim=dataclasses.replace(cfg.optim, warmup_steps=0), deepspeed=extra)
-    check_precision(cfg)
     engine = build_engine(model, cfg, topo)
     device = engine.device
 
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,
                            seed=topo.rank)
-    batch = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
+    batches = itertools.repeat(as_batch(rows, device))
     masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
                          max_predictions=phase.max_predictions, seed=cfg.train.seed,
                          rank=topo.rank, device=device)
-    word_starts = torch.ones_like(batch["input_ids"], dtype=torch.bool)  # synthetic: 1 id, 1 word
-    held = None
+    held, last = {}, {}
+
+    def measure(step: int, micro: int) -> None:
+        if step == steps - 1 and micro == 0:
+            held.update(held_bytes(engine))
+
     engine.train()
     for step in range(steps):
-        for micro in range(ACCUMULATION):
-            engine.set_gradient_accumulation_boundary(micro == ACCUMULATION - 1)
-            masked = masker(batch["input_ids"], step, micro, word_starts)
-            mlm_logits, nsp_logits = engine(masked.input_ids, batch["token_type_ids"],
-                                            batch["attention_mask"], masked.positions)
-            losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits,
-                                      batch["next_sentence_label"])
-            engine.backward(losses["loss"])
-            if step == steps - 1 and micro == 0:
-                held = held_bytes(engine)
-            engine.step()
+        train_step(engine, batches, masker, step=step, accumulation=ACCUMULATION,
+                   record=lambda losses, batch, masked: last.update(losses),
+                   after_backward=lambda micro: measure(step, micro))
     after_step = held_bytes(engine)
     record = {"rank": topo.rank, "stage": args.stage, "world_size": world, "parameters": psi,
               **held, "after_step": after_step, "peak_rss": _peak_rss(),
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
               "micro_batch": phase.micro_batch, "precision": cfg.train.precision,
               "checkpoint_activations": model.checkpoint_activations,
               "optimizer_class": type(engine.optimizer).__name__,
-              "loss": float(losses["loss"])}
+              "loss": float(last["loss"])}
     out = Path(args.out)
     tmp = out / f".rank{topo.rank}.json.tmp"
     tmp.write_text(json.dumps(record))

@@ -147,49 +147,87 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-class OursStep:
-    """One training step of our stack; nothing in it waits for the host."""
+def as_batch(rows: dict, device):
+    """synthetic_batch's rows as the loader's Batch, on `device` (each id its own word)."""
+    import torch
 
-    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device,
-                 precision: str, compile: bool = False, checkpoint_activations: bool = False):
+    from mlm_dist.data.pipeline import Batch
+
+    t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
+    return Batch(t["input_ids"], t["token_type_ids"], t["attention_mask"],
+                 t["next_sentence_label"], torch.ones_like(t["input_ids"], dtype=torch.bool))
+
+
+class TorchEngine:
+    """The calls train_step makes of a DeepSpeed engine, on a plain model and optimizer.
+
+    In one process DeepSpeed at ZeRO 0 adds nothing else to a step, and without it the
+    comparison is fair: its bf16 mode would keep bf16 weights where HF's autocast keeps fp32."""
+
+    def __init__(self, model, optimizer, *, device, precision: str, grad_clip: float,
+                 compile: bool = False):
         import torch
 
-        from mlm_dist.masking import TokenMasker
-        from mlm_dist.model import BertForPretraining, parameter_groups, pretraining_loss
-        from mlm_dist.optim import build_optimizer
+        self.module, self.optimizer, self.device = model, optimizer, device
+        self.precision, self.grad_clip = precision, grad_clip
+        self.forward = torch.compile(model) if compile else model
+        self.params = list(model.parameters())
+        self.boundary = True
 
-        self.device, self.precision, self.loss_fn = device, precision, pretraining_loss
-        torch.manual_seed(cfg.train.seed)
-        self.model = BertForPretraining(cfg.model,
-                                        checkpoint_activations=checkpoint_activations or None)
-        self.model.to(device).train()
-        o = cfg.optim
-        self.optimizer = build_optimizer(parameter_groups(self.model, o.weight_decay), o.name,
-                                         o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, device)
-        self.params = list(self.model.parameters())
-        self.forward = torch.compile(self.model) if compile else self.model
-        self.grad_clip = cfg.train.grad_clip
-        self.masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
-                                  max_predictions=phase.max_predictions, seed=cfg.train.seed,
-                                  rank=0, device=device)
-        t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
-        self.input_ids, self.token_type_ids = t["input_ids"], t["token_type_ids"]
-        self.attention_mask, self.nsp = t["attention_mask"], t["next_sentence_label"]
-        self.word_starts = torch.ones_like(self.input_ids, dtype=torch.bool)  # synthetic: 1 id, 1 word
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        self.boundary = boundary
 
-    def __call__(self, step: int) -> None:
-        import torch
-
-        masked = self.masker(self.input_ids, step, word_starts=self.word_starts)
+    def __call__(self, *inputs):
         with _autocast(self.device, self.precision):
-            mlm_logits, nsp_logits = self.forward(masked.input_ids, self.token_type_ids,
-                                                  self.attention_mask, masked.positions)
-        losses = self.loss_fn(mlm_logits, masked.labels, nsp_logits, self.nsp)
-        losses["loss"].backward()
+            return self.forward(*inputs)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        import torch
+
+        if not self.boundary:
+            return
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class OursStep:
+    """One training step of our stack: training.step.train_step itself, on a plain engine;
+    nothing in it waits for the host."""
+
+    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device,
+                 precision: str, compile: bool = False, checkpoint_activations: bool = False):
+        import itertools
+
+        import torch
+
+        from mlm_dist.masking import TokenMasker
+        from mlm_dist.model import BertForPretraining, parameter_groups
+        from mlm_dist.optim import build_optimizer
+
+        torch.manual_seed(cfg.train.seed)
+        model = BertForPretraining(cfg.model, checkpoint_activations=checkpoint_activations or None)
+        model.to(device).train()
+        o = cfg.optim
+        optimizer = build_optimizer(parameter_groups(model, o.weight_decay), name=o.name,
+                                    lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                    weight_decay=o.weight_decay, device=device)
+        self.model = model
+        self.engine = TorchEngine(model, optimizer, device=device, precision=precision,
+                                  grad_clip=cfg.train.grad_clip, compile=compile)
+        self.masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
+                                  max_predictions=phase.max_predictions, seed=cfg.train.seed,
+                                  rank=0, device=device)
+        self.batches = itertools.repeat(as_batch(rows, device))
+
+    def __call__(self, step: int) -> None:
+        from mlm_dist.training.step import train_step
+
+        train_step(self.engine, self.batches, self.masker, step=step, accumulation=1)
 
 
 class HFStep:

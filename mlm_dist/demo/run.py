@@ -17,12 +17,15 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+# Package data, so an installed wheel has it too (configs/tiny.yaml in a checkout links here).
+# A wheel installs unpacked: this is a file the training processes can open by its path.
+TINY_CONFIG = files("mlm_dist.demo") / "tiny.yaml"
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
         remove_shm_buffers(port)
 
 
-def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CONFIG,
+def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CONFIG,
              lang: str = "en") -> None:
     from mlm_dist.data.corpus import iter_documents
     from mlm_dist.data.prepare import prepare_shards
@@ -93,8 +96,7 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = REPO_CO
         raise ValueError(f"--lang {lang}: the demo speaks {', '.join(DEMOS)}")
     demo = DEMOS[lang]
     if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: run the demo from a checkout "
-                                "(`pip install -e .` in the repository)")
+        raise FileNotFoundError(f"{config} not found")
     out.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer, shards, run = (out / "corpus.txt", out / "tokenizer", out / "shards",
                                       out / "run")

@@ -234,6 +234,16 @@ def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     return from_hf_state_dict({k: v.float() for k, v in hf_sd.items()})
 
 
+def load_pretrained(cfg: ModelConfig):
+    """Our model with `cfg.init_from`'s weights (`cfg` as resolve_data made it: the folder's
+    shape). Strict: a missing head or a shape mismatch is an error, never a random weight."""
+    from mlm_dist.model import BertForPretraining
+
+    model = BertForPretraining(cfg)
+    model.load_state_dict(pretrained_state_dict(cfg.init_from), strict=True)
+    return model
+
+
 def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     """A `transformers` fast tokenizer that gives the same ids as our `Tokenizer.encode`.
 

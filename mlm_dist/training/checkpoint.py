@@ -12,7 +12,8 @@ DeepSpeed writes its files under their final names and, left to itself, points `
 tag before every rank has finished writing. We do not trust either: every rank writes, all
 ranks meet at a barrier, and only then rank 0 writes `complete.json` and atomically moves the
 `latest` pointer. A checkpoint without `complete.json` is a crashed save and is never resumed
-from; resuming looks for the newest *complete* checkpoint, whatever `latest` says.
+from; resuming looks for the newest *complete* checkpoint, whatever `latest` says, and removes
+the crashed saves first (they can be as large as a whole checkpoint on a disk that filled up).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.yaml"
 COMPLETE = "complete.json"
 _TAG = re.compile(r"step_(\d{8,})$")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (usually a full disk); the message says how much room checkpoints need."""
 
 
 def tag_for(step: int) -> str:
@@ -66,27 +71,83 @@ def latest_complete(root: Path) -> Path | None:
 
 def save(engine, run_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path],
          client_state: dict, rank: int, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory once it is complete."""
+    """Collective: every rank calls it. Returns the tag directory once it is complete; a rank
+    whose part fails raises CheckpointSaveError."""
     root = run_dir / CHECKPOINTS
     tag_dir = root / tag_for(step)
     if rank == 0 and tag_dir.exists():
         # Leftovers of a save that crashed at this very step (or of a rolled-back future).
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state,
-                           save_latest=False)
+    # A failing rank raises at once rather than joining the next barrier; the launcher then
+    # stops the others. A full disk surfaces as OSError or as torch's RuntimeError
+    # "enforce fail at inline_container.cc ... unexpected pos", which names neither cause nor fix.
+    try:
+        engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state,
+                               save_latest=False)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointSaveError(_save_failed(tag_dir, rank, keep, err)) from err
     faults.maybe_kill_during_save(step)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
-        (tag_dir / RUN_CONFIG).write_text(dump_yaml(cfg))
-        for f in tokenizer_files:  # tokenizer.model, or a HF tokenizer's files
-            shutil.copyfile(f, tag_dir / f.name)
-        _write_atomically(tag_dir / COMPLETE, json.dumps(
-            {"step": step, "world_size": dist.get_world_size(), "time": time.time()}))
-        _write_atomically(root / "latest", tag_dir.name)
+        try:
+            _complete(tag_dir, step, cfg, tokenizer_files)
+        except OSError as err:
+            raise CheckpointSaveError(_save_failed(tag_dir, rank, keep, err)) from err
         prune(root, keep)
     dist.barrier()
     return tag_dir
+
+
+def _complete(tag_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path]) -> None:
+    """Rank 0, once every rank's files are on disk: our files, then the marker, then `latest`."""
+    (tag_dir / RUN_CONFIG).write_text(dump_yaml(cfg))
+    for f in tokenizer_files:  # tokenizer.model, or a HF tokenizer's files
+        shutil.copyfile(f, tag_dir / f.name)
+    _write_atomically(tag_dir / COMPLETE, json.dumps(
+        {"step": step, "world_size": dist.get_world_size(), "time": time.time()}))
+    _write_atomically(tag_dir.parent / "latest", tag_dir.name)
+
+
+def _save_failed(tag_dir: Path, rank: int, keep: int, err: BaseException) -> str:
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    newest = latest_complete(tag_dir.parent)
+    last = (f"the last complete checkpoint, {newest.name}, takes {_human(_disk_bytes(newest))}"
+            if newest is not None else "there is no complete checkpoint yet")
+    kept = f"now {keep}" if keep else "now 0: all are kept"
+    return (f"could not save checkpoint {tag_dir} (rank {rank}: {cause}); {last} and "
+            f"{_free_space(tag_dir)} is free on that filesystem. Free space there, set "
+            f"checkpoint.keep to keep fewer checkpoints ({kept}), or point out_dir at a larger "
+            "disk; resuming removes this incomplete checkpoint")
+
+
+def _disk_bytes(d: Path) -> int:
+    """Space the files under `d` take on disk (what `du` counts), not their apparent size."""
+    total = 0
+    for parent, _, files in os.walk(d):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(parent, name))
+            except OSError:  # gone meanwhile: a message is no reason to fail again
+                continue
+            total += getattr(st, "st_blocks", st.st_size // 512) * 512
+    return total
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:  # the failed save may not have made it
+        path = path.parent
+    try:
+        return _human(shutil.disk_usage(path).free)
+    except OSError:
+        return "an unknown amount"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def prune(root: Path, keep: int) -> None:
@@ -104,6 +165,18 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def remove_incomplete(root: Path) -> list[Path]:
+    """Delete the crashed saves under `root`: step_* directories without the completion marker.
+    Complete checkpoints, symlinks and anything not named step_* are left alone."""
+    doomed = [d for _, d, ok in tags(root) if not ok and not d.is_symlink()]
+    for d in doomed:
+        shutil.rmtree(d)
+    if doomed:
+        print("removed incomplete checkpoints (saves that did not finish): "
+              + ", ".join(str(d) for d in doomed), flush=True)
+    return doomed
+
+
 def saved_world_size(tag_dir: Path) -> int:
     return json.loads((tag_dir / COMPLETE).read_text())["world_size"]
 
@@ -112,6 +185,8 @@ def resume(engine, run_dir: Path, universal=None) -> dict | None:
     """Load the newest complete checkpoint of `run_dir` into the engine; return our state.
     `universal(tag_dir) -> dir`: when given, load through DeepSpeed's universal checkpoint
     made by it (rank 0 converts, the others wait), for a run on another number of ranks."""
+    if dist.get_rank() == 0:
+        remove_incomplete(run_dir / CHECKPOINTS)
     tag_dir = latest_complete(run_dir / CHECKPOINTS)
     if tag_dir is None:
         return None

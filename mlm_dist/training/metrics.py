@@ -55,8 +55,10 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.add_text(tag, value)
 
-    def accumulate(self, losses: dict, attention_mask: torch.Tensor, eligible: torch.Tensor):
-        """`eligible`: the tokens the masker could have chosen (MaskedBatch.eligible)."""
+    def accumulate(self, losses: dict, batch, masked) -> None:
+        """One micro-batch (train_step's `record`): its losses, its Batch and MaskedBatch, whose
+        `eligible` counts the tokens the masker could have chosen. Nothing waits for the device."""
+        attention_mask, eligible = batch.attention_mask, masked.eligible
         values = torch.stack([
             losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),

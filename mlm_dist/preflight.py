@@ -1,0 +1,82 @@
+"""Every check a user can fail, before any process group, worker or job starts.
+
+`mlm-dist train` runs `preflight` first on every rank; the launchers (`mlm-dist slurm`, the
+multi-node deepspeed launcher) run it on the host they start from, for the world size they are
+about to start, so a mistake costs seconds instead of a queue wait. One place per concern:
+
+    the config itself       config.load_config: types, ranges, combinations, `deepspeed:` extras
+    batch arithmetic        config.validate_topology, for a world size
+    the run directory       check_run_dir: never train over another run's checkpoints
+    the data                resolve_data: shards, their tokenizer, model.init_from's tokenizer
+    the device              engine.check_precision, on the ranks' hosts only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlm_dist.config import RunConfig, validate_topology
+from mlm_dist.data.shards import Manifest
+from mlm_dist.tokenizer import Tokenizer
+from mlm_dist.training.checkpoint import CHECKPOINTS, latest_complete
+
+
+@dataclass(frozen=True)
+class Preflight:
+    cfg: RunConfig  # model.vocab_size and the data paths resolved
+    tokenizer: Tokenizer | None  # None when the launching host cannot see the data
+    accumulation: list[int]  # gradient accumulation steps of each phase
+
+
+def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Preflight:
+    """All the checks for a run of `world_size` ranks. `on_ranks=False` (a launcher): the data
+    is checked if this host sees it, the device is left to the ranks' hosts."""
+    accumulation = validate_topology(cfg, world_size)
+    check_run_dir(cfg)
+    tokenizer = None
+    if on_ranks or Path(cfg.data.shards).is_dir():
+        cfg, tokenizer = resolve_data(cfg)
+    if on_ranks:
+        from mlm_dist.engine import check_precision  # imports DeepSpeed: the ranks have it
+
+        check_precision(cfg)
+    return Preflight(cfg, tokenizer, accumulation)
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    if not cfg.checkpoint.resume and latest_complete(Path(cfg.out_dir) / CHECKPOINTS):
+        # Never train over an existing run: its checkpoints would be mixed with ours.
+        raise FileExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
+                              "checkpoint.resume=true to continue it, or choose another out_dir")
+
+
+def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
+    """Find the tokenizer, check it matches the shards (and model.init_from's), and fill in
+    model.vocab_size and absolute data paths."""
+    manifest = Manifest.load(cfg.data.shards)
+    tokenizer = Tokenizer.load(cfg.data.tokenizer or manifest.tokenizer.path)
+    if tokenizer.sha256 != manifest.tokenizer.sha256:
+        raise ValueError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
+                         f"{cfg.data.shards} were made with; point data.tokenizer at that one "
+                         "or re-run `mlm-dist prepare`")
+    model_cfg = cfg.model
+    if model_cfg.init_from:
+        from mlm_dist.interop.huggingface import pretrained_model_config
+
+        model_cfg = pretrained_model_config(model_cfg.init_from, model_cfg)
+        if Tokenizer.load(model_cfg.init_from).sha256 != tokenizer.sha256:
+            raise ValueError(
+                f"model.init_from: the shards in {cfg.data.shards} were not made with "
+                f"{model_cfg.init_from}'s tokenizer; re-run `mlm-dist prepare --tokenizer "
+                f"{model_cfg.init_from} …` so token ids mean what the model learned")
+    vocab = model_cfg.vocab_size or tokenizer.vocab_size
+    if vocab != tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size: {vocab} does not match the tokenizer's "
+                         f"{tokenizer.vocab_size}; leave it 0 to take it from the tokenizer")
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab),
+        data=dataclasses.replace(cfg.data, tokenizer=str(Path(tokenizer.path).parent.resolve()),
+                                 shards=str(Path(cfg.data.shards).resolve())))
+    return cfg, tokenizer

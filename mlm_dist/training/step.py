@@ -1,0 +1,47 @@
+"""One optimizer step: the only place a micro-batch is masked, run forward and backward.
+
+The training loop and every benchmark call `train_step`, so what a bench times or measures is
+the step training runs. `engine` is a DeepSpeed engine, or anything with its four calls (the
+train bench wraps a plain model and optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+from mlm_dist.data.pipeline import Batch
+from mlm_dist.masking import TokenMasker
+from mlm_dist.model import pretraining_loss
+from mlm_dist.training import faults
+
+
+def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: int,
+               accumulation: int, record: Callable | None = None,
+               after_backward: Callable[[int], None] | None = None) -> float:
+    """Run `accumulation` micro-batches of `batches` into one optimizer step; return the
+    seconds spent waiting for data. `record(losses, batch, masked)` sees each micro-batch's
+    losses (tensors: nothing here waits for the device); `after_backward(micro)` runs between
+    backward and the engine's step (the memory bench measures there)."""
+    waited = 0.0
+    for micro in range(accumulation):
+        # Our step decides where DeepSpeed's accumulation ends, not its run-global micro-step
+        # counter, which phases with other accumulation and resumes would shift off our steps.
+        engine.set_gradient_accumulation_boundary(micro == accumulation - 1)
+        start = time.perf_counter()
+        batch = next(batches).to(engine.device)
+        waited += time.perf_counter() - start
+        masked = masker(batch.input_ids, step, micro, batch.word_starts)
+        mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
+                                        batch.attention_mask, masked.positions)
+        losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
+        if faults.nan_loss(step):
+            losses["loss"] = losses["loss"] * math.nan
+        engine.backward(losses["loss"])
+        if after_backward is not None:
+            after_backward(micro)
+        engine.step()
+        if record is not None:
+            record(losses, batch, masked)
+    return waited
