@@ -1,15 +1,24 @@
-"""`mlm-dist <command>`: one entry point for every step and every topology."""
+"""`mlm-dist <command>`: one entry point for every step and every topology.
+
+Glue only: each command's options and a handler of a few lines that imports the module doing
+the work when it runs, so building the parser imports neither torch nor DeepSpeed (`--help`
+and a mistyped option answer at once). A mistake the user can fix ends in one line that names
+the thing and the fix (exit code 2); anything else shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import sys
 from pathlib import Path
 
-from mlm_dist.bench import memory as bench_memory, train as bench_train
+from mlm_dist.bench import convergence as bench_convergence
+from mlm_dist.bench import data as bench_data
+from mlm_dist.bench import memory as bench_memory
+from mlm_dist.bench import train as bench_train
 from mlm_dist.launch import slurm
-from mlm_dist.config import ConfigError, DataConfig
 
 
 def _tokenizer_train(args) -> None:
@@ -36,21 +45,9 @@ _PREPARE_BUILD_DEFAULTS = {"tokenizer": None, "out": None, "docs_per_shard": 200
 
 def _prepare(args) -> None:
     if args.verify or args.merge:
-        flag = "--verify" if args.verify else "--merge"
-        stray = [k for k in _PREPARE_BUILD_DEFAULTS if getattr(args, k) is not None]
-        if stray:
-            raise ValueError(f"{flag} takes only a directory (and --workers, --quiet); drop "
-                             + ", ".join("--" + k.replace("_", "-") for k in stray))
+        _refuse_build_options(args)
         return _prepare_verify(args) if args.verify else _prepare_merge(args)
-    for key, default in _PREPARE_BUILD_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.tokenizer is None or args.out is None:
-        raise ValueError("prepare --input needs --tokenizer DIR and --out DIR")
-    if args.num_partitions > 1 and args.partition_index is None:
-        raise ValueError(f"--num-partitions {args.num_partitions} needs --partition-index "
-                         f"(0..{args.num_partitions - 1}; in a Slurm array job, "
-                         "$SLURM_ARRAY_TASK_ID)")
+    _build_options(args)
     from mlm_dist.data.prepare import prepare_shards
     from mlm_dist.data.workers import default_workers
 
@@ -70,6 +67,27 @@ def _prepare(args) -> None:
     if info.partition is not None:
         print(f"partition {info.partition} of {info.num_partitions} done; when all are, run "
               f"`mlm-dist prepare --merge {args.out}`")
+
+
+def _refuse_build_options(args) -> None:
+    flag = "--verify" if args.verify else "--merge"
+    stray = [k for k in _PREPARE_BUILD_DEFAULTS if getattr(args, k) is not None]
+    if stray:
+        raise ValueError(f"{flag} takes only a directory (and --workers, --quiet); drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in stray))
+
+
+def _build_options(args) -> None:
+    """The defaults of the options left out, and the combinations argparse cannot check."""
+    for key, default in _PREPARE_BUILD_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.tokenizer is None or args.out is None:
+        raise ValueError("prepare --input needs --tokenizer DIR and --out DIR")
+    if args.num_partitions > 1 and args.partition_index is None:
+        raise ValueError(f"--num-partitions {args.num_partitions} needs --partition-index "
+                         f"(0..{args.num_partitions - 1}; in a Slurm array job, "
+                         "$SLURM_ARRAY_TASK_ID)")
 
 
 def _prepare_verify(args) -> None:
@@ -139,46 +157,12 @@ def _fill_mask(args) -> None:
 
 
 def _eval(args) -> None:
-    import dataclasses
+    from mlm_dist.training.evaluate import evaluate_saved_model
 
-    from mlm_dist.config import SequencePhase, load_config
-    from mlm_dist.training.evaluate import evaluate
-    from mlm_dist.tokenizer import Tokenizer
-
-    source = Path(args.checkpoint)
-    if (source / "config.json").is_file():
-        # A Hugging Face BERT folder: the "before" of a domain adaptation.
-        from mlm_dist.interop.huggingface import load_pretrained
-        from mlm_dist.preflight import resolve_data
-
-        if not args.data:
-            raise ConfigError("--data is required to evaluate a Hugging Face folder")
-        cfg, _ = resolve_data(load_config(None, [f"data.shards={args.data}",
-                                                 f"model.init_from={source}"]))
-        model = load_pretrained(cfg.model).eval()
-        tokenizer_dir = source
-    else:
-        from mlm_dist.interop.fill_mask import load_checkpoint
-
-        model, cfg, tokenizer_dir = load_checkpoint(source)
-    phase = cfg.schedule.phases[-1]
-    if args.seq_len:
-        phase = SequencePhase(seq_len=args.seq_len)
-    phase = dataclasses.replace(phase, micro_batch=args.micro_batch)
-    cfg.eval = dataclasses.replace(cfg.eval, seed=args.seed, max_pairs=(
-        cfg.eval.max_pairs if args.max_pairs is None else args.max_pairs))
-    if phase.seq_len > cfg.model.max_positions:
-        raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
-                          f"{cfg.model.max_positions}")
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    data = args.data or cfg.data.shards
-    from mlm_dist.data.shards import Manifest
-
-    if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
-        raise ValueError(f"--data {data} was not prepared with this model's tokenizer "
-                         f"({tokenizer.path}); the ids would not mean what the model learned")
-    results = evaluate(model, cfg, phase, tokenizer.vocabulary, shards=data)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "seq_len": phase.seq_len, **results}))
+    results = evaluate_saved_model(args.checkpoint, data=args.data, seq_len=args.seq_len,
+                                   micro_batch=args.micro_batch, max_pairs=args.max_pairs,
+                                   seed=args.seed)
+    print(json.dumps({"checkpoint": str(args.checkpoint), **results}))
 
 
 def _consolidate(args) -> None:
@@ -196,29 +180,6 @@ def _consolidate(args) -> None:
     print(f"wrote one fp32 state dict ({len(model.state_dict())} tensors) to {out}")
 
 
-def _bench_data(args) -> None:
-    from mlm_dist.bench.data import bench_loader
-    from mlm_dist.bench.masking import bench_masking
-    from mlm_dist.data.shards import Manifest
-    from mlm_dist.tokenizer import Tokenizer
-
-    tokenizer = args.tokenizer or Manifest.load(args.shards).tokenizer.path
-    vocab = Tokenizer.load(tokenizer).vocabulary
-    data = DataConfig(shards=args.shards, open_documents=args.open_documents)
-    loader = [bench_loader(args.shards, vocab, data, seq_len=seq_len,
-                           micro_batch=args.micro_batch, batches=args.batches)
-              for seq_len in args.seq_len]
-    masking = bench_masking(tokenizer, batch=args.mask_batch, seq_len=args.mask_seq_len,
-                            repeats=args.repeats)
-    print(json.dumps({"loader": loader, "masking": masking}, indent=2))
-
-
-def _bench_convergence(args) -> None:
-    from mlm_dist.bench.convergence import convergence_command
-
-    convergence_command(args)
-
-
 def _demo(args) -> None:
     from mlm_dist.demo.run import run_demo
 
@@ -226,9 +187,15 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlm-dist", description=__doc__)
+    p = argparse.ArgumentParser(prog="mlm-dist", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    for add_parser in (_add_tokenizer, _add_prepare, _add_train, _add_export_hf, _add_fill_mask,
+                       _add_eval, _add_consolidate, _add_bench, _add_demo, slurm.add_parser):
+        add_parser(sub)  # each command's options and handler
+    return p
 
+
+def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(
         dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train a SentencePiece tokenizer with BERT's specials")
@@ -253,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<0xFF>, 256 pieces counted in --vocab-size) instead of [UNK]")
     t.set_defaults(func=_tokenizer_train)
 
+
+def _add_prepare(sub) -> None:
     pr = sub.add_parser(
         "prepare", help="tokenize a corpus into WebDataset shards; verify or merge shards",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -299,22 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 
+
+def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="pretrain (alone, or under deepspeed/torchrun/srun)")
     tr.add_argument("--config", required=True, help="YAML run config")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     tr.set_defaults(func=_train)
 
+
+def _add_export_hf(sub) -> None:
     ex = sub.add_parser("export-hf", help="write a Hugging Face BertForPreTraining folder")
     ex.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_export_hf)
 
+
+def _add_fill_mask(sub) -> None:
     fm = sub.add_parser("fill-mask", help="print the top-k completions of [MASK]")
     fm.add_argument("--checkpoint", required=True)
     fm.add_argument("--top-k", type=int, default=5)
     fm.add_argument("text", nargs="+")
     fm.set_defaults(func=_fill_mask)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="validation loss, perplexity and accuracies (JSON)")
     ev.add_argument("--checkpoint", required=True,
                     help="run dir, checkpoints dir, step dir, or a Hugging Face BERT folder")
@@ -327,33 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_eval)
 
+
+def _add_consolidate(sub) -> None:
     co = sub.add_parser("consolidate", help="one fp32 state dict from a sharded checkpoint")
     co.add_argument("--checkpoint", required=True)
     co.add_argument("--out", required=True, help="file to write (torch.save)")
     co.set_defaults(func=_consolidate)
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON)").add_subparsers(
         dest="bench_command", required=True)
-    bd = bench.add_parser("data", help="loader sequences/s per worker; on-device masking cost "
-                          "against transformers' DataCollatorForLanguageModeling")
-    bd.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`")
-    bd.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
-    bd.add_argument("--micro-batch", type=int, default=32)
-    bd.add_argument("--batches", type=int, default=200)
-    bd.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
-                    help="documents whose pairs are interleaved (data.open_documents)")
-    bd.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
-                    "(default: the shards' tokenizer)")
-    bd.add_argument("--mask-batch", type=int, default=256)
-    bd.add_argument("--mask-seq-len", type=int, default=512)
-    bd.add_argument("--repeats", type=int, default=5)
-    bd.set_defaults(func=_bench_data)
-    bench_train.add_parser(bench)
-    bench_memory.add_parser(bench)
-    from mlm_dist.bench import convergence as bench_convergence  # light at import: heavy modules load when it runs
+    for module in (bench_data, bench_train, bench_memory, bench_convergence):
+        module.add_parser(bench)  # options only: each imports its heavy parts when it runs
 
-    bench_convergence.add_parser(bench).set_defaults(func=_bench_convergence)
 
+def _add_demo(sub) -> None:
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--steps", type=int, default=800)
@@ -362,8 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="en: stdlib docstrings; ja / zh: Debian's manpages-ja / manpages-zh, "
                          "whole-word masking by MeCab / jieba words")
     de.set_defaults(func=_demo)
-    slurm.add_parser(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,9 +337,29 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug, or a failure nobody foresaw: the traceback is what is needed
         print(f"mlm-dist {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def is_user_error(e: BaseException) -> bool:
+    """An error our own checks raised for the user: a ValueError (ConfigError and the other
+    errors of this package derive from it), OSError or RuntimeError that a `raise` statement
+    of mlm_dist threw, with a message naming the thing and the fix. The same kinds raised
+    inside a library (numpy's shape errors, torch's) are not: they are shown whole."""
+    if not isinstance(e, (ValueError, OSError, RuntimeError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    ours = Path(code.co_filename).resolve().is_relative_to(_PACKAGE)
+    return ours and linecache.getline(code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ Speed choices that leave the numbers (and the parameters) as they are:
   Linear casts its input again.
 - On a CPU, attention is the plain matmul-softmax-matmul, and dropout draws its mask from 16-bit
   slices of 64-bit random words: PyTorch's CPU SDPA runs its fused kernel only without dropout
-  (with dropout it falls back to an unfused path several times slower than this one), and its
-  bernoulli_ takes about six times as long as these random bits (20 ms against 3.2 ms for one
-  BERT-base attention mask here). On CUDA both stay PyTorch's fused kernels.
+  (with dropout it falls back to an unfused path, slower than this one), and its bernoulli_
+  costs several times these random bits (`mlm-dist bench train` times the step). On CUDA both
+  stay PyTorch's fused kernels.
 - `checkpoint_activations` recomputes each encoder layer in the backward pass
   (torch.utils.checkpoint, the dropout masks replayed from the saved RNG state): activation
   memory falls from O(layers) to O(1) layers for about a third more compute.

@@ -79,11 +79,11 @@ class Lamb(torch.optim.Optimizer):
                 index = [i for i, p in enumerate(params) if self.state[p]["step"] == step]
                 self._update([params[i] for i in index], [grads[i] for i in index],
                              [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
-                             step, group, beta1, beta2)
+                             step=step, group=group, beta1=beta1, beta2=beta2)
         return loss
 
     @staticmethod
-    def _update(params, grads, exp_avgs, exp_avg_sqs, step, group, beta1, beta2):
+    def _update(params, grads, exp_avgs, exp_avg_sqs, *, step, group, beta1, beta2):
         if group["bias_correction"]:
             correction1 = 1.0 - beta1 ** step
             correction2_sqrt = math.sqrt(1.0 - beta2 ** step)

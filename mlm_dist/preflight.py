@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlm_dist.config import RunConfig, validate_topology
+from mlm_dist.config import RunConfig, load_config, validate_topology
 from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Tokenizer
 from mlm_dist.training.checkpoint import CHECKPOINTS, latest_complete
@@ -43,6 +43,12 @@ def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Pref
 
         check_precision(cfg)
     return Preflight(cfg, tokenizer, accumulation)
+
+
+def launch_preflight(config: str | Path, overrides: list[str], world_size: int) -> RunConfig:
+    """What a launcher checks on the host it starts from, before any node or job starts: the
+    config file with its overrides, then `preflight` for that many ranks, less the device."""
+    return preflight(load_config(config, list(overrides)), world_size, on_ranks=False).cfg
 
 
 def check_run_dir(cfg: RunConfig) -> None:

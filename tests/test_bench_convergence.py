@@ -11,9 +11,10 @@ import random
 import numpy as np
 import pytest
 
-from mlm_dist.bench.convergence import (create_instances_from_document,
-                                        create_training_instances, lr_factor, truncate_seq_pair)
 from mlm_dist.bench.corpora import write_corpus
+from mlm_dist.bench.google_instances import (create_instances_from_document,
+                                             create_training_instances, truncate_seq_pair)
+from mlm_dist.bench.reference_trainer import lr_factor
 
 SENTENCE = 5  # tokens per sentence in the synthetic documents below
 

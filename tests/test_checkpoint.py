@@ -53,8 +53,8 @@ def tokenizer_file(tmp_path) -> Path:
 
 
 def save(engine, run_dir, step, tokenizer_file, keep=3):
-    return checkpoint.save(engine, run_dir, step, RunConfig(), [tokenizer_file], {"step": step},
-                           rank=0, keep=keep)
+    return checkpoint.save(engine, run_dir, step, cfg=RunConfig(), tokenizer_files=[tokenizer_file],
+                           client_state={"step": step}, rank=0, keep=keep)
 
 
 def snapshot(d: Path) -> dict:

@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,9 @@ def test_arguments_and_environment_reach_the_remote_ranks_literally(tmp_path, mo
     args = hostfile.build_parser().parse_args(
         ["--env", "NCCL_DEBUG=INFO", str(tmp_path / "hostfile"), str(TINY), *nasty])
     (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.2 slots=1\n")
-    monkeypatch.setattr(hostfile, "_check_config", lambda *a: str(tmp_path / "run"))
+    # The nasty values are no valid config: skip the pre-flight, keep the out_dir it returns.
+    monkeypatch.setattr("mlm_dist.preflight.launch_preflight",
+                        lambda *a: SimpleNamespace(out_dir=str(tmp_path / "run")))
     launch = hostfile.plan(args)
 
     # a stand-in for the Python that deepspeed starts on the node: it records what it got

@@ -53,7 +53,7 @@ def test_every_document_once_per_epoch_whatever_the_reader_count(sizes, readers)
     for epoch in range(3):
         seen = []
         for r in range(readers):
-            for u in work_units(shards, epoch, 7, r, readers, documents=12):
+            for u in work_units(shards, epoch, 7, reader=r, readers=readers, documents=12):
                 seen += [(s.path, d) for s in u.shards for d in range(s.documents)
                          if d % u.modulus == u.remainder]
         assert sorted(seen) == sorted((s.path, d) for s in shards for d in range(s.documents))
@@ -105,9 +105,9 @@ def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path)
     state = first.state_dict()
     (epoch, unit, _), = state["positions"].values()
     # Remove every shard the resumed reader should not need to open.
-    units = work_units(manifest_shards(shards), epoch, 0, 0, 1)
+    units = work_units(manifest_shards(shards), epoch, 0, reader=0, readers=1)
     needed = {s.path for u in units[unit:] for s in u.shards} | {
-        s.path for u in work_units(manifest_shards(shards), epoch + 1, 0, 0, 1) for s in u.shards}
+        s.path for u in work_units(manifest_shards(shards), epoch + 1, 0, reader=0, readers=1) for s in u.shards}
     for s in manifest_shards(shards):
         if s.path not in needed:
             (shards / s.path.rsplit("/", 1)[1]).unlink()
@@ -144,7 +144,7 @@ def test_bad_data_is_skipped_counted_and_named(uneven_shards, tmp_path, caplog):
 def test_small_shards_are_joined_into_units_of_enough_documents():
     shards = [Shard(f"s{i}", 5) for i in range(23)]
     for reader in range(2):
-        units = work_units(shards, 0, 7, reader, 2, documents=16)
+        units = work_units(shards, 0, 7, reader=reader, readers=2, documents=16)
         sizes = [sum(s.documents for s in u.shards) for u in units]
         assert all(n >= 16 for n in sizes) and max(sizes) < 2 * 16 + 5, sizes
 
@@ -160,8 +160,8 @@ def test_regroup_onto_another_rank_count_never_repeats_a_shard(uneven_shards, ol
     consumed = state["consumed"]
     epoch = consumed["epoch"]
     new_units = [u for r in range(new_world)
-                 for u in work_units(shards, epoch, 0, r, new_world,
-                                     Consumed(epoch, frozenset(consumed["shards"])))]
+                 for u in work_units(shards, epoch, 0, reader=r, readers=new_world,
+                                     consumed=Consumed(epoch, frozenset(consumed["shards"])))]
     new_paths = [s.path for u in new_units for s in u.shards]
     consumed_paths = {shards[i].path for i in consumed["shards"]}
     assert not consumed_paths & set(new_paths)  # nothing read twice in the epoch

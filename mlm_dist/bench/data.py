@@ -9,15 +9,18 @@ per micro-batch (how well pairs of different documents are mixed; the micro-batc
 
 from __future__ import annotations
 
+import json
 import time
 
 from mlm_dist.config import DataConfig
-from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
-from mlm_dist.tokenizer import Vocabulary
 
 
-def bench_loader(shards_dir: str, vocab: Vocabulary, data: DataConfig, *, seq_len: int,
+def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
                  micro_batch: int = 32, batches: int = 200, seed: int = 0) -> dict:
+    """One reader's figures at `seq_len`: see the module's docstring. `vocab`: the shards'
+    tokenizer.Vocabulary."""
+    from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
+
     shards = manifest_shards(shards_dir)
     stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data)
     writer = BatchWriter(micro_batch, seq_len, vocab)
@@ -43,3 +46,38 @@ def bench_loader(shards_dir: str, vocab: Vocabulary, data: DataConfig, *, seq_le
             "documents_per_micro_batch": round(distinct / max(1, made), 2),
             "open_documents": data.open_documents,
             "skipped_documents": stream.skips.documents}
+
+
+def data_command(args) -> None:
+    from mlm_dist.bench.masking import bench_masking
+    from mlm_dist.data.shards import Manifest
+    from mlm_dist.tokenizer import Tokenizer
+
+    tokenizer = args.tokenizer or Manifest.load(args.shards).tokenizer.path
+    vocab = Tokenizer.load(tokenizer).vocabulary
+    data = DataConfig(shards=args.shards, open_documents=args.open_documents)
+    loader = [bench_loader(args.shards, vocab, data, seq_len=seq_len,
+                           micro_batch=args.micro_batch, batches=args.batches)
+              for seq_len in args.seq_len]
+    masking = bench_masking(tokenizer, batch=args.mask_batch, seq_len=args.mask_seq_len,
+                            repeats=args.repeats)
+    print(json.dumps({"loader": loader, "masking": masking}, indent=2))
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `bench data` under `mlm-dist bench`."""
+    d = bench_subparsers.add_parser(
+        "data", help="loader sequences/s per worker, fill and documents per micro-batch; "
+                     "on-device masking cost against transformers' DataCollatorForLanguageModeling")
+    d.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`")
+    d.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
+    d.add_argument("--micro-batch", type=int, default=32)
+    d.add_argument("--batches", type=int, default=200)
+    d.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
+                   help="documents whose pairs are interleaved (data.open_documents)")
+    d.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
+                   "(default: the shards' tokenizer)")
+    d.add_argument("--mask-batch", type=int, default=256)
+    d.add_argument("--mask-seq-len", type=int, default=512)
+    d.add_argument("--repeats", type=int, default=5)
+    d.set_defaults(func=data_command)

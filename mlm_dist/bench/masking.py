@@ -74,7 +74,7 @@ def _time_ms(fn, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench_masking(tokenizer_dir: str | None = None, batch: int = 256, seq_len: int = 512,
+def bench_masking(tokenizer_dir: str | None = None, *, batch: int = 256, seq_len: int = 512,
                   repeats: int = 5, whole_word: bool = False,
                   device: str | torch.device = "cpu", max_predictions: int | None = None) -> dict:
     """Median milliseconds per batch of ours (token-level and whole-word) and of HF's collator.

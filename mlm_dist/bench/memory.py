@@ -43,7 +43,7 @@ def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
             "total": int(params + grads + states)}
 
 
-def bench_memory(config: str | None, overrides: list[str] = (), stages=(0, 1, 2, 3),
+def bench_memory(config: str | None, overrides: list[str] = (), *, stages=(0, 1, 2, 3),
                  ranks: int = 2, seq_len: int | None = None, micro_batch: int | None = None,
                  steps: int = 2, vocab_size: int = 0, checkpoint_activations: bool = False,
                  timeout: int = 900) -> dict:

@@ -199,7 +199,7 @@ class OursStep:
     """One training step of our stack: training.step.train_step itself, on a plain engine;
     nothing in it waits for the host."""
 
-    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, device,
+    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, *, device,
                  precision: str, compile: bool = False, checkpoint_activations: bool = False):
         import itertools
 
@@ -289,7 +289,7 @@ def _timed(fn, device, *args) -> float:
     return time.perf_counter() - start
 
 
-def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | None = None,
+def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int | None = None,
                 steps: int = 10, warmup: int = 3, compare_hf: bool = False,
                 precision: str | None = None, device: str | None = None,
                 max_predictions: int | None = None, compile: bool = False,
@@ -320,7 +320,8 @@ def bench_train(cfg: RunConfig, seq_len: int | None = None, micro_batch: int | N
     rows = synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len, seed)
     tokens = phase.micro_batch * phase.seq_len
 
-    sides = {"ours": OursStep(cfg, phase, rows, device, precision, compile, checkpoint_activations)}
+    sides = {"ours": OursStep(cfg, phase, rows, device=device, precision=precision, compile=compile,
+                               checkpoint_activations=checkpoint_activations)}
     if compile:  # the same stack uncompiled, interleaved too: the speed-up in one run
         sides["ours_eager"] = OursStep(cfg, phase, rows, device, precision, False,
                                        checkpoint_activations)

@@ -92,7 +92,7 @@ class WorkUnit:
     remainder: int
 
 
-def work_units(shards: list[Shard], epoch: int, seed: int, reader: int, readers: int,
+def work_units(shards: list[Shard], epoch: int, seed: int, *, reader: int, readers: int,
                consumed: Consumed | None = None, documents: int = 1) -> list[WorkUnit]:
     """What one reader reads in one epoch. Over all readers: every document exactly once
     (less the shards already consumed in that epoch by a run on another number of ranks).
@@ -141,8 +141,9 @@ class ReaderStream:
         """Yield (pair, position after this pair); forever, or for `epochs` epochs."""
         epoch, unit_index, offset = start
         while epochs is None or epoch < epochs:
-            units = work_units(self.shards, epoch, self.seed, self.reader, self.readers,
-                               self.consumed, self.data.open_documents)
+            units = work_units(self.shards, epoch, self.seed, reader=self.reader,
+                               readers=self.readers, consumed=self.consumed,
+                               documents=self.data.open_documents)
             for u in range(unit_index, len(units)):
                 skip = offset if u == unit_index else 0
                 emitted = 0
@@ -372,7 +373,8 @@ def regroup(states: list[dict], shards: list[Shard], world_size: int, num_worker
     index = {s.path: i for i, s in enumerate(shards)}
     consumed = set(earlier.shards) if earlier and earlier.epoch == epoch else set()
     for r, (e, unit, offset) in at.items():
-        units = work_units(shards, epoch, seed, r, old_readers, earlier, grouped)
+        units = work_units(shards, epoch, seed, reader=r, readers=old_readers, consumed=earlier,
+                           documents=grouped)
         done = units if e > epoch else units[:unit + (1 if offset else 0)]
         consumed.update(index[s.path] for u in done for s in u.shards)
     readers = world_size * max(1, num_workers)

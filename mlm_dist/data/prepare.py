@@ -42,6 +42,7 @@ def prepare_shards(
     inputs: Iterable[str | Path] | str | Path,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
+    *,
     docs_per_shard: int = 2000,
     valid_fraction: float = 0.02,
     seed: int = 0,

@@ -14,6 +14,13 @@ sentencex's rules come from Latin-script text and get a few Japanese/Chinese cas
 "ja" and "zh" its cuts are repaired here (`_split_cjk`), so that
   - 。！？｡． end a sentence whatever follows, digits and Latin letters included
     (sentencex continues a sentence before a lowercase letter or a digit: 。2023年 …);
+  - an ASCII . ! or ? right after a Han or kana character or a full-width closing bracket or
+    quote, followed by a space, a Han or kana character or a full-width opening bracket or quote,
+    ends a sentence too ("…を参照.次に…", "…が必要です. 詳しくは…": translated manual pages and
+    much web text write ASCII stops); closing quotes and brackets after it stay with it. A run
+    of ! and ? counts as one stop; "..." never ends a sentence here. Decimal numbers (1.2.3),
+    file names (ls.1, a.out, 設定.conf), URLs and abbreviations (U.S., e.g.) have no Han or kana
+    right before the stop, or no space or Han/kana after it, so they are not cut;
   - a closing quote or bracket stays with its sentence, and one that closes after a sentence
     end ends the sentence (sentencex does so after 」 and ” only, not after 』 or ）);
   - nothing is cut inside a matched bracket or quote pair (sentencex cuts 『…。』 before 』);
@@ -95,13 +102,26 @@ _CJK_STOPS = "。！？｡．"
 _CJK_END = re.compile(f"[{_CJK_STOPS}]+[{re.escape(_CLOSES)}]*")
 # Particles that continue a sentence after a quote: 「…」と言った, 「…」って, 「…」は, 「…」の …
 _JA_PARTICLES = frozenset("とってはがをにのでもやへ")
+_NEXT_CHAR = re.compile(r"\s*(\S?)")
 _ALNUM = re.compile(r"[0-9A-Za-z０-９Ａ-Ｚａ-ｚ]")
+_HAN = "\u3005\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_KANA = "\u3041-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff\uff66-\uff9d"
+_WIDE_CLOSES = "」』）”’》】〉〕］｝〗"
+_WIDE_OPENS = "「『（“‘《【〈〔［｛〖"
+# An ASCII sentence end in Japanese/Chinese text: . or a run of ! and ? between CJK text, with
+# the closing quotes and brackets after it ("…を参照.次に", "…です. 詳しくは", "（…）.次").
+_ASCII_CJK_END = re.compile(f"(?<=[{_HAN}{_KANA}{_WIDE_CLOSES}])(?:\\.|[!?]+)[{_WIDE_CLOSES}]*"
+                            f"(?=\\s|[{_HAN}{_KANA}{_WIDE_OPENS}])")
+# Japanese/Chinese text, or its punctuation and full-width forms, after a cut.
+_CJK_START = re.compile(f"\\s*[{_HAN}{_KANA}{_WIDE_OPENS}\u3000-\u303f\uff00-\uffef]")
 
 
 def _split_cjk(paragraph: str, lang: str) -> list[str]:
     pieces = sentencex.segment("en", paragraph)  # they add up to the paragraph exactly
-    cuts = set(accumulate(map(len, pieces[:-1])))
+    cuts = {cut for cut in accumulate(map(len, pieces[:-1]))
+            if _ends_latin_sentence(paragraph, cut)}
     cuts.update(m.end() for m in _CJK_END.finditer(paragraph))
+    cuts.update(m.end() for m in _ASCII_CJK_END.finditer(paragraph))
     enclosed = _enclosed_spans(paragraph)
     starts = [start for start, _ in enclosed]
     ends = {end for _, end in enclosed}
@@ -128,22 +148,56 @@ def _is_boundary(paragraph: str, cut: int, lang: str, enclosed: list[tuple[int, 
     if i >= 0 and enclosed[i][1] > cut:
         return False  # inside 「…」 or （…）: the quote is part of a longer sentence
     before, after = paragraph[cut - 1], paragraph[cut]
-    if lang == "ja" and (before in _CLOSES or before in _SYMMETRIC) and after in _JA_PARTICLES:
-        return False
+    if lang == "ja" and (before in _CLOSES or before in _SYMMETRIC) and \
+            _NEXT_CHAR.match(paragraph, cut).group(1) in _JA_PARTICLES:
+        return False  # 「…。」と, and 「…。」 と of text with spaces (man pages)
     glued_period = (before in ".．" and not after.isspace()
                     and cut >= 2 and _ALNUM.match(paragraph[cut - 2]))
     return not glued_period
+
+
+def _ends_latin_sentence(paragraph: str, cut: int) -> bool:
+    """Whether sentencex's cut at `cut` in Japanese/Chinese text is a sentence end: one after
+    。！？ (which _CJK_END cuts at anyway) or after a Latin-text sentence ("… in C. The …").
+
+    sentencex also cuts before list items ("、 (d) ダンプ", "構成される: (1) …"), after stops
+    that end no sentence here: an ellipsis ("$1, $2, ... $n"), a stop alone ("find . -name",
+    "! コマンド"), one with no space after it (" .An", "`!'", "#!/bin/sh") and a stop before
+    Japanese/Chinese text ("file... で", "`.' が", "ls. によって"); the stops of that last kind
+    that do end a sentence follow Japanese/Chinese text, and _ASCII_CJK_END cuts there.
+    """
+    end = cut  # just after the stop and its closing quotes or brackets
+    while end > 0 and paragraph[end - 1].isspace():
+        end -= 1
+    stop = end  # just after the stop
+    while stop > 0 and (paragraph[stop - 1] in _CLOSES or paragraph[stop - 1] in "'\"＂"):
+        stop -= 1
+    mark = paragraph[stop - 1] if stop > 0 else ""
+    if mark and mark in _CJK_STOPS:
+        return True
+    if not mark or mark not in ".!?" or stop < 2 or paragraph[stop - 2].isspace():
+        return False
+    if mark == "." and paragraph[stop - 2] == ".":
+        return False
+    return end < len(paragraph) and paragraph[end].isspace() and \
+        not _CJK_START.match(paragraph, end)
 
 
 def _enclosed_spans(paragraph: str) -> list[tuple[int, int]]:
     """(start, end) of each outermost matched bracket or quote pair, in order.
 
     Only pairs that close count, so a stray 「 does not swallow the rest of the paragraph.
+    An ASCII ( or [ with a space after it, or ) or ] with a space before it, is a character the
+    text talks about, not a bracket ("[ の次の文字が ! ならば…。 ] は…": man pages).
     """
     open_at: list[tuple[str, int]] = []  # (expected closer, position) of pairs still open
     spans = []
     for m in _BRACKET.finditer(paragraph):
         char = m.group()
+        if char in "([" and (m.end() == len(paragraph) or paragraph[m.end()].isspace()):
+            continue
+        if char in ")]" and (m.start() == 0 or paragraph[m.start() - 1].isspace()):
+            continue
         if char in _CLOSER_OF:
             open_at.append((_CLOSER_OF[char], m.start()))
         elif char in _SYMMETRIC and all(closer != char for closer, _ in open_at):
@@ -167,8 +221,6 @@ def _enclosed_spans(paragraph: str) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- detection
 
 _SAMPLE = 1000  # characters of a document looked at: plenty to tell, cheap for long documents
-_HAN = "\u3005\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
-_KANA = "\u3041-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff\uff66-\uff9d"
 _CJK_CHARS = re.compile(f"[{_HAN}{_KANA}]+")
 _KANA_CHARS = re.compile(f"[{_KANA}]+")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")

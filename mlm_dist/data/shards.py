@@ -47,7 +47,7 @@ TOKEN_DTYPES = ("uint16", "int32")
 _PREPARE_HINT = "run `mlm-dist prepare --input … --tokenizer … --out DIR` to create shards"
 
 # np.save writes version 1.0 headers of exactly this shape for the 1-D little-endian integer
-# arrays we store. Matching it directly is ~10x faster than np.load, which evaluates the header
+# arrays we store. Matching it directly is much cheaper than np.load, which evaluates the header
 # as a Python literal; anything else (another writer's formatting) falls back to np.load.
 _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
 _NPY_1D_HEADER = re.compile(rb"\{'descr': '([<|][iu][1248])', 'fortran_order': False, "
@@ -161,7 +161,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     """The bytes np.save writes for `array`.
 
     1-D little-endian integer arrays (all we store) get np.save's exact header written here,
-    ~6x faster than np.save itself, which was most of `prepare`'s time per document.
+    much cheaper than np.save itself, which was most of `prepare`'s time per document.
     """
     if array.ndim == 1 and array.dtype.kind in "iu" and array.dtype.str[0] in "<|":
         header = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (

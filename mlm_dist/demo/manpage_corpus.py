@@ -15,12 +15,13 @@ The pages are technical prose, as the stdlib docstrings are for English. Each pa
 a small roff reader below (not `man`/`groff`, whose output depends on their version and the
 terminal width): code blocks, tables, synopses, option tags and colophons are dropped, wrapped
 lines are joined (without a space between two CJK characters), and the prose is split into
-sentences at 。！？. One page with at least two sentences is one document.
+sentences by the project's splitter (`mlm_dist.data.sentences.split_sentences`, "ja" or "zh":
+。！？, and ASCII . ! ? between CJK text, which older translations use). Sentences that are not
+mostly Japanese/Chinese prose are dropped. One page with at least two sentences is one document.
 
-Output is the txt format (one sentence a line, a blank line between documents), sentences split
-here, so it does not depend on a sentence splitter that knows CJK punctuation. It is
-deterministic for a given package version: pages are read in sorted order and exact duplicate
-pages are kept once.
+Output is the txt format (one sentence a line, a blank line between documents). It is
+deterministic for a given package version (and sentencex version): pages are read in sorted
+order and exact duplicate pages are kept once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mlm_dist.data.corpus import distinct_documents, write_txt_corpus
+from mlm_dist.data.sentences import split_sentences
 
 MAN_ROOT = Path("/usr/share/man")
 _MIN_DOCUMENT_SENTENCES = 2
@@ -70,13 +72,14 @@ def _mostly_cjk(sentence: str) -> bool:
 @dataclass(frozen=True)
 class CorpusSource:
     language: str
+    lang: str  # the code split_sentences splits it with
     man_dir: str  # below MAN_ROOT
     package: str  # the Debian package that installs it
     is_sentence: Callable[[str], bool]
 
 
-JAPANESE = CorpusSource("Japanese", "ja", "manpages-ja", is_japanese_sentence)
-CHINESE = CorpusSource("Chinese", "zh_CN", "manpages-zh", is_chinese_sentence)
+JAPANESE = CorpusSource("Japanese", "ja", "ja", "manpages-ja", is_japanese_sentence)
+CHINESE = CorpusSource("Chinese", "zh", "zh_CN", "manpages-zh", is_chinese_sentence)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -121,8 +124,12 @@ def man_pages(source: CorpusSource, man_root: Path) -> list[Path]:
 
 def documents_of(source: CorpusSource, pages: Iterable[Path]) -> Iterator[list[str]]:
     """The sentences of each page that has enough prose, each distinct page once."""
+    # NFC only: NFKC would turn the full-width punctuation of real text into ASCII, and the
+    # tokenizer (which normalises with NFKC itself) should see the text as people write it.
     return distinct_documents(([s for paragraph in page_paragraphs(read_page(page))
-                                for s in split_cjk_sentences(paragraph) if source.is_sentence(s)]
+                                for s in split_sentences(unicodedata.normalize("NFC", paragraph),
+                                                         source.lang)
+                                if source.is_sentence(s)]
                                for page in pages), _MIN_DOCUMENT_SENTENCES)
 
 
@@ -133,24 +140,9 @@ def read_page(page: Path) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-# ----------------------------------------------------------------------------- sentences
+# ----------------------------------------------------------------------------- lines
 
-# A sentence ends at 。！？ (a run of them), with the closing brackets or quotes after it.
-_SENTENCE_END = re.compile(r"(?:(?<=[。！？])|(?<=[。！？][」』）)”’〕】]))(?![。！？」』）)”’〕】])")
-# Older translations end sentences with ASCII . ! ? ("传送过去.不管…"): a sentence end where
-# such a mark follows an ideograph or kana and another starts the next sentence. ("1.2",
-# "a.out" and ".conf" never have an ideograph or kana on both sides.)
-_ASCII_SENTENCE_END = re.compile(r"(?<=[\u3041-\u30ff\u3400-\u9fff][.!?])\s*"
-                                 r"(?=[\u3041-\u30ff\u3400-\u9fff])")
 _SPACES = re.compile(r"\s+")
-
-
-def split_cjk_sentences(paragraph: str) -> list[str]:
-    # NFC only: NFKC would turn the full-width punctuation of real text into ASCII, and the
-    # tokenizer (which normalises with NFKC itself) should see the text as people write it.
-    paragraph = unicodedata.normalize("NFC", paragraph)
-    return [s.strip() for part in _ASCII_SENTENCE_END.split(paragraph)
-            for s in _SENTENCE_END.split(part) if s.strip()]
 
 
 def join_lines(lines: list[str]) -> str:

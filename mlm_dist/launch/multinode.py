@@ -269,7 +269,10 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
     check_host_name(master_addr, "--master-addr")
 
     config = Path(args.config)
-    out_dir = Path(_check_config(config, args.overrides, ranks))
+    from mlm_dist.preflight import launch_preflight
+
+    # The ranks' own checks, here and once, rather than on every node after the launch.
+    out_dir = Path(launch_preflight(config, args.overrides, ranks).out_dir)
 
     extra = env_assignments(args.env)
     user_files = tuple(f for f in (Path.home() / ".deepspeed_env", cwd / ".deepspeed_env")
@@ -285,16 +288,6 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
                                 multi_node=multi_node, python=args.python)
     return Launch(command, render_hostfile(hosts), render_env_file(env), hostfile_path,
                   env_path, ranks)
-
-
-def _check_config(config: Path, overrides: list[str], ranks: int) -> str:
-    """Check the run config and its batch arithmetic for `ranks` here, once, rather than on
-    every node after the launch; return the run's out_dir."""
-    from mlm_dist.config import load_config, validate_topology
-
-    cfg = load_config(config, overrides)
-    validate_topology(cfg, ranks)
-    return cfg.out_dir
 
 
 def build_parser(prog: str = "deepspeed_multinode") -> argparse.ArgumentParser:

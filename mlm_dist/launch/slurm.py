@@ -228,14 +228,6 @@ def sbatch_script(job: SlurmJob) -> str:
     return "\n".join(lines)
 
 
-def _check_config(job: SlurmJob) -> None:
-    """The run config and its batch arithmetic for nodes × ranks, before anything is queued."""
-    from mlm_dist.config import load_config, validate_topology
-
-    cfg = load_config(job.config, list(job.overrides))
-    validate_topology(cfg, job.nodes * job.gpus_per_node)
-
-
 def write_script(text: str, path: Path) -> None:
     """Never overwrite a file this command did not write."""
     if path.exists():
@@ -275,7 +267,10 @@ def run(args: argparse.Namespace) -> None:
     if not Path(job.config).is_file():
         raise SlurmError(f"--config {job.config} does not exist")
     script = sbatch_script(job)  # every option checked
-    _check_config(job)  # and the run config, for this many ranks
+    from mlm_dist.preflight import launch_preflight
+
+    # The ranks' own checks for nodes × ranks, before anything is queued.
+    launch_preflight(job.config, job.overrides, job.nodes * job.gpus_per_node)
     path = Path(args.out_script) if args.out_script else None
     if path is not None:
         write_script(script, path)

@@ -33,6 +33,7 @@ def train_tokenizer(
     sentences: Iterable[str],
     out_dir: str | Path,
     vocab_size: int,
+    *,
     model_type: str = "unigram",
     seed: int = 0,
     input_sentence_size: int = 2_000_000,

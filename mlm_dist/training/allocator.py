@@ -3,11 +3,12 @@
 glibc serves every allocation above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
 fresh mmap and unmaps it on free. A training step allocates and frees the same large tensors
 every time (activations, the [V, H] embedding gradient and its casts, logits), so every step
-pays a page fault per 4 KiB page of each of them, and in a VM a page fault is expensive: zeroing a
-fresh 94 MB tensor took 37 ms here instead of 3.5 ms, a bf16 cast of the embedding matrix 26 ms
-instead of 5. With mmap off (M_MMAP_MAX=0) and trimming off (M_TRIM_THRESHOLD huge), freed blocks
-stay in the heap and the next step reuses them, already mapped. jemalloc or tcmalloc via
-LD_PRELOAD do the same job from outside the process; this needs no extra package.
+pays a page fault per 4 KiB page of each of them, and in a VM a page fault is expensive: zeroing
+a fresh tensor costs many times what zeroing a mapped one does (`mlm-dist bench train
+--default-malloc` shows the step without this). With mmap off (M_MMAP_MAX=0) and trimming off
+(M_TRIM_THRESHOLD huge), freed blocks stay in the heap and the next step reuses them, already
+mapped. jemalloc or tcmalloc via LD_PRELOAD do the same job from outside the process; this
+needs no extra package.
 
 Only the CPU heap is affected (CUDA memory has its own caching allocator). The process keeps
 its peak heap until it exits, which a training process does anyway.

@@ -69,7 +69,7 @@ def latest_complete(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save(engine, run_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path],
+def save(engine, run_dir: Path, step: int, *, cfg: RunConfig, tokenizer_files: list[Path],
          client_state: dict, rank: int, keep: int) -> Path:
     """Collective: every rank calls it. Returns the tag directory once it is complete; a rank
     whose part fails raises CheckpointSaveError."""

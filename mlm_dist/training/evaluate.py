@@ -11,7 +11,9 @@ pass at the split's first pairs (0 = the whole split).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from mlm_dist.config import RunConfig, SequencePhase, max_predictions
 from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
+from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import IGNORE_INDEX, pretraining_loss
 from mlm_dist.tokenizer import Vocabulary
@@ -102,3 +105,43 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
         "val/sequences": sequences,
         "val/predictions": mlm_count,
     }
+
+
+def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len: int = 0,
+                         micro_batch: int = 16, max_pairs: int | None = None,
+                         seed: int = 0) -> dict:
+    """`mlm-dist eval`: the figures of a checkpoint (run dir, checkpoints dir or step dir), or
+    of a Hugging Face BERT folder (the "before" of a domain adaptation), on `data`'s validation
+    split (default: the run's shards), at `seq_len` (default: the run's last phase)."""
+    from mlm_dist.config import ConfigError, load_config
+    from mlm_dist.tokenizer import Tokenizer
+
+    source = Path(source)
+    if (source / "config.json").is_file():
+        from mlm_dist.interop.huggingface import load_pretrained
+        from mlm_dist.preflight import resolve_data
+
+        if not data:
+            raise ConfigError("--data is required to evaluate a Hugging Face folder")
+        cfg, _ = resolve_data(load_config(None, [f"data.shards={data}",
+                                                 f"model.init_from={source}"]))
+        model, tokenizer_dir = load_pretrained(cfg.model), source
+    else:
+        from mlm_dist.interop.fill_mask import load_checkpoint
+
+        model, cfg, tokenizer_dir = load_checkpoint(source)
+    phase = SequencePhase(seq_len=seq_len) if seq_len else cfg.schedule.phases[-1]
+    phase = dataclasses.replace(phase, micro_batch=micro_batch)
+    if phase.seq_len > cfg.model.max_positions:
+        raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
+                          f"{cfg.model.max_positions}")
+    cfg.eval = dataclasses.replace(cfg.eval, seed=seed, max_pairs=(
+        cfg.eval.max_pairs if max_pairs is None else max_pairs))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    data = data or cfg.data.shards
+    if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
+        raise ValueError(f"--data {data} was not prepared with this model's tokenizer "
+                         f"({tokenizer.path}); the ids would not mean what the model learned")
+    model.eval()
+    return {"seq_len": phase.seq_len,
+            **evaluate(model, cfg, phase, tokenizer.vocabulary, shards=data)}

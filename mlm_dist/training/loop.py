@@ -181,8 +181,9 @@ class Trainer:
 
     def save(self, phase_index: int, batches: ResumableLoader) -> None:
         client = self.state.client_state(phase_index, batches, self.topo.world_size)
-        path = checkpoint.save(self.engine, self.run_dir, self.state.step, self.cfg,
-                               self.tokenizer.files, client, self.topo.rank, self.cfg.checkpoint.keep)
+        path = checkpoint.save(self.engine, self.run_dir, self.state.step, cfg=self.cfg,
+                               tokenizer_files=self.tokenizer.files, client_state=client,
+                               rank=self.topo.rank, keep=self.cfg.checkpoint.keep)
         self.last_save_time = time.monotonic()
         if self.rank0:
             print(f"saved checkpoint {path}", flush=True)

@@ -83,7 +83,7 @@ class MetricLogger:
             self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
             self.jsonl.flush()
 
-    def flush(self, step: int, lr: float, grad_norm, seq_len: int, data_wait: float,
+    def flush(self, step: int, *, lr: float, grad_norm, seq_len: int, data_wait: float,
               skipped: int, steps: int, flops_per_token: float) -> dict:
         """`steps`: optimizer steps since the last flush; `flops_per_token`: the model's
         training FLOPs per token at this sequence length (flops.model_flops_per_token)."""

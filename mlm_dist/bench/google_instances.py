@@ -1,0 +1,149 @@
+"""The reference's data for `mlm-dist bench convergence`: NSP instances made from token ids the
+way Google's create_pretraining_data.py makes them (its NSP part, written again here so the
+reference depends on nothing of ours but the shards it reads).
+
+Every train document is read, the documents are shuffled, each is cut into [CLS] A [SEP] B
+[SEP] pairs by Google's rules (create_instances_from_document), as many passes over the corpus
+as the run needs (Google's dupe_factor: each pass pairs anew), and then ALL the instances are
+shuffled together, before training starts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
+    import numpy as np
+
+
+@dataclass
+class Instance:
+    tokens_a: np.ndarray
+    tokens_b: np.ndarray
+    is_random_next: bool
+
+
+def truncate_seq_pair(tokens_a, tokens_b, max_num_tokens: int, rng: random.Random):
+    """Google's truncate_seq_pair on arrays: while the pair is too long, take one token off the
+    longer segment (b on a tie), from the front or the back with probability 1/2 each. The same
+    decisions as the original's list loop, one rng.random() per token removed."""
+    a0, a1, b0, b1 = 0, len(tokens_a), 0, len(tokens_b)
+    while (a1 - a0) + (b1 - b0) > max_num_tokens:
+        if a1 - a0 > b1 - b0:
+            if rng.random() < 0.5:
+                a0 += 1
+            else:
+                a1 -= 1
+        else:
+            if rng.random() < 0.5:
+                b0 += 1
+            else:
+                b1 -= 1
+    return tokens_a[a0:a1], tokens_b[b0:b1]
+
+
+def create_instances_from_document(all_documents: list, document_index: int,
+                                   max_seq_length: int, short_seq_prob: float,
+                                   rng: random.Random) -> list[Instance]:
+    """The NSP instances of one document, as create_pretraining_data.py builds them.
+
+    Segments (sentences) are accumulated until they reach a target length (max_seq_length - 3,
+    or with probability short_seq_prob a random length from 2 up, drawn once per document);
+    the chunk is split at a random segment boundary a_end into A and B. B is the actual rest of
+    the chunk, or (probability 1/2, and always when the chunk is a single segment) text from a
+    random other document, in which case the chunk's unused segments are put back to start the
+    next chunk. Then the pair is truncated to fit [CLS] A [SEP] B [SEP].
+    """
+    import numpy as np
+
+    document = all_documents[document_index]
+    max_num_tokens = max_seq_length - 3  # [CLS], [SEP], [SEP]
+    target_seq_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_seq_length = rng.randint(2, max_num_tokens)
+
+    instances = []
+    current_chunk: list = []
+    current_length = 0
+    i = 0
+    while i < len(document):
+        segment = document[i]
+        current_chunk.append(segment)
+        current_length += len(segment)
+        if i == len(document) - 1 or current_length >= target_seq_length:
+            if current_chunk:
+                a_end = 1
+                if len(current_chunk) >= 2:
+                    a_end = rng.randint(1, len(current_chunk) - 1)
+                tokens_a = np.concatenate(current_chunk[:a_end])
+
+                if len(current_chunk) == 1 or rng.random() < 0.5:
+                    is_random_next = True
+                    target_b_length = target_seq_length - len(tokens_a)
+                    # Ten tries at another document (a corpus of one document has none).
+                    for _ in range(10):
+                        random_document_index = rng.randint(0, len(all_documents) - 1)
+                        if random_document_index != document_index:
+                            break
+                    random_document = all_documents[random_document_index]
+                    random_start = rng.randint(0, len(random_document) - 1)
+                    taken, length = [], 0
+                    for j in range(random_start, len(random_document)):
+                        taken.append(random_document[j])
+                        length += len(random_document[j])
+                        if length >= target_b_length:
+                            break
+                    tokens_b = np.concatenate(taken)
+                    # The segments after A were not used: they go back to the document.
+                    i -= len(current_chunk) - a_end
+                else:
+                    is_random_next = False
+                    tokens_b = np.concatenate(current_chunk[a_end:])
+                tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+                assert len(tokens_a) >= 1 and len(tokens_b) >= 1
+                instances.append(Instance(tokens_a, tokens_b, is_random_next))
+            current_chunk, current_length = [], 0
+        i += 1
+    return instances
+
+
+def create_training_instances(documents: list, max_seq_length: int, short_seq_prob: float,
+                              rng: random.Random, min_instances: int = 0
+                              ) -> tuple[list[Instance], int]:
+    """All documents shuffled, instances made from each, as many passes over the corpus as it
+    takes to have `min_instances` (Google's dupe_factor: each pass pairs anew), then ALL
+    instances shuffled together. Returns (instances, passes)."""
+    documents = [[s for s in doc if len(s)] for doc in documents]
+    documents = [doc for doc in documents if doc]
+    if not documents:
+        raise ValueError("no document with any tokens to make instances from")
+    rng.shuffle(documents)
+    instances: list[Instance] = []
+    passes = 0
+    while passes == 0 or len(instances) < min_instances:
+        for document_index in range(len(documents)):
+            instances.extend(create_instances_from_document(
+                documents, document_index, max_seq_length, short_seq_prob, rng))
+        passes += 1
+    rng.shuffle(instances)
+    return instances, passes
+
+
+def read_train_documents(shards_dir: str | Path) -> list:
+    """Every train document of the shards (lists of sentence id arrays), in manifest order."""
+    from mlm_dist.data.pipeline import manifest_shards
+    from mlm_dist.data.reader import SkipCounter, read_documents
+    from mlm_dist.data.shards import token_ids
+
+    skips = SkipCounter()
+    documents = []
+    for shard in manifest_shards(shards_dir, "train"):
+        documents.extend([token_ids(s) for s in document]  # ids only: the reference masks tokens
+                         for document in read_documents(shard.path, shard.documents, 1, 0, skips))
+    if skips.documents:
+        raise ValueError(f"{skips.documents} train documents of {shards_dir} could not be read "
+                         "(warnings above); check the shards with `mlm-dist prepare --verify`")
+    return documents

@@ -1,0 +1,165 @@
+"""The reference trainer of `mlm-dist bench convergence`: a loop written with torch and
+transformers only, as the original BERT recipe trains.
+
+  data       the NSP instances of google_instances.py, made from all the train documents and
+             all shuffled before training starts; DataCollatorForLanguageModeling masks them
+             (masking.prob, 80/10/10 by masking.mask_frac and masking.random_frac) one
+             micro-batch at a time.
+  model      transformers' BertForPreTraining, loaded with our model's initial weights (the
+             same seed and constructor as train.py), so both sides start from the same point.
+  optimizer  torch's fused AdamW (the HF Trainer's default) without weight decay on biases and
+             LayerNorm weights; our linear warmup and decay (lr_factor); bf16 autocast or fp32;
+             gradient clipping; micro-batch losses averaged over the step, as DeepSpeed's
+             accumulation does.
+
+One process, with the threads it is given. Every `every` steps the model is saved as an fp32
+state dict under our parameter names, for the one evaluation that scores both sides.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+from mlm_dist.bench.google_instances import (Instance, create_training_instances,
+                                              read_train_documents)
+
+# torch, numpy and transformers are imported where they are used, so that registering the
+# command costs `mlm-dist --help` nothing.
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr; stdout is the bench's JSON result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup over warmup_steps, then linear decay to 0 at total_steps; optimizer step
+    `step` (0-based) runs at lr × lr_factor(step). optim.learning_rate_factor's single-phase
+    case, written again so the reference depends on nothing of ours (a test checks they agree)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def initial_state_dict(cfg) -> dict:
+    """Our model's initial weights, built exactly as train.py builds them (same seed, same
+    constructor), so both sides start from the same point."""
+    import torch
+
+    from mlm_dist.model import BertForPretraining
+
+    torch.manual_seed(cfg.train.seed)
+    return BertForPretraining(cfg.model).state_dict()
+
+
+def save_state_dict(state: dict, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
+    """Train transformers' BertForPreTraining with a plain torch loop; save our-named fp32 state
+    dicts every `every` steps into run_dir; return the figures of the run."""
+    import numpy as np
+    import torch
+    from transformers import BertForPreTraining, DataCollatorForLanguageModeling
+
+    from mlm_dist.bench.train import hf_collator_tokenizer
+    from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
+    from mlm_dist.tokenizer import CLS_ID, SEP_ID
+
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    phase = cfg.schedule.phases[0]
+    total = cfg.schedule.total_steps
+    accumulation = phase.global_batch // phase.micro_batch
+    needed = total * phase.global_batch
+
+    # ---- data: every train document, instances made and shuffled before training starts
+    documents = read_train_documents(cfg.data.shards)
+    instances, passes = create_training_instances(
+        documents, phase.seq_len, cfg.data.short_seq_prob, random.Random(cfg.train.seed),
+        min_instances=needed)
+    del documents
+    data_seconds = time.perf_counter() - start
+    say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
+        f"({data_seconds:.0f} s), {needed} used")
+    collator = DataCollatorForLanguageModeling(
+        tokenizer=hf_collator_tokenizer(cfg.model.vocab_size, cfg.model.max_positions),
+        mlm_probability=cfg.masking.prob, mask_replace_prob=cfg.masking.mask_frac,
+        random_replace_prob=cfg.masking.random_frac, seed=cfg.train.seed)
+
+    def example(instance: Instance) -> dict:
+        a, b = instance.tokens_a, instance.tokens_b
+        ids = np.concatenate([[CLS_ID], a, [SEP_ID], b, [SEP_ID]]).astype(np.int64)
+        types = np.zeros(len(ids), dtype=np.int64)
+        types[len(a) + 2:] = 1
+        return {"input_ids": ids.tolist(), "token_type_ids": types.tolist(),
+                "next_sentence_label": int(instance.is_random_next)}  # 1 = random, as ours
+
+    # ---- model: our initial weights in transformers' BertForPreTraining
+    model = BertForPreTraining(hf_bert_config(cfg.model))
+    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg)), strict=True)
+    model.to(device).train()
+    torch.manual_seed(cfg.train.seed)  # dropout's stream, whatever the constructors drew
+    # BERT's optimizer groups: no weight decay on biases and LayerNorm weights.
+    named = list(model.named_parameters())
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)],
+               "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=True)  # the HF Trainer's default (adamw_torch_fused)
+    params = [p for _, p in named]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.train.precision == "bf16")
+
+    # ---- the loop
+    used, real_tokens = 0, 0
+    history, loss_sum, loss_count = [], 0.0, 0
+    loop_start = time.perf_counter()
+    for step in range(total):
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * lr_factor(step, o.warmup_steps, total)
+        for _ in range(accumulation):
+            rows = [example(x) for x in instances[used:used + phase.micro_batch]]
+            used += len(rows)
+            real_tokens += sum(len(r["input_ids"]) for r in rows)
+            batch = {k: v.to(device) for k, v in collator(rows).items()}
+            with autocast:
+                loss = model(**batch).loss  # mean MLM cross entropy + mean NSP cross entropy
+            # Micro-batch means averaged over the step, as DeepSpeed's accumulation does.
+            (loss / accumulation).backward()
+            loss_sum += loss.detach().float()  # read at the logging cadence only
+            loss_count += 1
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total:
+            mean = float(loss_sum) / loss_count
+            history.append({"step": done, "train/loss": mean})
+            say(f"reference: step {done:>7} | loss {mean:.4f}")
+            loss_sum, loss_count = 0.0, 0
+        if done % every == 0 or done == total:
+            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+            save_state_dict(from_hf_state_dict(state), run_dir / f"step_{done:08d}.pt")
+    loop_seconds = time.perf_counter() - loop_start
+    torch.set_num_threads(threads_before)
+    return {"train_seconds": time.perf_counter() - start, "loop_seconds": loop_seconds,
+            "data_seconds": data_seconds, "steps": total, "sequences": used,
+            "tokens": used * phase.seq_len, "real_tokens": real_tokens,
+            "instances": len(instances), "passes": passes,
+            "nsp_random_fraction": float(np.mean([x.is_random_next for x in instances])),
+            "threads": threads, "history": history}

@@ -1,0 +1,37 @@
+"""The command line is glue: it parses without importing the heavy stack, a user's mistake
+ends in one line, and a bug shows its traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch import REPO, env
+from mlm_dist import cli
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    probe = ("import sys; from mlm_dist.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'deepspeed', 'sentencepiece', 'transformers', "
+             "'webdataset', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env(), cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_users_mistake_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.yaml" in err and "Traceback" not in err
+
+
+def test_a_bug_shows_its_traceback(monkeypatch):
+    def broken(args):
+        np.zeros(2).reshape(3)  # a ValueError raised inside numpy, not by one of our checks
+
+    monkeypatch.setattr(cli, "_consolidate", broken)
+    with pytest.raises(ValueError, match="reshape"):
+        cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
