@@ -137,7 +137,7 @@ def _train(args) -> None:
 
 
 def _export_hf(args) -> None:
-    from mlm_dist.interop.fill_mask import load_checkpoint
+    from mlm_dist.training.checkpoint import load_checkpoint
     from mlm_dist.interop.huggingface import export_hf
 
     model, cfg, tokenizer_dir = load_checkpoint(args.checkpoint)
@@ -146,7 +146,8 @@ def _export_hf(args) -> None:
 
 
 def _fill_mask(args) -> None:
-    from mlm_dist.interop.fill_mask import fill_mask, load_checkpoint
+    from mlm_dist.interop.fill_mask import fill_mask
+    from mlm_dist.training.checkpoint import load_checkpoint
     from mlm_dist.tokenizer import Tokenizer
 
     model, _, tokenizer_dir = load_checkpoint(args.checkpoint)
@@ -168,7 +169,7 @@ def _eval(args) -> None:
 def _consolidate(args) -> None:
     import torch
 
-    from mlm_dist.interop.fill_mask import load_checkpoint
+    from mlm_dist.training.checkpoint import load_checkpoint
 
     out = Path(args.out)
     if out.exists():

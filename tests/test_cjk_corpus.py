@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, MAN_ROOT, join_lines, page_paragraphs,
-                                      split_cjk_sentences, strip_escapes, write_chinese_corpus,
-                                      write_japanese_corpus)
 from mlm_dist.data.corpus import iter_documents
+from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, MAN_ROOT, documents_of, join_lines,
+                                          page_paragraphs, strip_escapes, write_chinese_corpus,
+                                          write_japanese_corpus)
 
 KANA = re.compile(r"[\u3041-\u30ff]")
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -132,12 +132,23 @@ def test_roff_escapes_and_line_joining():
         "日本語の文章です。 ASCII words と漢字"
 
 
-def test_sentence_splitting():
-    assert split_cjk_sentences("一つ目です。二つ目！「三つ目？」四つ目") == \
-        ["一つ目です。", "二つ目！", "「三つ目？」", "四つ目"]
+def test_pages_are_split_by_the_project_splitter(tmp_path):
+    """Sentences come from data/sentences.split_sentences ("ja"/"zh"); lines that are not
+    mostly Japanese/Chinese prose are dropped."""
+    pages = tmp_path / "man"
+    (pages / "ja").mkdir(parents=True)
+    (pages / "zh_CN").mkdir()
+    (pages / "ja" / "a.1").write_text(
+        ".SH 説明\n一つ目の文です。二つ目の文だ！「三つ目の文か？」四つ目の文になります\n"
+        ".PP\n\\&. で始まる要素を無視しない。詳細は `.' を参照してください.\n")
     # Older translations end sentences with ASCII periods; numbers and file names stay whole.
-    assert split_cjk_sentences("传送过去.不管服务器是否需要. 版本 1.2 和 a.out 文件。") == \
-        ["传送过去.", "不管服务器是否需要.", "版本 1.2 和 a.out 文件。"]
+    (pages / "zh_CN" / "a.1").write_text(
+        ".SH 描述\n传送过去的数据.不管服务器是否需要. 版本 1.2 和 a.out 文件都会被保存。\n")
+    assert list(documents_of(JAPANESE, [pages / "ja" / "a.1"])) == [[
+        "一つ目の文です。", "二つ目の文だ！", "「三つ目の文か？」", "四つ目の文になります",
+        ". で始まる要素を無視しない。", "詳細は `.' を参照してください."]]
+    assert list(documents_of(CHINESE, [pages / "zh_CN" / "a.1"])) == [[
+        "传送过去的数据.", "不管服务器是否需要.", "版本 1.2 和 a.out 文件都会被保存。"]]
 
 
 def test_reads_gzip_pages_and_skips_symlinks(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from launch import REPO, cli, env, metrics, records, train, train_command
 from mlm_dist.config import load_config
 from mlm_dist.optim import learning_rate_factor
-from mlm_dist.interop.fill_mask import load_checkpoint
+from mlm_dist.training.checkpoint import load_checkpoint
 
 # Two phases: 4 steps at 32 tokens, then 4 at 64 (with a different batch shape), dropout on
 # so that resuming must also restore the torch RNG.

@@ -144,6 +144,62 @@ def test_required_cases(lang, text, expected):
     assert split_sentences(text, lang) == expected
 
 
+@pytest.mark.parametrize("lang, text, expected", [
+    # An ASCII . ! ? after Japanese/Chinese text, before a space or more of it, ends a sentence
+    # (translated manual pages, web text).
+    ("ja", "結果は良好だった.次の実験に進む.", ["結果は良好だった.", "次の実験に進む."]),
+    ("ja", "設定は不要です. 詳しくは後述する。", ["設定は不要です.", "詳しくは後述する。"]),
+    ("zh", "传送过去.不管服务器是否需要. 版本 1.2 和 a.out 文件。",
+     ["传送过去.", "不管服务器是否需要.", "版本 1.2 和 a.out 文件。"]),
+    ("zh", "你确定吗?!我不信. 真的!", ["你确定吗?!", "我不信.", "真的!"]),
+    ("ja", "本当ですか? ls を使います.", ["本当ですか?", "ls を使います."]),
+    ("ja", "見出し（注）.本文はここから.", ["見出し（注）.", "本文はここから."]),
+    ("ja", "彼は「終わりです.」それから帰った.", ["彼は「終わりです.」", "それから帰った."]),
+    ("ja", "彼は「終わりです.」と言った.", ["彼は「終わりです.」と言った."]),
+    ("zh", "这是说明.「注意」不要删除。", ["这是说明.", "「注意」不要删除。"]),
+    # ... and nothing else: numbers, versions, file names, URLs, abbreviations, ellipses,
+    # a stop followed by Latin text with no space, a stop inside a quote or bracket.
+    ("ja", "バージョン1.2.3では3.14倍速い。", ["バージョン1.2.3では3.14倍速い。"]),
+    ("ja", "詳細は ls.1 と a.out と設定.conf を見よ。", ["詳細は ls.1 と a.out と設定.conf を見よ。"]),
+    ("ja", "ファイル.txtとディレクトリ.dを作る。", ["ファイル.txtとディレクトリ.dを作る。"]),
+    ("zh", "请访问 https://例子.中国/索引.html 下载。", ["请访问 https://例子.中国/索引.html 下载。"]),
+    ("ja", "U.S.の経済とe.g.の用法、Dr. 山田の説。", ["U.S.の経済とe.g.の用法、Dr. 山田の説。"]),
+    ("ja", "引数は file... で指定し、$1, $2, ... $n の順に並ぶ。",
+     ["引数は file... で指定し、$1, $2, ... $n の順に並ぶ。"]),
+    ("ja", "などなど...次に進む。", ["などなど...次に進む。"]),
+    ("ja", "日本語.Pythonで書く。", ["日本語.Pythonで書く。"]),
+    ("ja", "「終わりです.次へ.」と書いてある。", ["「終わりです.次へ.」と書いてある。"]),
+])
+def test_ascii_stops_in_cjk_text(lang, text, expected):
+    assert split_sentences(text, lang) == expected
+
+
+@pytest.mark.parametrize("lang, text, expected", [
+    # sentencex (English rules) cuts Japanese/Chinese technical text where no sentence ends.
+    ("ja", "ファイル名の最初の `.' までの部分を使う。", ["ファイル名の最初の `.' までの部分を使う。"]),
+    ("ja", "find . -name a を実行する。! コマンドも使える。",
+     ["find . -name a を実行する。", "! コマンドも使える。"]),
+    ("ja", "人物名には .An マクロを使う。#!/bin/sh で始める。",
+     ["人物名には .An マクロを使う。", "#!/bin/sh で始める。"]),
+    ("ja", "そして ls. によって表示される。", ["そして ls. によって表示される。"]),
+    ("zh", "属性：(a) 仅追加、 (c) 压缩、 (d) 不转储。", ["属性：(a) 仅追加、 (c) 压缩、 (d) 不转储。"]),
+    # ... and keeps the cuts between Latin-text sentences inside it.
+    ("ja", "Read the manual. Then run it. 次に実行する。",
+     ["Read the manual.", "Then run it. 次に実行する。"]),
+    ("zh", "这是说明。See the manual. It is long. 这是中文。",
+     ["这是说明。", "See the manual.", "It is long. 这是中文。"]),
+    # An ASCII bracket with a space inside it is a character the text talks about.
+    ("ja", "[ の次の文字が ! ならば否定になる。 ] は最初に置く。",
+     ["[ の次の文字が ! ならば否定になる。", "] は最初に置く。"]),
+    ("ja", "注記がある (一つ目の文。二つ目の文)。次の文。",
+     ["注記がある (一つ目の文。二つ目の文)。", "次の文。"]),
+    # A particle after a quote continues the sentence, with a space between too (man pages).
+    ("ja", "「今日は晴れです。」 と彼は言った。", ["「今日は晴れです。」 と彼は言った。"]),
+])
+def test_latin_stops_in_cjk_text(lang, text, expected):
+    assert split_sentences(text, lang) == expected
+
+
 def test_lines_are_paragraphs_and_blank_ones_are_dropped():
     text = "  First paragraph. Its second sentence.  \n\n \t \r\n東京は晴れ。大阪は雨。\nLast one"
     for lang in ("en", "ja"):  # English rules know 。 too, Japanese ones know ". "

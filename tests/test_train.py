@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BertForPreTraining
 
 from data_fixtures import corpus_documents, write_shards
 from launch import cli, metrics, train
-from mlm_dist.interop.fill_mask import load_checkpoint
+from mlm_dist.training.checkpoint import load_checkpoint
 from mlm_dist.tokenizer import Tokenizer
 
 REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc",

@@ -152,8 +152,7 @@ def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: in
     """Score the shared initial weights (step 0) and every saved model of both sides."""
     import torch
 
-    from mlm_dist.training.checkpoint import CHECKPOINTS, tag_for
-    from mlm_dist.interop.fill_mask import load_checkpoint
+    from mlm_dist.training.checkpoint import CHECKPOINTS, load_checkpoint, tag_for
     from mlm_dist.model import BertForPretraining
 
     shards = cfg.data.shards

@@ -2,30 +2,34 @@
 
 The splitter is sentencex (Wikimedia, MIT, a Rust core in a wheel with no dependencies): rule
 sets for ~30 languages, abbreviation lists ("Dr.", "U.S.", "e.g."), quotes and brackets. pysbd
-was the other candidate. Unrepaired, sentencex splits 18 of the 30 ja/zh/en paragraphs and
-cases of tests/test_sentences.py right and pysbd 16 (pysbd cuts “…。” before ” and ？！ in two,
-and never ends a sentence at 」); sentencex is 100-400 times faster (50-90 MB/s against
-0.2-0.7 MB/s on 1 MB of Japanese, Chinese and English manual pages, one core), which matters
-when `prepare` reads many GB in one process; pysbd has had no release since 2021, sentencex is
-maintained. With the repairs below this module splits 15-19 MB/s of Japanese or Chinese and
-55-65 MB/s of English.
+was the other candidate: it got fewer of tests/test_sentences.py's ja/zh/en cases right (it
+cuts “…。” before ” and ？！ in two, and never ends a sentence at 」), is orders of magnitude
+slower, which matters when `prepare` reads many GB in one process, and has had no release
+since 2021; sentencex is maintained.
 
 sentencex's rules come from Latin-script text and get a few Japanese/Chinese cases wrong; for
 "ja" and "zh" its cuts are repaired here (`_split_cjk`), so that
   - 。！？｡． end a sentence whatever follows, digits and Latin letters included
     (sentencex continues a sentence before a lowercase letter or a digit: 。2023年 …);
-  - an ASCII . ! or ? right after a Han or kana character or a full-width closing bracket or
-    quote, followed by a space, a Han or kana character or a full-width opening bracket or quote,
-    ends a sentence too ("…を参照.次に…", "…が必要です. 詳しくは…": translated manual pages and
-    much web text write ASCII stops); closing quotes and brackets after it stay with it. A run
-    of ! and ? counts as one stop; "..." never ends a sentence here. Decimal numbers (1.2.3),
-    file names (ls.1, a.out, 設定.conf), URLs and abbreviations (U.S., e.g.) have no Han or kana
-    right before the stop, or no space or Han/kana after it, so they are not cut;
+  - an ASCII . ! or ? (a run of ! and ?, not "...") right after a Han or kana character or a
+    full-width closing bracket or quote, and followed by a space, a Han or kana character or a
+    full-width opening bracket or quote, ends a sentence too ("…を参照.次に…", "…が必要です.
+    詳しくは…": translated manual pages and much web text write ASCII stops). Decimal numbers
+    (1.2.3), file names (ls.1, a.out, 設定.conf), URLs and abbreviations (U.S., e.g.) have no Han
+    or kana right before the stop, or no space or Han/kana after it, so they are not cut;
+  - of sentencex's own cuts only those after a stop that ends a Latin-text sentence are kept
+    ("… in C. The …"), not those before list items ("、 (d) ダンプ"), after an ellipsis
+    ("$1, ... $n"), a lone stop ("find . -name", "! コマンド"), a stop with no space after it
+    (" .An", "#!/bin/sh") or a stop after Latin text and before Japanese/Chinese text
+    ("file... で", "`.' が", "ls. によって");
   - a closing quote or bracket stays with its sentence, and one that closes after a sentence
     end ends the sentence (sentencex does so after 」 and ” only, not after 』 or ）);
   - nothing is cut inside a matched bracket or quote pair (sentencex cuts 『…。』 before 』);
-  - Japanese only: a quote followed by a quotative or case particle (「…。」と言った) continues
-    the sentence; a quote followed by anything else (「…。」それから) ends it;
+    an ASCII ( [ with a space after it or ) ] with a space before it is no bracket but a
+    character the text talks about ("[ の次の文字が…。 ] は…");
+  - Japanese only: a quote followed by a quotative or case particle (「…。」と言った, also with a
+    space between) continues the sentence; a quote followed by anything else (「…。」それから)
+    ends it;
   - a period between letters or digits with no space after it (U.S.の, ASP.NET, ３．２９) is
     not a sentence end.
 sentencex gets "en" rules for ja and zh text too (its "ja" rules are the generic ones with no
@@ -110,10 +114,12 @@ _WIDE_CLOSES = "」』）”’》】〉〕］｝〗"
 _WIDE_OPENS = "「『（“‘《【〈〔［｛〖"
 # An ASCII sentence end in Japanese/Chinese text: . or a run of ! and ? between CJK text, with
 # the closing quotes and brackets after it ("…を参照.次に", "…です. 詳しくは", "（…）.次").
-_ASCII_CJK_END = re.compile(f"(?<=[{_HAN}{_KANA}{_WIDE_CLOSES}])(?:\\.|[!?]+)[{_WIDE_CLOSES}]*"
-                            f"(?=\\s|[{_HAN}{_KANA}{_WIDE_OPENS}])")
+# It starts with the stop, and looks back from there, so that re scans for . ! ? quickly.
+_ASCII_CJK_END = re.compile(f"[.!?](?<=[{_HAN}{_KANA}{_WIDE_CLOSES}].)(?:(?<=\\.)|(?<=[!?])[!?]*)"
+                            f"[{_WIDE_CLOSES}]*(?=\\s|[{_HAN}{_KANA}{_WIDE_OPENS}])")
+_URL = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://|www\.)[^\s、。，；！？「」『』（）【】《》<>\"']+")
 # Japanese/Chinese text, or its punctuation and full-width forms, after a cut.
-_CJK_START = re.compile(f"\\s*[{_HAN}{_KANA}{_WIDE_OPENS}\u3000-\u303f\uff00-\uffef]")
+_CJK_START = re.compile(f"\\s*[(\\[\"'`]?[{_HAN}{_KANA}{_WIDE_OPENS}\u3000-\u303f\uff00-\uffef]")
 
 
 def _split_cjk(paragraph: str, lang: str) -> list[str]:
@@ -121,7 +127,7 @@ def _split_cjk(paragraph: str, lang: str) -> list[str]:
     cuts = {cut for cut in accumulate(map(len, pieces[:-1]))
             if _ends_latin_sentence(paragraph, cut)}
     cuts.update(m.end() for m in _CJK_END.finditer(paragraph))
-    cuts.update(m.end() for m in _ASCII_CJK_END.finditer(paragraph))
+    cuts.update(_ascii_cjk_ends(paragraph))
     enclosed = _enclosed_spans(paragraph)
     starts = [start for start, _ in enclosed]
     ends = {end for _, end in enclosed}
@@ -129,6 +135,14 @@ def _split_cjk(paragraph: str, lang: str) -> list[str]:
                    if _is_boundary(paragraph, cut, lang, enclosed, starts)})
     bounds = [0, *kept, len(paragraph)]
     return [paragraph[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _ascii_cjk_ends(paragraph: str) -> list[int]:
+    ends = [m.end() for m in _ASCII_CJK_END.finditer(paragraph)]
+    if ends and ("://" in paragraph or "www." in paragraph):
+        urls = [m.span() for m in _URL.finditer(paragraph)]  # https://例子.中国/索引.html
+        ends = [end for end in ends if not any(start < end < stop for start, stop in urls)]
+    return ends
 
 
 def _past_sentence_end(paragraph: str, cut: int, quote_ends: set[int]) -> int:
@@ -148,9 +162,13 @@ def _is_boundary(paragraph: str, cut: int, lang: str, enclosed: list[tuple[int, 
     if i >= 0 and enclosed[i][1] > cut:
         return False  # inside 「…」 or （…）: the quote is part of a longer sentence
     before, after = paragraph[cut - 1], paragraph[cut]
-    if lang == "ja" and (before in _CLOSES or before in _SYMMETRIC) and \
-            _NEXT_CHAR.match(paragraph, cut).group(1) in _JA_PARTICLES:
-        return False  # 「…。」と, and 「…。」 と of text with spaces (man pages)
+    if lang == "ja" and _NEXT_CHAR.match(paragraph, cut).group(1) in _JA_PARTICLES:
+        # 「…。」と, and 「…。」 と in text with spaces (man pages)
+        quote = cut
+        while quote > 1 and paragraph[quote - 1].isspace():
+            quote -= 1
+        if paragraph[quote - 1] in _CLOSES or paragraph[quote - 1] in _SYMMETRIC:
+            return False
     glued_period = (before in ".．" and not after.isspace()
                     and cut >= 2 and _ALNUM.match(paragraph[cut - 2]))
     return not glued_period
@@ -163,8 +181,9 @@ def _ends_latin_sentence(paragraph: str, cut: int) -> bool:
     sentencex also cuts before list items ("、 (d) ダンプ", "構成される: (1) …"), after stops
     that end no sentence here: an ellipsis ("$1, $2, ... $n"), a stop alone ("find . -name",
     "! コマンド"), one with no space after it (" .An", "`!'", "#!/bin/sh") and a stop before
-    Japanese/Chinese text ("file... で", "`.' が", "ls. によって"); the stops of that last kind
-    that do end a sentence follow Japanese/Chinese text, and _ASCII_CJK_END cuts there.
+    Japanese/Chinese text ("file... で", "`.' が", "ls. によって", "Heads. (ヘッダー数)"); the
+    stops before Japanese/Chinese text that do end a sentence follow Japanese/Chinese text,
+    and _ASCII_CJK_END cuts there.
     """
     end = cut  # just after the stop and its closing quotes or brackets
     while end > 0 and paragraph[end - 1].isspace():

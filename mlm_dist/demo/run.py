@@ -132,7 +132,8 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CO
 
     from mlm_dist.training.evaluate import evaluate
     from mlm_dist.interop.huggingface import export_hf
-    from mlm_dist.interop.fill_mask import fill_mask, load_checkpoint
+    from mlm_dist.interop.fill_mask import fill_mask
+    from mlm_dist.training.checkpoint import load_checkpoint
     from mlm_dist.model import BertForPretraining
     from mlm_dist.tokenizer import Tokenizer
 

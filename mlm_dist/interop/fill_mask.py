@@ -1,31 +1,11 @@
-"""Using a trained checkpoint on one process: consolidate its shards, fill masks."""
+"""Fill masks with a trained model on one process, as `pipeline("fill-mask")` does."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from mlm_dist.training import checkpoint
-from mlm_dist.config import RunConfig
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import Tokenizer
-
-
-def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Path]:
-    """(fp32 model in eval mode, the run's config, directory holding tokenizer.model)."""
-    from mlm_dist.engine import consolidated_state_dict  # imports deepspeed: only when needed
-
-    root, tag = checkpoint.locate(path)
-    cfg = checkpoint.checkpoint_config(root, tag)
-    model = BertForPretraining(cfg.model)
-    state = consolidated_state_dict(str(root), tag, model)
-    state.setdefault("mlm_head.decoder.weight", state["embeddings.tokens.weight"])  # tied
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {root / tag} does not match the model in its config: "
-                         f"missing {missing}, unexpected {unexpected}")
-    return model.eval(), cfg, root / tag
 
 
 @torch.no_grad()

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mlm_dist.training import faults
 from mlm_dist.config import RunConfig, dump_yaml, load_config
+from mlm_dist.model import BertForPretraining
+from mlm_dist.training import faults
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.yaml"
@@ -221,3 +222,20 @@ def locate(path: str | Path) -> tuple[Path, str]:
 
 def checkpoint_config(root: Path, tag: str) -> RunConfig:
     return load_config(root / tag / RUN_CONFIG)
+
+
+def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Path]:
+    """A checkpoint on one process, its shards consolidated: (fp32 model in eval mode, the
+    run's config, directory holding the tokenizer)."""
+    from mlm_dist.engine import consolidated_state_dict  # imports deepspeed: only when needed
+
+    root, tag = locate(path)
+    cfg = checkpoint_config(root, tag)
+    model = BertForPretraining(cfg.model)
+    state = consolidated_state_dict(str(root), tag, model)
+    state.setdefault("mlm_head.decoder.weight", state["embeddings.tokens.weight"])  # tied
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {root / tag} does not match the model in its config: "
+                         f"missing {missing}, unexpected {unexpected}")
+    return model.eval(), cfg, root / tag

@@ -127,7 +127,7 @@ def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len
                                                  f"model.init_from={source}"]))
         model, tokenizer_dir = load_pretrained(cfg.model), source
     else:
-        from mlm_dist.interop.fill_mask import load_checkpoint
+        from mlm_dist.training.checkpoint import load_checkpoint
 
         model, cfg, tokenizer_dir = load_checkpoint(source)
     phase = SequencePhase(seq_len=seq_len) if seq_len else cfg.schedule.phases[-1]
