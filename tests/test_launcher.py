@@ -117,7 +117,7 @@ def test_arguments_and_environment_reach_the_remote_ranks_literally(tmp_path, mo
         ["--env", "NCCL_DEBUG=INFO", str(tmp_path / "hostfile"), str(TINY), *nasty])
     (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.2 slots=1\n")
     # The nasty values are no valid config: skip the pre-flight, keep the out_dir it returns.
-    monkeypatch.setattr("mlm_dist.preflight.launch_preflight",
+    monkeypatch.setattr("mlm_dist.training.preflight.launch_preflight",
                         lambda *a: SimpleNamespace(out_dir=str(tmp_path / "run")))
     launch = hostfile.plan(args)
 

@@ -336,7 +336,7 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
     """The run config of both sides (checked for what the reference reproduces), the
     reference's threads, and the signature of this benchmark's sides."""
     from mlm_dist.config import load_config
-    from mlm_dist.preflight import resolve_data
+    from mlm_dist.training.preflight import resolve_data
 
     ours_dir, reference_dir = (out / "ours").resolve(), (out / "reference").resolve()
     # Ours gets these on its command line; the reference reads the same resolved config.

@@ -269,7 +269,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
     check_host_name(master_addr, "--master-addr")
 
     config = Path(args.config)
-    from mlm_dist.preflight import launch_preflight
+    from mlm_dist.training.preflight import launch_preflight
 
     # The ranks' own checks, here and once, rather than on every node after the launch.
     out_dir = Path(launch_preflight(config, args.overrides, ranks).out_dir)

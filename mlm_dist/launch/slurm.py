@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
     if not Path(job.config).is_file():
         raise SlurmError(f"--config {job.config} does not exist")
     script = sbatch_script(job)  # every option checked
-    from mlm_dist.preflight import launch_preflight
+    from mlm_dist.training.preflight import launch_preflight
 
     # The ranks' own checks for nodes × ranks, before anything is queued.
     launch_preflight(job.config, job.overrides, job.nodes * job.gpus_per_node)

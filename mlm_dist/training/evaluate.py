@@ -119,7 +119,7 @@ def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len
     source = Path(source)
     if (source / "config.json").is_file():
         from mlm_dist.interop.huggingface import load_pretrained
-        from mlm_dist.preflight import resolve_data
+        from mlm_dist.training.preflight import resolve_data
 
         if not data:
             raise ConfigError("--data is required to evaluate a Hugging Face folder")

@@ -26,7 +26,7 @@ from mlm_dist.engine import (build_engine, environment_ranks, init_distributed, 
 from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import BertForPretraining, num_parameters
-from mlm_dist.preflight import preflight
+from mlm_dist.training.preflight import preflight
 from mlm_dist.training import checkpoint
 from mlm_dist.training.evaluate import evaluate
 from mlm_dist.training.guards import DivergenceGuard, StopSignals
