@@ -21,7 +21,7 @@ REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_ac
                  "perf/tokens_per_s", "data/mask_rate", "perf/tokens_per_s_rank_min",
                  "perf/tokens_per_s_rank_max", "perf/data_wait_frac", "perf/samples_per_s",
                  "perf/step_time_ms", "perf/peak_memory_gb_rank_max", "train/skipped_steps",
-                 "data/skipped_samples", "perf/mfu"}
+                 "data/skipped_samples", "perf/mfu", "perf/real_tokens_per_s", "data/fill"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,10 @@ def test_tensorboard_has_the_scalars_and_config(zero2_run):
     assert (last["perf/tokens_per_s_rank_min"] <= last["perf/tokens_per_s_rank_max"]
             <= last["perf/tokens_per_s"])
     assert 0 <= last["perf/data_wait_frac"] <= last["perf/data_wait_frac_rank_max"] <= 1
+    # Real tokens are the non-padding share of the positions computed.
+    assert 0.2 < last["data/fill"] < 1.0
+    assert last["perf/real_tokens_per_s"] == pytest.approx(
+        last["data/fill"] * last["perf/tokens_per_s"], rel=1e-6)
 
 
 def test_resume_continues_from_latest(zero2_run, tiny_shards, tmp_path):

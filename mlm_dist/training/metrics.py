@@ -17,7 +17,7 @@ from mlm_dist.flops import device_peak_flops
 
 # Sums kept on the device, in this order.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
-         "sequences", "skipped", "data_wait_frac")
+         "sequences", "real_tokens", "skipped", "data_wait_frac")
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -64,6 +64,7 @@ class MetricLogger:
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
             (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
             eligible.float(), eligible.new_tensor(attention_mask.shape[0]).float(),
+            attention_mask.sum().float(),  # not padding: what the pairs put into the rows
         ])
         self.sums = values if self.sums is None else self.sums + values
         self.micro_steps += 1
@@ -120,12 +121,15 @@ class MetricLogger:
             "perf/tokens_per_s_rank_min": -neg_tps_min,
             "perf/tokens_per_s_rank_max": tps_max,
             "perf/samples_per_s": s["sequences"] / elapsed,
+            "perf/real_tokens_per_s": s["real_tokens"] / elapsed,
             "perf/mfu": (self.tokens / elapsed) * flops_per_token / self.peak_flops,
             "perf/step_time_ms": 1000 * elapsed / max(1, steps),
             "perf/data_wait_frac": s["data_wait_frac"] / self.topo.world_size,
             "perf/data_wait_frac_rank_max": wait_max,
             "perf/peak_memory_gb_rank_max": memory_max / 2**30,
             "data/skipped_samples": s["skipped"],
+            # real tokens / positions computed: what padding costs (perf/tokens_per_s counts both)
+            "data/fill": s["real_tokens"] / max(1.0, self.tokens * self.topo.world_size),
         }
         self.history.append(record)
         if self.writer is not None:
