@@ -50,6 +50,30 @@ def test_bench_train_reports_consistent_figures():
     assert spread["min"] <= spread["median"] <= spread["max"]
 
 
+def test_bench_train_on_real_shards_counts_real_tokens(tiny_shards):
+    """Real batches: both sides get the same pairs; HF pads each batch to its longest row, we
+    to seq_len; real tokens per second, fill and MFU on real tokens are reported per side."""
+    pytest.importorskip("transformers")
+    from mlm_dist.data.shards import Manifest
+
+    cfg = bench_config(TINY, SMALL, vocab_size=Manifest.load(tiny_shards).tokenizer.vocab_size)
+    r = bench_train(cfg, shards=str(tiny_shards), seq_len=64, micro_batch=4, steps=3,
+                    warmup=1, compare_hf=True, precision="bf16", matmul_size=64)
+    ours, hf = r["ours"], r["hf"]
+    assert r["data"].startswith("4 micro-batches of")
+    assert 0 < ours["fill"] < 1 and ours["fill"] <= hf["fill"] <= 1
+    for side in (ours, hf):
+        assert side["real_tokens_per_s"] > 0
+        assert side["mfu_real"] == pytest.approx(
+            side["real_tokens_per_s"] * side["flops_per_token"] / r["peak"]["flops_per_s"],
+            rel=2e-3)
+    assert r["real_tokens_ratio"] == pytest.approx(
+        ours["real_tokens_per_s"] / hf["real_tokens_per_s"], abs=2e-3)
+    with pytest.raises(ValueError, match="--shards"):
+        bench_train(bench_config(TINY, SMALL, vocab_size=300), shards=str(tiny_shards),
+                    seq_len=64, micro_batch=4, steps=1)
+
+
 def test_bench_train_alone_with_checkpointing_and_fp32():
     cfg = bench_config(TINY, SMALL, vocab_size=300)
     r = bench_train(cfg, seq_len=16, micro_batch=2, steps=1, warmup=0, precision="fp32",

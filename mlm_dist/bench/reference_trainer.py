@@ -70,7 +70,7 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     import torch
     from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
-    from mlm_dist.bench.train import hf_collator_tokenizer
+    from mlm_dist.bench.train import hf_collator_tokenizer, synthetic_vocabulary
     from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
     from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
@@ -93,7 +93,8 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
         f"({data_seconds:.0f} s), {needed} used")
     collator = DataCollatorForLanguageModeling(
-        tokenizer=hf_collator_tokenizer(cfg.model.vocab_size, cfg.model.max_positions),
+        tokenizer=hf_collator_tokenizer(synthetic_vocabulary(cfg.model.vocab_size),
+                                       cfg.model.max_positions),
         mlm_probability=cfg.masking.prob, mask_replace_prob=cfg.masking.mask_frac,
         random_replace_prob=cfg.masking.random_frac, seed=cfg.train.seed)
 

@@ -23,8 +23,15 @@ the head on K/S of the positions (it projects K slots), HF's on all of them. On 
 process's malloc is tuned first (allocator.py; for both sides alike, `--default-malloc` leaves
 glibc's defaults), as a CPU training run should be.
 
+With --shards, each round takes the next of a list of real micro-batches, made from the
+shards as the loader makes them (rows of [CLS] A [SEP] B [SEP], short documents give short
+rows); HF gets the same pairs, each row as long as its pair, and its collator pads a batch to
+its longest row. Besides tokens_per_s (micro_batch × seq_len positions per step), each side
+then reports real_tokens_per_s (tokens that are not padding), its fill (real tokens / positions
+it computed) and MFU counted on real tokens.
+
 Nothing is downloaded: HF's collator gets a word-level tokenizer over the same vocabulary size,
-with the specials at our ids.
+with the specials at the tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -112,23 +119,27 @@ def synthetic_vocabulary(vocab_size: int):
                       np.ones(vocab_size, dtype=bool))
 
 
-def hf_collator_tokenizer(vocab_size: int, model_max_length: int):
-    """A transformers fast tokenizer over `vocab_size` word-level ids, specials at our ids:
-    all DataCollatorForLanguageModeling needs (mask id, special ids, vocabulary size, pad)."""
+def hf_collator_tokenizer(vocab, model_max_length: int):
+    """A transformers fast tokenizer over `vocab`'s ids (a tokenizer.Vocabulary), word-level,
+    its specials at their ids: all DataCollatorForLanguageModeling needs (mask id, special ids,
+    vocabulary size, pad)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from mlm_dist.tokenizer import MASK_ID, PAD_ID, SPECIAL_TOKENS
+    from mlm_dist.tokenizer import SPECIAL_TOKENS
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[1]))
+    special_ids = (vocab.pad, vocab.unk, vocab.cls, vocab.sep, vocab.mask)
+    words = {f"w{i}": i for i in range(vocab.size)}
+    words.update({tok: i for tok, i in zip(SPECIAL_TOKENS, special_ids)})
+    words = {w: i for w, i in words.items() if w.startswith("[") or i not in special_ids}
+    backend = Tokenizer(models.WordLevel(words, unk_token=SPECIAL_TOKENS[1]))
     names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
                      SPECIAL_TOKENS))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"],
                                   **names)
-    assert tok.mask_token_id == MASK_ID and tok.pad_token_id == PAD_ID and len(tok) == vocab_size
+    assert tok.mask_token_id == vocab.mask and tok.pad_token_id == vocab.pad
+    assert len(tok) == vocab.size
     return tok
 
 
@@ -147,7 +158,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def as_batch(rows: dict, device):
+def as_batch(rows: dict, device=None):
     """synthetic_batch's rows as the loader's Batch, on `device` (each id its own word)."""
     import torch
 
@@ -156,6 +167,26 @@ def as_batch(rows: dict, device):
     t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
     return Batch(t["input_ids"], t["token_type_ids"], t["attention_mask"],
                  t["next_sentence_label"], torch.ones_like(t["input_ids"], dtype=torch.bool))
+
+
+def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
+                  seed: int = 0) -> list:
+    """`count` micro-batches of real pairs from the train shards, made as the loader makes them
+    (one reader from the start; rows padded to seq_len): the fill of real data, not of
+    synthetic near-full rows."""
+    from mlm_dist.config import DataConfig
+    from mlm_dist.data.pipeline import Batch, BatchWriter, ReaderStream, manifest_shards
+
+    stream = ReaderStream(manifest_shards(shards_dir), reader=0, readers=1,
+                          seq_len=phase.seq_len, seed=seed, data=DataConfig(shards=shards_dir))
+    writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
+    batches = []
+    for pair, _ in stream.examples():
+        if writer.add(pair.a, pair.b, pair.label):
+            batches.append(Batch(*writer.take()))
+            if len(batches) == count:
+                break
+    return batches
 
 
 class TorchEngine:
@@ -199,7 +230,7 @@ class OursStep:
     """One training step of our stack: training.step.train_step itself, on a plain engine;
     nothing in it waits for the host."""
 
-    def __init__(self, cfg: RunConfig, phase: SequencePhase, rows: dict, *, device,
+    def __init__(self, cfg: RunConfig, phase: SequencePhase, batches: list, vocab, *, device,
                  precision: str, compile: bool = False, checkpoint_activations: bool = False):
         import itertools
 
@@ -219,10 +250,9 @@ class OursStep:
         self.model = model
         self.engine = TorchEngine(model, optimizer, device=device, precision=precision,
                                   grad_clip=cfg.train.grad_clip, compile=compile)
-        self.masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
-                                  max_predictions=phase.max_predictions, seed=cfg.train.seed,
-                                  rank=0, device=device)
-        self.batches = itertools.repeat(as_batch(rows, device))
+        self.masker = TokenMasker(vocab, cfg.masking, max_predictions=phase.max_predictions,
+                                  seed=cfg.train.seed, rank=0, device=device)
+        self.batches = itertools.cycle([batch.to(device) for batch in batches])
 
     def __call__(self, step: int) -> None:
         from mlm_dist.training.step import train_step
@@ -234,7 +264,7 @@ class HFStep:
     """One step as a Hugging Face Trainer takes it (collator in the step: the Trainer's
     default dataloader_num_workers=0 runs it in the training process)."""
 
-    def __init__(self, cfg: RunConfig, rows: dict, device, precision: str,
+    def __init__(self, cfg: RunConfig, batches: list, vocab, *, device, precision: str,
                  attn_implementation: str = "sdpa"):
         import torch
         from transformers import BertForPreTraining, DataCollatorForLanguageModeling
@@ -257,19 +287,20 @@ class HFStep:
                                            **fused)
         self.params = [p for _, p in named]
         self.grad_clip = cfg.train.grad_clip
-        tokenizer = hf_collator_tokenizer(cfg.model.vocab_size, cfg.model.max_positions)
+        tokenizer = hf_collator_tokenizer(vocab, cfg.model.max_positions)
         self.collator = DataCollatorForLanguageModeling(
             tokenizer=tokenizer, mlm_probability=cfg.masking.prob,
             mask_replace_prob=cfg.masking.mask_frac, random_replace_prob=cfg.masking.random_frac)
-        self.examples = [{k: (v[row].tolist() if v.ndim == 2 else int(v[row]))
-                          for k, v in rows.items()} for row in range(len(rows["input_ids"]))]
+        # The rows as a Trainer hands them to its collator: each as long as its pair, so the
+        # collator pads the batch to its longest row.
+        self.examples = [hf_examples(batch) for batch in batches]
         self.collator_seconds: list[float] = []
 
     def __call__(self, step: int) -> None:
         import torch
 
         start = time.perf_counter()
-        batch = self.collator(self.examples)
+        batch = self.collator(self.examples[step % len(self.examples)])
         self.collator_seconds.append(time.perf_counter() - start)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with _autocast(self.device, self.precision):
@@ -279,6 +310,27 @@ class HFStep:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def shards_vocabulary(shards: str, vocab_size: int):
+    """The Vocabulary of the shards' tokenizer, checked against the model's size."""
+    from mlm_dist.data.shards import Manifest
+    from mlm_dist.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(Manifest.load(shards).tokenizer.path).vocabulary
+    if vocab.size != vocab_size:
+        raise ValueError(f"--shards {shards}: its tokenizer has {vocab.size} ids, the model "
+                         f"{vocab_size}; drop model.vocab_size / --vocab-size (they are taken "
+                         "from the shards) or use shards of this model's tokenizer")
+    return vocab
+
+
+def hf_examples(batch) -> list[dict]:
+    lengths = batch.attention_mask.sum(1).tolist()
+    return [{"input_ids": batch.input_ids[row, :n].tolist(),
+             "token_type_ids": batch.token_type_ids[row, :n].tolist(),
+             "attention_mask": [1] * n, "next_sentence_label": int(batch.nsp_label[row])}
+            for row, n in enumerate(lengths)]
 
 
 def _timed(fn, device, *args) -> float:
@@ -294,9 +346,12 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
                 precision: str | None = None, device: str | None = None,
                 max_predictions: int | None = None, compile: bool = False,
                 checkpoint_activations: bool = False, matmul_size: int = 4096,
-                seed: int = 0, tune_allocator: bool = True) -> dict:
+                seed: int = 0, tune_allocator: bool = True, shards: str | None = None) -> dict:
     """Time `steps` rounds (after `warmup`) of our step, HF's step (with compare_hf) and a
     matmul; return the figures as a JSON-able dict.
+
+    shards: real batches from these shards' train split, one per round, the same for both
+    sides (default: one synthetic batch of nearly full rows).
 
     tune_allocator: on a CPU, allocator.tune_cpu_allocator() first (for the whole process, so
     both sides alike), as a CPU training run would."""
@@ -317,16 +372,25 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
     phase = phase_for(cfg, seq_len, micro_batch, max_predictions)
     tuned = device.type == "cpu" and tune_allocator and tune_cpu_allocator()
     m = cfg.model
-    rows = synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len, seed)
+    if shards:
+        vocab = shards_vocabulary(shards, m.vocab_size)
+        batches = shard_batches(shards, phase, vocab, count=warmup + steps, seed=seed)
+    else:
+        vocab = synthetic_vocabulary(m.vocab_size)
+        batches = [as_batch(synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len,
+                                            seed))]
     tokens = phase.micro_batch * phase.seq_len
+    # Per round: the real (non-padding) tokens, and the longest row (HF pads to it).
+    real = [int(b.attention_mask.sum()) for b in batches]
+    longest = [int(b.attention_mask.sum(1).max()) for b in batches]
 
-    sides = {"ours": OursStep(cfg, phase, rows, device=device, precision=precision, compile=compile,
-                               checkpoint_activations=checkpoint_activations)}
+    step_options = dict(device=device, precision=precision,
+                        checkpoint_activations=checkpoint_activations)
+    sides = {"ours": OursStep(cfg, phase, batches, vocab, compile=compile, **step_options)}
     if compile:  # the same stack uncompiled, interleaved too: the speed-up in one run
-        sides["ours_eager"] = OursStep(cfg, phase, rows, device, precision, False,
-                                       checkpoint_activations)
+        sides["ours_eager"] = OursStep(cfg, phase, batches, vocab, compile=False, **step_options)
     if compare_hf:
-        sides["hf"] = HFStep(cfg, rows, device, precision)
+        sides["hf"] = HFStep(cfg, batches, vocab, device=device, precision=precision)
     dtype = _dtype(precision)
     matmul = MatmulTimer(device, dtype, matmul_size)
 
@@ -349,6 +413,7 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
                   "vocab_size": m.vocab_size,
                   "parameters": sum(p.numel() for p in sides["ours"].model.parameters())},
         "seq_len": phase.seq_len, "micro_batch": phase.micro_batch, "tokens_per_step": tokens,
+        "data": f"{len(batches)} micro-batches of {shards}" if shards else "synthetic",
         "precision": precision + (" autocast" if precision != "fp32" else ""),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
@@ -361,9 +426,14 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
     }
     if device.type == "cuda":
         result["peak"]["table_flops_per_s"] = cuda_peak_from_table(result["device"], dtype)
+    timed = range(warmup, warmup + steps)  # the rounds whose times were kept
+    real_tokens = sum(real[r % len(batches)] for r in timed)
     for name, seconds in times.items():
         step_s = statistics.median(seconds)
         ours_side = name.startswith("ours")
+        # Positions computed: ours every row at seq_len, HF each batch at its longest row.
+        computed = sum(phase.micro_batch * (phase.seq_len if ours_side else
+                                            longest[r % len(batches)]) for r in timed)
         fraction = phase.max_predictions / phase.seq_len if ours_side else 1.0
         per_token = (sparse_flops_per_token(m, phase.seq_len, phase.max_predictions)
                      if ours_side else model_flops_per_token(m, phase.seq_len, 1.0))
@@ -378,6 +448,11 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
             "flops_per_token": per_token,
             "model_flops_per_s": tokens_per_s * per_token,
             "mfu": round(tokens_per_s * per_token / peak, 4),
+            # What the step did for the data: non-padding tokens per second of all timed rounds,
+            # the share of computed positions they are, and MFU counted on them alone.
+            "real_tokens_per_s": round(real_tokens / sum(seconds), 1),
+            "fill": round(real_tokens / computed, 4),
+            "mfu_real": round(real_tokens / sum(seconds) * per_token / peak, 4),
         }
         if ours_side:
             entry["max_predictions"] = phase.max_predictions
@@ -387,6 +462,8 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
         result[name] = entry
     if compare_hf:
         result["ratio"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
+        result["real_tokens_ratio"] = round(result["ours"]["real_tokens_per_s"]
+                                            / result["hf"]["real_tokens_per_s"], 3)
         # The same ratio round by round (the two steps of a round ran back to back, under the
         # same load): its spread shows how much of the figure is the machine's noise.
         rounds = [hf / ours for ours, hf in zip(times["ours"], times["hf"])]
@@ -403,8 +480,13 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
 
 
 def _train_cmd(args) -> None:
-    cfg = bench_config(args.config, args.overrides, args.vocab_size)
-    result = bench_train(cfg, seq_len=args.seq_len, micro_batch=args.micro_batch,
+    vocab_size = args.vocab_size
+    if args.shards and not vocab_size:
+        from mlm_dist.data.shards import Manifest
+
+        vocab_size = Manifest.load(args.shards).tokenizer.vocab_size
+    cfg = bench_config(args.config, args.overrides, vocab_size)
+    result = bench_train(cfg, shards=args.shards, seq_len=args.seq_len, micro_batch=args.micro_batch,
                          steps=args.steps, warmup=args.warmup, compare_hf=args.compare_hf,
                          precision=args.precision, device=args.device,
                          max_predictions=args.max_predictions, compile=args.compile,
@@ -428,6 +510,8 @@ def add_parser(bench_subparsers) -> None:
     t.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
     t.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3; the "
                    "CPU heap settles over the first steps)")
+    t.add_argument("--shards", help="time real batches of these shards (`mlm-dist prepare`), "
+                   "one per round, the same for both sides; default: synthetic full rows")
     t.add_argument("--compare-hf", action="store_true",
                    help="also time transformers' BertForPreTraining + DataCollatorForLanguageModeling, "
                         "interleaved")
