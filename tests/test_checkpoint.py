@@ -108,6 +108,13 @@ def test_a_failed_first_save_says_there_is_no_checkpoint_yet(tmp_path, fake_dist
     assert "No space left on device" in str(raised.value) and "free" in str(raised.value)
 
 
+def test_a_save_failing_for_another_reason_is_shown_whole(tmp_path, fake_dist, tokenizer_file):
+    bug = RuntimeError("DeepSpeed could not gather the optimizer state")
+    with pytest.raises(RuntimeError) as raised:
+        save(FakeEngine(fail=bug), tmp_path / "run", 2, tokenizer_file)
+    assert raised.value is bug  # no advice about disk space for what is not the disk
+
+
 def crashed_run(tmp_path, tokenizer_file) -> Path:
     """A complete step 2, a save of step 4 that failed, and things that are not checkpoints."""
     run = tmp_path / "run"

@@ -87,6 +87,8 @@ def save(engine, run_dir: Path, step: int, *, cfg: RunConfig, tokenizer_files: l
         engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state,
                                save_latest=False)
     except (OSError, RuntimeError) as err:
+        if not _failed_writing(err):
+            raise  # not the disk: a bug, shown whole
         raise CheckpointSaveError(_save_failed(tag_dir, rank, keep, err)) from err
     faults.maybe_kill_during_save(step)
     dist.barrier()  # every rank's files are on disk
@@ -98,6 +100,14 @@ def save(engine, run_dir: Path, step: int, *, cfg: RunConfig, tokenizer_files: l
         prune(root, keep)
     dist.barrier()
     return tag_dir
+
+
+def _failed_writing(err: BaseException) -> bool:
+    """An OSError, or torch's serializer failing to write (its RuntimeErrors for a short write:
+    "unexpected pos …", "file write failed")."""
+    text = str(err)
+    return isinstance(err, OSError) or any(
+        sign in text for sign in ("unexpected pos", "write failed", "No space left"))
 
 
 def _complete(tag_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path]) -> None:
