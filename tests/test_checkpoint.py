@@ -1,9 +1,11 @@
-"""Checkpoint saves that fail (a full disk) and the crashed saves they leave, without DeepSpeed:
-a fake engine writes or fails the way DeepSpeed's save_checkpoint does, on one pretend rank."""
+"""Checkpoint saves that fail (a full disk) and the crashed saves they leave: first without
+DeepSpeed (a fake engine writes or fails the way DeepSpeed's save_checkpoint does, on one
+pretend rank), then two real ranks on a disk that really fills up."""
 
 import errno
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,3 +162,53 @@ def test_only_rank_0_removes_crashed_saves(tmp_path, fake_dist, tokenizer_file):
     fake_dist.rank = 1
     assert checkpoint.resume(FakeEngine(), run) == {"step": 2}
     assert (run / "checkpoints" / "step_00000004").is_dir()
+
+
+# ---- the real thing: two DeepSpeed ranks writing to a disk that fills up
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for the run's logs and one checkpoint of the tiny model, not two."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_ends_the_run_with_one_clear_message_and_resume_cleans_up(
+        tiny_shards, small_disk):
+    from launch import train
+
+    run = small_disk / "run"
+    full = train(tiny_shards, run, "checkpoint.every=5", check=False)
+    assert full.returncode != 0
+    # Each rank's error is one line: the full disk, or (a rank whose peer left first) the
+    # lost peer; the lines of two ranks may interleave.
+    errors = full.stderr.replace("mlm-dist train: error:", "\nmlm-dist train: error:")
+    errors = [line for line in errors.splitlines() if line.startswith("mlm-dist train: error:")]
+    full_disk = [line for line in errors if "free on that filesystem" in line]
+    assert full_disk, full.stderr[-3000:]
+    message = full_disk[0]
+    assert "could not save checkpoint" in message and str(run / "checkpoints") in message
+    assert "checkpoint.keep" in message and "free on that filesystem" in message
+    assert "Traceback" not in full.stderr  # one clear line, not torch's internals
+    steps = checkpoint.tags(run / "checkpoints")
+    complete = [d for _, d, ok in steps if ok]
+    crashed = [d for _, d, ok in steps if not ok]
+    assert complete and crashed, steps  # the first save fits, a later one does not
+    assert f"the last complete checkpoint, {complete[-1].name}, takes" in message
+
+    # More room, and resume: the crashed save goes, the complete one is loaded untouched.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = train(tiny_shards, run, "checkpoint.every=5", "checkpoint.keep=1",
+                    "checkpoint.resume=true")
+    assert f"resumed from step {int(complete[-1].name.split('_')[1])}" in resumed.stdout
+    assert all(not d.exists() or (d / checkpoint.COMPLETE).is_file() for d in crashed)
+    assert checkpoint.latest_complete(run / "checkpoints").name == "step_00000040"

@@ -86,12 +86,16 @@ def save(engine, run_dir: Path, step: int, *, cfg: RunConfig, tokenizer_files: l
     try:
         engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state,
                                save_latest=False)
+        faults.maybe_kill_during_save(step)
+        dist.barrier()  # every rank's files are on disk
     except (OSError, RuntimeError) as err:
-        if not _failed_writing(err):
-            raise  # not the disk: a bug, shown whole
-        raise CheckpointSaveError(_save_failed(tag_dir, rank, keep, err)) from err
-    faults.maybe_kill_during_save(step)
-    dist.barrier()  # every rank's files are on disk
+        if _failed_writing(err):
+            raise CheckpointSaveError(_save_failed(tag_dir, rank, keep, err)) from err
+        if _lost_peers(err):  # another rank failed (its own message says why) and left
+            raise CheckpointSaveError(f"could not save checkpoint {tag_dir}: rank {rank} lost "
+                                      "the other ranks during the save; the error of the rank "
+                                      "that failed says why") from err
+        raise  # neither: a bug, shown whole
     if rank == 0:
         try:
             _complete(tag_dir, step, cfg, tokenizer_files)
@@ -108,6 +112,12 @@ def _failed_writing(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, OSError) or any(
         sign in text for sign in ("unexpected pos", "write failed", "No space left"))
+
+
+def _lost_peers(err: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo / NCCL wording)."""
+    return any(sign in str(err) for sign in ("Connection closed by peer", "remote worker",
+                                               "Connection reset by peer", "NCCL error"))
 
 
 def _complete(tag_dir: Path, step: int, cfg: RunConfig, tokenizer_files: list[Path]) -> None:
