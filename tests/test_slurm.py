@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cluster import SlurmCluster, running
 from launch import REPO, TINY, TINY_OVERRIDES, env as launch_env, metrics
-from mlm_dist import slurm
+from mlm_dist.launch import slurm
 from mlm_dist.cli import main
 
 NASTY = "it's \"odd\" $(touch pwned) `touch pwned` ; #1 \\ %x end"
@@ -210,6 +210,17 @@ def test_mistakes_are_one_clear_error_and_nothing_is_written(tmp_path, capsys, o
     assert message in err, err
     assert err.startswith("mlm-dist slurm: error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_a_run_with_checkpoints_can_be_submitted_again(tmp_path):
+    """The ranks always resume, so the submit-time pre-flight accepts a run directory that
+    already holds checkpoints (a resubmitted job continues its run)."""
+    out_dir = tmp_path / "run"
+    (out_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (out_dir / "checkpoints" / "step_00000005" / "complete.json").write_text("{}")
+    script = generate(tmp_path, "--nodes", "1", "--gpus-per-node", "2",
+                      overrides=[f"out_dir={out_dir}"])
+    assert "checkpoint.resume=true" in script
 
 
 def test_out_script_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):

@@ -269,8 +269,10 @@ def run(args: argparse.Namespace) -> None:
     script = sbatch_script(job)  # every option checked
     from mlm_dist.training.preflight import launch_preflight
 
-    # The ranks' own checks for nodes × ranks, before anything is queued.
-    launch_preflight(job.config, job.overrides, job.nodes * job.gpus_per_node)
+    # The ranks' own checks for nodes × ranks, before anything is queued; the ranks always
+    # resume (a requeued or resubmitted job continues its run), so the check does too.
+    launch_preflight(job.config, [*job.overrides, "checkpoint.resume=true"],
+                     job.nodes * job.gpus_per_node)
     path = Path(args.out_script) if args.out_script else None
     if path is not None:
         write_script(script, path)
