@@ -59,6 +59,9 @@ class DataConfig:
     # Documents that may be lost to bad data (missing/corrupt shards, undecodable samples),
     # summed over all ranks, before the run stops with an error.
     max_skipped_samples: int = 1000
+    # Pack several pairs into a row (positions restart and attention stays within each pair):
+    # short documents give short pairs, and a row of one pair is mostly padding.
+    pack: bool = False
 
 
 @dataclass
@@ -441,6 +444,16 @@ def validate_topology(cfg: RunConfig, world_size: int) -> list[int]:
                  f"{ph.micro_batch} × {world_size} = {per_step}")
         accumulation.append(ph.global_batch // per_step)
     return accumulation
+
+
+# A packed row holds at most this many pairs: static shapes for the NSP head. A pair is
+# [CLS] A [SEP] B [SEP] with A and B of a sentence or more, rarely under 32 tokens.
+MIN_PACKED_PAIR = 32
+
+
+def pairs_per_row(seq_len: int) -> int:
+    """NSP slots of a packed row of `seq_len` tokens."""
+    return max(1, seq_len // MIN_PACKED_PAIR)
 
 
 def max_predictions(phase: SequencePhase, masking: MaskingConfig) -> int:

@@ -37,6 +37,7 @@ This file knows nothing of ranks, DeepSpeed or data loading.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -111,13 +112,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     batch, heads, queries, head_dim = q.shape
     keys = k.shape[2]
     # One baddbmm computes bias + (q kᵀ)/√d: the scaling and the bias add ride on the matmul
-    # instead of each taking a pass over q or the scores. The bias broadcasts over queries.
-    scores = torch.baddbmm(bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys),
+    # instead of each taking a pass over q or the scores. The bias broadcasts over queries
+    # (padding) or has a row per query (packed rows: each pair sees only itself).
+    rows = bias.shape[2]
+    scores = torch.baddbmm(bias.expand(batch, heads, rows, keys).reshape(batch * heads, rows, keys),
                            q.reshape(batch * heads, queries, head_dim),
                            k.reshape(batch * heads, keys, head_dim).transpose(1, 2),
                            alpha=1.0 / math.sqrt(head_dim))
     probs = torch.softmax(scores, dim=-1).view(batch, heads, queries, keys)
     return torch.matmul(dropout(probs, dropout_p, training), v)
+
+
+@dataclass
+class Packing:
+    """Several [CLS] A [SEP] B [SEP] pairs in one row, none seeing another (Graphcore's packed
+    BERT): positions restart at each pair, attention is block-diagonal by pair, and each pair's
+    [CLS] gets its own NSP prediction. Static shapes: P slots per row whatever it holds."""
+
+    position_ids: torch.Tensor  # [B, S] long, 0 at each pair's [CLS]
+    sequence_ids: torch.Tensor  # [B, S] long, 1..P: the pair of each token, 0 = padding
+    cls_positions: torch.Tensor  # [B, P] long, where each pair's [CLS] is (0 for empty slots)
 
 
 class Embeddings(nn.Module):
@@ -131,11 +145,13 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        # arange on the ids' device: no host->device copy, and it broadcasts over the batch.
-        positions = torch.arange(seq_len, device=input_ids.device)
-        x = self.tokens(input_ids) + self.token_types(token_type_ids) + self.positions(positions)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            # arange on the ids' device: no host->device copy, and it broadcasts over the batch.
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = (self.tokens(input_ids) + self.token_types(token_type_ids)
+             + self.positions(position_ids))
         return self.dropout(self.norm(x))
 
 
@@ -203,6 +219,9 @@ class EncoderLayer(nn.Module):
         """positions: [B, Q] the positions whose outputs are wanted (None: all); attention
         still reads every position, everything else in the block is per position."""
         h = x if positions is None else gather_positions(x, positions)
+        if positions is not None and attn_bias.shape[2] > 1:  # a bias row per query: theirs
+            attn_bias = torch.gather(attn_bias, 2, positions[:, None, :, None].expand(
+                -1, 1, -1, attn_bias.shape[3]))
         h = self.attn_norm(h + self.dropout(self.attn(x, attn_bias, h)))
         return self.ffn_norm(h + self.dropout(self.ffn(h)))
 
@@ -277,9 +296,12 @@ class BertForPretraining(nn.Module):
         token_type_ids: torch.Tensor,  # [B, S] long, 0 = sentence A, 1 = sentence B
         attention_mask: torch.Tensor,  # [B, S], 1 = real token, 0 = padding
         masked_positions: torch.Tensor | None = None,  # [B, K] long, positions to predict
+        packing: "Packing | None" = None,  # several pairs per row (see Packing)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits [B, 2])."""
-        x = self.embeddings(input_ids, token_type_ids)
+        """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits
+        [B, 2], or [B, P, 2] with packing: one per pair)."""
+        x = self.embeddings(input_ids, token_type_ids,
+                            None if packing is None else packing.position_ids)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # The residual stream in the autocast dtype (see the module docstring).
@@ -289,7 +311,15 @@ class BertForPretraining(nn.Module):
         # query positions, so no query attends to a padded key. A large finite negative (not
         # -inf, not a bool mask) keeps a row that is all padding finite instead of NaN. It is
         # built from tensors already on the device: no host sync.
-        keep = attention_mask[:, None, None, :].to(x.dtype)
+        if packing is None:
+            keep = attention_mask[:, None, None, :].to(x.dtype)
+            cls = None
+        else:
+            # Block-diagonal, [B, 1, S, S]: a token sees the tokens of its own pair only.
+            ids = packing.sequence_ids
+            keep = ((ids[:, None, :, None] == ids[:, None, None, :])
+                    & (ids[:, None, None, :] > 0)).to(x.dtype)
+            cls = packing.cls_positions
         attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
 
         # The heads read [CLS] and the masked slots only: the last layer computes just those
@@ -297,7 +327,9 @@ class BertForPretraining(nn.Module):
         # B*K rows instead of B*S too.
         read = None
         if masked_positions is not None:
-            read = torch.cat([torch.zeros_like(masked_positions[:, :1]), masked_positions], 1)
+            if cls is None:
+                cls = torch.zeros_like(masked_positions[:, :1])  # [CLS] opens the row
+            read = torch.cat([cls, masked_positions], 1)
 
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -307,16 +339,21 @@ class BertForPretraining(nn.Module):
             else:
                 x = layer(x, attn_bias, positions)
 
-        nsp_logits = self.nsp_head(torch.tanh(self.pooler(x[:, 0])))  # [CLS] is first either way
-        mlm_logits = self.mlm_head(x if read is None else x[:, 1:])
-        return mlm_logits, nsp_logits
+        if read is None:  # every position was computed
+            pairs = (x[:, :1] if packing is None
+                     else gather_positions(x, packing.cls_positions))
+            mlm_logits = self.mlm_head(x)
+        else:  # the last layer computed the [CLS] positions first, then the masked slots
+            pairs, mlm_logits = x[:, :cls.shape[1]], self.mlm_head(x[:, cls.shape[1]:])
+        nsp_logits = self.nsp_head(torch.tanh(self.pooler(pairs)))
+        return mlm_logits, (nsp_logits[:, 0] if packing is None else nsp_logits)
 
 
 def pretraining_loss(
     mlm_logits: torch.Tensor,  # [B, K, V] (or [B, S, V])
     mlm_labels: torch.Tensor,  # [B, K] (or [B, S]), IGNORE_INDEX where nothing is predicted
-    nsp_logits: torch.Tensor,  # [B, 2]
-    nsp_labels: torch.Tensor,  # [B], 0 = B follows A, 1 = B is random (IGNORE_INDEX allowed)
+    nsp_logits: torch.Tensor,  # [B, 2] ([B, P, 2]: a packed row's pairs)
+    nsp_labels: torch.Tensor,  # [B] ([B, P]), 0 = B follows A, 1 = random (IGNORE_INDEX allowed)
 ) -> dict[str, torch.Tensor]:
     """Loss = mean MLM cross entropy + mean NSP cross entropy, plus metrics, all 0-dim tensors.
 
@@ -327,7 +364,8 @@ def pretraining_loss(
     """
     mlm_logits = mlm_logits.float().flatten(0, -2)
     mlm_labels = mlm_labels.flatten()
-    nsp_logits = nsp_logits.float()
+    nsp_logits = nsp_logits.float().flatten(0, -2)  # [B, 2], or [B, P, 2] packed
+    nsp_labels = nsp_labels.flatten()
 
     mlm_valid = mlm_labels != IGNORE_INDEX
     mlm_count = mlm_valid.sum()

@@ -69,6 +69,12 @@ def test_bench_train_on_real_shards_counts_real_tokens(tiny_shards):
             rel=2e-3)
     assert r["real_tokens_ratio"] == pytest.approx(
         ours["real_tokens_per_s"] / hf["real_tokens_per_s"], abs=2e-3)
+    packed = bench_train(bench_config(TINY, [*SMALL, "data.pack=true"],
+                                      vocab_size=cfg.model.vocab_size),
+                         shards=str(tiny_shards), seq_len=64, micro_batch=4, steps=2, warmup=1,
+                         compare_hf=True, precision="bf16", matmul_size=64)
+    # Packed rows: more real tokens per position for ours; HF still a pair a row.
+    assert packed["ours"]["fill"] > ours["fill"] and packed["hf"]["fill"] <= 1
     with pytest.raises(ValueError, match="--shards"):
         bench_train(bench_config(TINY, SMALL, vocab_size=300), shards=str(tiny_shards),
                     seq_len=64, micro_batch=4, steps=1)

@@ -35,19 +35,19 @@ def truncate_to(run, step):
 
 
 # ZeRO 2 resumes inside a phase, across a change of accumulation, in the test after this one.
-@pytest.mark.parametrize("stage", [1, 3])
+# Packed rows (several pairs a row) resume inside phase 2 too.
+@pytest.mark.parametrize("stage, resume_at, pack", [(1, 4, False), (3, 6, False), (2, 6, True)])
 def test_resume_is_bit_exact_at_the_phase_boundary_and_inside_a_phase(tiny_shards, tmp_path,
-                                                                      stage):
+                                                                      stage, resume_at, pack):
+    options = [f"train.zero_stage={stage}", *EXACT, f"data.pack={str(pack).lower()}"]
     full = tmp_path / "full"
-    train(tiny_shards, full, f"train.zero_stage={stage}", *EXACT)
+    train(tiny_shards, full, *options)
     history = metrics(full)
     assert [r["train/seq_len"] for r in history] == [32] * 4 + [64] * 4
-    resume_at = {1: 4, 3: 6}[stage]  # the boundary (ZeRO 1) and inside phase 2 (ZeRO 3)
     part = tmp_path / "part"
     shutil.copytree(full, part)
-    truncate_to(part, resume_at)
-    proc = train(tiny_shards, part, f"train.zero_stage={stage}", *EXACT,
-                 "checkpoint.resume=true")
+    truncate_to(part, resume_at)  # the boundary (step 4) or inside phase 2 (step 6)
+    proc = train(tiny_shards, part, *options, "checkpoint.resume=true")
     assert f"resumed from step {resume_at}" in proc.stdout
     resumed = metrics(part)
     assert [r["step"] for r in resumed] == list(range(resume_at + 1, 9))

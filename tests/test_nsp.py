@@ -34,7 +34,9 @@ def test_packed_rows_have_bert_layout_and_labels_are_balanced():
     writer = BatchWriter(len(pairs), seq_len, synthetic_vocabulary(2000))
     for a, b, label, _ in pairs:
         writer.add(a, b, label)
-    ids, types, mask, nsp, starts = (t.numpy() for t in writer.take())
+    b = writer.take()
+    ids, types, mask, nsp, starts = (t.numpy() for t in (
+        b.input_ids, b.token_type_ids, b.attention_mask, b.nsp_label, b.word_starts))
     for row, (a, b, label, _) in enumerate(pairs):
         n = len(a) + len(b) + 3
         assert len(a) > 0 and len(b) > 0 and n <= seq_len
@@ -132,7 +134,8 @@ def test_batch_writer_takes_ids_and_word_starts_apart():
     b = np.array([13, 14]) | (np.array([0, 1]) * WORD_START)
     writer = BatchWriter(1, 8, synthetic_vocabulary(100))
     writer.add(a, b, IS_NEXT)
-    ids, _, _, _, starts = (t.numpy() for t in writer.take())
+    b = writer.take()
+    ids, starts = b.input_ids.numpy(), b.word_starts.numpy()
     assert ids[0].tolist() == [CLS_ID, 10, 11, 12, SEP_ID, 13, 14, SEP_ID]
     assert starts[0].tolist() == [False, True, False, True, False, False, True, False]
 

@@ -170,23 +170,28 @@ def as_batch(rows: dict, device=None):
 
 
 def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
-                  seed: int = 0) -> list:
+                  seed: int = 0, pack: bool = False) -> list:
     """`count` micro-batches of real pairs from the train shards, made as the loader makes them
     (one reader from the start; rows padded to seq_len): the fill of real data, not of
     synthetic near-full rows."""
     from mlm_dist.config import DataConfig
-    from mlm_dist.data.pipeline import Batch, BatchWriter, ReaderStream, manifest_shards
+    from mlm_dist.config import pairs_per_row
+    from mlm_dist.data.pipeline import (BatchWriter, PackedBatchWriter, ReaderStream,
+                                        manifest_shards)
 
     stream = ReaderStream(manifest_shards(shards_dir), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=seed, data=DataConfig(shards=shards_dir))
-    writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
+    writer = (PackedBatchWriter(phase.micro_batch, phase.seq_len, vocab,
+                                pairs_per_row(phase.seq_len)) if pack
+              else BatchWriter(phase.micro_batch, phase.seq_len, vocab))
     batches = []
     for pair, _ in stream.examples():
-        if writer.add(pair.a, pair.b, pair.label):
-            batches.append(Batch(*writer.take()))
-            if len(batches) == count:
-                break
-    return batches
+        if not writer.fits(pair.a, pair.b):  # a packed batch is done: the pair opens the next
+            batches.append(writer.take())
+        if len(batches) < count and writer.add(pair.a, pair.b, pair.label):
+            batches.append(writer.take())
+        if len(batches) == count:
+            return batches
 
 
 class TorchEngine:
@@ -326,11 +331,23 @@ def shards_vocabulary(shards: str, vocab_size: int):
 
 
 def hf_examples(batch) -> list[dict]:
-    lengths = batch.attention_mask.sum(1).tolist()
-    return [{"input_ids": batch.input_ids[row, :n].tolist(),
-             "token_type_ids": batch.token_type_ids[row, :n].tolist(),
-             "attention_mask": [1] * n, "next_sentence_label": int(batch.nsp_label[row])}
-            for row, n in enumerate(lengths)]
+    """The pairs of a Batch, one example each (a packed row gives several)."""
+    if batch.packing is None:
+        spans = [(row, 0, int(n), int(batch.nsp_label[row]))
+                 for row, n in enumerate(batch.attention_mask.sum(1).tolist())]
+    else:
+        p = batch.packing
+        spans = [(row, int(p.cls_positions[row, slot]),
+                  int((p.sequence_ids[row] == slot + 1).sum()), int(batch.nsp_label[row, slot]))
+                 for row in range(len(batch.input_ids)) for slot in range(p.cls_positions.shape[1])
+                 if batch.nsp_label[row, slot] != IGNORE]
+    return [{"input_ids": batch.input_ids[row, start:start + n].tolist(),
+             "token_type_ids": batch.token_type_ids[row, start:start + n].tolist(),
+             "attention_mask": [1] * n, "next_sentence_label": label}
+            for row, start, n, label in spans]
+
+
+IGNORE = -100  # model.IGNORE_INDEX, without importing torch at parse time
 
 
 def _timed(fn, device, *args) -> float:
@@ -374,15 +391,18 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
     m = cfg.model
     if shards:
         vocab = shards_vocabulary(shards, m.vocab_size)
-        batches = shard_batches(shards, phase, vocab, count=warmup + steps, seed=seed)
+        batches = shard_batches(shards, phase, vocab, count=warmup + steps, seed=seed,
+                                pack=cfg.data.pack)
     else:
         vocab = synthetic_vocabulary(m.vocab_size)
         batches = [as_batch(synthetic_batch(m.vocab_size, phase.micro_batch, phase.seq_len,
                                             seed))]
     tokens = phase.micro_batch * phase.seq_len
-    # Per round: the real (non-padding) tokens, and the longest row (HF pads to it).
+    # Per round: the real (non-padding) tokens, and the positions HF computes (a pair a row,
+    # padded to the batch's longest).
     real = [int(b.attention_mask.sum()) for b in batches]
-    longest = [int(b.attention_mask.sum(1).max()) for b in batches]
+    hf_positions = [len(rows) * max(len(e["input_ids"]) for e in rows)
+                    for rows in map(hf_examples, batches)]
 
     step_options = dict(device=device, precision=precision,
                         checkpoint_activations=checkpoint_activations)
@@ -431,9 +451,9 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
     for name, seconds in times.items():
         step_s = statistics.median(seconds)
         ours_side = name.startswith("ours")
-        # Positions computed: ours every row at seq_len, HF each batch at its longest row.
-        computed = sum(phase.micro_batch * (phase.seq_len if ours_side else
-                                            longest[r % len(batches)]) for r in timed)
+        # Positions computed: ours every row at seq_len, HF each pair at the batch's longest.
+        computed = sum(phase.micro_batch * phase.seq_len if ours_side else
+                       hf_positions[r % len(batches)] for r in timed)
         fraction = phase.max_predictions / phase.seq_len if ours_side else 1.0
         per_token = (sparse_flops_per_token(m, phase.seq_len, phase.max_predictions)
                      if ours_side else model_flops_per_token(m, phase.seq_len, 1.0))

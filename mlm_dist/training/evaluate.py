@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.config import RunConfig, SequencePhase, max_predictions
-from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
+from mlm_dist.data.pipeline import Batch, BatchWriter, ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import IGNORE_INDEX, pretraining_loss
@@ -31,9 +31,9 @@ _SUMS = 7
 
 
 def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
-                       shards: str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(input_ids, token_type_ids, attention_mask, nsp_label, word_starts) of each global
-    micro-batch of the pass; the last one is filled up with rows that count for nothing."""
+                       shards: str) -> Iterator[Batch]:
+    """Each global micro-batch of the pass, one pair a row whatever `data.pack` (so the figures
+    do not depend on it); the last one is filled up with rows that count for nothing."""
     stream = ReaderStream(manifest_shards(shards, "valid"), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data)
     writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
@@ -59,10 +59,12 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
                          seed=cfg.eval.seed, rank=0, device=device)
 
-    def score(batch: tuple[torch.Tensor, ...], g: int) -> torch.Tensor:
-        ids, types, attention, nsp_labels, starts = (t.to(device) for t in batch)
-        masked = masker(ids, step=g, word_starts=starts)
-        mlm_logits, nsp_logits = forward(masked.input_ids, types, attention, masked.positions)
+    def score(batch: Batch, g: int) -> torch.Tensor:
+        batch = batch.to(device)
+        nsp_labels = batch.nsp_label
+        masked = masker(batch.input_ids, step=g, word_starts=batch.word_starts)
+        mlm_logits, nsp_logits = forward(masked.input_ids, batch.token_type_ids,
+                                         batch.attention_mask, masked.positions)
         out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
         nsp_count = (nsp_labels != IGNORE_INDEX).sum()
         return torch.stack([out["mlm_loss"] * out["mlm_count"],

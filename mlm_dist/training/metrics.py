@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.flops import device_peak_flops
+from mlm_dist.model import IGNORE_INDEX
 
 # Sums kept on the device, in this order.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
@@ -63,7 +64,7 @@ class MetricLogger:
             losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
             (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
-            eligible.float(), eligible.new_tensor(attention_mask.shape[0]).float(),
+            eligible.float(), (batch.nsp_label != IGNORE_INDEX).sum().float(),  # pairs
             attention_mask.sum().float(),  # not padding: what the pairs put into the rows
         ])
         self.sums = values if self.sums is None else self.sums + values

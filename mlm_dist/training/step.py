@@ -34,7 +34,7 @@ def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: i
         waited += time.perf_counter() - start
         masked = masker(batch.input_ids, step, micro, batch.word_starts)
         mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
-                                        batch.attention_mask, masked.positions)
+                                        batch.attention_mask, masked.positions, batch.packing)
         losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
         if faults.nan_loss(step):
             losses["loss"] = losses["loss"] * math.nan
