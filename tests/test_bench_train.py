@@ -10,7 +10,8 @@ import pytest
 
 from mlm_dist.bench import memory as memory_bench
 from mlm_dist.bench.memory import bench_memory, zero_prediction
-from mlm_dist.bench.train import add_parser, bench_config, bench_train, phase_for, synthetic_batch
+from mlm_dist.bench.train import add_parser, bench_config, bench_train, phase_for
+from mlm_dist.bench.workload import synthetic_batch
 from mlm_dist.config import ModelConfig
 from mlm_dist.flops import model_flops_per_token, sparse_flops_per_token
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID

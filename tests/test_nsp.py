@@ -3,9 +3,9 @@
 import numpy as np
 
 from mlm_dist.data.nsp import IS_NEXT, IS_RANDOM, NspPairBuilder, truncate_pair
-from mlm_dist.data.pipeline import BatchWriter
+from mlm_dist.data.batches import BatchWriter
 from mlm_dist.data.shards import WORD_START
-from mlm_dist.bench.train import synthetic_vocabulary
+from mlm_dist.bench.workload import synthetic_vocabulary
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 

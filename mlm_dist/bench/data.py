@@ -19,7 +19,8 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
                  micro_batch: int = 32, batches: int = 200, seed: int = 0) -> dict:
     """One reader's figures at `seq_len`: see the module's docstring. `vocab`: the shards'
     tokenizer.Vocabulary."""
-    from mlm_dist.data.pipeline import BatchWriter, ReaderStream, manifest_shards
+    from mlm_dist.data.batches import BatchWriter
+    from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 
     shards = manifest_shards(shards_dir)
     stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data)

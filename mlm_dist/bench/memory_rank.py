@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from mlm_dist.bench.train import (as_batch, bench_config, phase_for, synthetic_batch,
-                                      synthetic_vocabulary)
+    from mlm_dist.bench.train import bench_config, phase_for
+    from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
     from mlm_dist.config import ScheduleConfig
     from mlm_dist.engine import build_engine, check_precision, init_distributed
     from mlm_dist.masking import TokenMasker

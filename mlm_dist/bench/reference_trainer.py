@@ -68,59 +68,23 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     dicts every `every` steps into run_dir; return the figures of the run."""
     import numpy as np
     import torch
-    from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
-    from mlm_dist.bench.train import hf_collator_tokenizer, synthetic_vocabulary
-    from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
-    from mlm_dist.tokenizer import CLS_ID, SEP_ID
+    from mlm_dist.bench.steps import hf_adamw
+    from mlm_dist.interop.huggingface import from_hf_state_dict
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    phase = cfg.schedule.phases[0]
-    total = cfg.schedule.total_steps
+    phase, total, o = cfg.schedule.phases[0], cfg.schedule.total_steps, cfg.optim
     accumulation = phase.global_batch // phase.micro_batch
-    needed = total * phase.global_batch
 
-    # ---- data: every train document, instances made and shuffled before training starts
-    documents = read_train_documents(cfg.data.shards)
-    instances, passes = create_training_instances(
-        documents, phase.seq_len, cfg.data.short_seq_prob, random.Random(cfg.train.seed),
-        min_instances=needed)
-    del documents
+    instances, passes = reference_instances(cfg, needed=total * phase.global_batch)
     data_seconds = time.perf_counter() - start
-    say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
-        f"({data_seconds:.0f} s), {needed} used")
-    collator = DataCollatorForLanguageModeling(
-        tokenizer=hf_collator_tokenizer(synthetic_vocabulary(cfg.model.vocab_size),
-                                       cfg.model.max_positions),
-        mlm_probability=cfg.masking.prob, mask_replace_prob=cfg.masking.mask_frac,
-        random_replace_prob=cfg.masking.random_frac, seed=cfg.train.seed)
-
-    def example(instance: Instance) -> dict:
-        a, b = instance.tokens_a, instance.tokens_b
-        ids = np.concatenate([[CLS_ID], a, [SEP_ID], b, [SEP_ID]]).astype(np.int64)
-        types = np.zeros(len(ids), dtype=np.int64)
-        types[len(a) + 2:] = 1
-        return {"input_ids": ids.tolist(), "token_type_ids": types.tolist(),
-                "next_sentence_label": int(instance.is_random_next)}  # 1 = random, as ours
-
-    # ---- model: our initial weights in transformers' BertForPreTraining
-    model = BertForPreTraining(hf_bert_config(cfg.model))
-    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg)), strict=True)
-    model.to(device).train()
-    torch.manual_seed(cfg.train.seed)  # dropout's stream, whatever the constructors drew
-    # BERT's optimizer groups: no weight decay on biases and LayerNorm weights.
-    named = list(model.named_parameters())
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)],
-               "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  fused=True)  # the HF Trainer's default (adamw_torch_fused)
-    params = [p for _, p in named]
+    collator = reference_collator(cfg)
+    model = reference_model(cfg, device)
+    optimizer = hf_adamw(model, o)
+    params = list(model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.train.precision == "bf16")
 
@@ -164,3 +128,55 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
             "instances": len(instances), "passes": passes,
             "nsp_random_fraction": float(np.mean([x.is_random_next for x in instances])),
             "threads": threads, "history": history}
+
+
+def reference_instances(cfg, *, needed: int) -> tuple[list[Instance], int]:
+    """Every train document, instances made and shuffled before training starts."""
+    start = time.perf_counter()
+    phase = cfg.schedule.phases[0]
+    instances, passes = create_training_instances(
+        read_train_documents(cfg.data.shards), phase.seq_len, cfg.data.short_seq_prob,
+        random.Random(cfg.train.seed), min_instances=needed)
+    say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
+        f"({time.perf_counter() - start:.0f} s), {needed} used")
+    return instances, passes
+
+
+def reference_collator(cfg):
+    from transformers import DataCollatorForLanguageModeling
+
+    from mlm_dist.bench.workload import hf_collator_tokenizer, synthetic_vocabulary
+
+    return DataCollatorForLanguageModeling(
+        tokenizer=hf_collator_tokenizer(synthetic_vocabulary(cfg.model.vocab_size),
+                                       cfg.model.max_positions),
+        mlm_probability=cfg.masking.prob, mask_replace_prob=cfg.masking.mask_frac,
+        random_replace_prob=cfg.masking.random_frac, seed=cfg.train.seed)
+
+
+def reference_model(cfg, device):
+    """Our initial weights in transformers' BertForPreTraining, in training mode."""
+    import torch
+    from transformers import BertForPreTraining
+
+    from mlm_dist.interop.huggingface import hf_bert_config, to_hf_state_dict
+
+    model = BertForPreTraining(hf_bert_config(cfg.model))
+    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg)), strict=True)
+    model.to(device).train()
+    torch.manual_seed(cfg.train.seed)  # dropout's stream, whatever the constructors drew
+    return model
+
+
+def example(instance: Instance) -> dict:
+    """A Google instance as the example a Trainer hands DataCollatorForLanguageModeling."""
+    import numpy as np
+
+    from mlm_dist.tokenizer import CLS_ID, SEP_ID
+
+    a, b = instance.tokens_a, instance.tokens_b
+    ids = np.concatenate([[CLS_ID], a, [SEP_ID], b, [SEP_ID]]).astype(np.int64)
+    types = np.zeros(len(ids), dtype=np.int64)
+    types[len(a) + 2:] = 1
+    return {"input_ids": ids.tolist(), "token_type_ids": types.tolist(),
+            "next_sentence_label": int(instance.is_random_next)}  # 1 = random, as ours

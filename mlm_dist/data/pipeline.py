@@ -22,7 +22,7 @@ every reader, which is what a checkpoint saves.
 from __future__ import annotations
 
 import signal
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -30,37 +30,11 @@ import numpy as np
 import torch
 
 from mlm_dist.config import DataConfig, pairs_per_row
+from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter
 from mlm_dist.data.nsp import NspPairBuilder, Pair
 from mlm_dist.data.reader import SkipCounter, read_documents
-from mlm_dist.data.shards import Manifest, token_ids, word_starts
-from mlm_dist.model import IGNORE_INDEX, Packing
+from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Vocabulary
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # long [B, S]
-    token_type_ids: torch.Tensor  # long [B, S]
-    attention_mask: torch.Tensor  # long [B, S], 1 = real token
-    nsp_label: torch.Tensor  # long [B], or [B, P] packed (IGNORE_INDEX in empty slots)
-    word_starts: torch.Tensor  # bool [B, S], True where a token begins a word (from the shards)
-    packing: Packing | None = None  # several pairs a row (data.pack)
-    # Bookkeeping for resume, not sent to the device.
-    reader: int = 0
-    position: tuple[int, int, int] = (0, 0, 0)
-    skipped: int = 0  # documents this reader has skipped so far
-
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        return self._apply(lambda t: t.pin_memory())
-
-    def _apply(self, move) -> "Batch":
-        packing = self.packing and Packing(*(move(t) for t in astuple(self.packing)))
-        return Batch(move(self.input_ids), move(self.token_type_ids),
-                     move(self.attention_mask), move(self.nsp_label), move(self.word_starts),
-                     packing, self.reader, self.position, self.skipped)
 
 
 @dataclass(frozen=True)
@@ -176,123 +150,6 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
-
-
-class BatchWriter:
-    """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays; the segments'
-    tokens carry their word-start flags (shards.WORD_START), which go to their own array."""
-
-    def __init__(self, micro_batch: int, seq_len: int, vocab: Vocabulary):
-        self.micro_batch, self.seq_len = micro_batch, seq_len
-        self.cls_id, self.sep_id, self.pad_id = vocab.cls, vocab.sep, vocab.pad
-        self._new()
-
-    def _new(self) -> None:
-        shape = (self.micro_batch, self.seq_len)
-        self.ids = np.full(shape, self.pad_id, dtype=np.int64)
-        self.types = np.zeros(shape, dtype=np.int64)
-        self.mask = np.zeros(shape, dtype=np.int64)
-        self.labels = np.zeros(self.micro_batch, dtype=np.int64)
-        self.starts = np.zeros(shape, dtype=bool)
-        self.rows = 0
-
-    def fits(self, a: np.ndarray, b: np.ndarray) -> bool:
-        """Whether the pair has room in this batch."""
-        return self.rows < self.micro_batch
-
-    def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
-        """Add one pair; True when the batch is full."""
-        self.write(self.rows, a, b, label, 0)
-        self.rows += 1
-        return self.rows == self.micro_batch
-
-    def write(self, r: int, a: np.ndarray, b: np.ndarray, label: int, start: int) -> None:
-        """[CLS] a [SEP] b [SEP] into row `r` from column `start`."""
-        la, lb, s = len(a), len(b), start
-        ids = self.ids[r]
-        ids[s] = self.cls_id
-        ids[s + 1:s + 1 + la] = token_ids(a)
-        ids[s + 1 + la] = self.sep_id
-        ids[s + 2 + la:s + 2 + la + lb] = token_ids(b)
-        ids[s + 2 + la + lb] = self.sep_id
-        self.starts[r, s + 1:s + 1 + la] = word_starts(a)
-        self.starts[r, s + 2 + la:s + 2 + la + lb] = word_starts(b)
-        self.types[r, s + 2 + la:s + 3 + la + lb] = 1
-        self.mask[r, s:s + 3 + la + lb] = 1
-        self.labels[r] = label
-
-    def take(self) -> Batch:
-        out = Batch(*(torch.from_numpy(x)
-                      for x in (self.ids, self.types, self.mask, self.labels, self.starts)))
-        self._new()
-        return out
-
-    def take_partial(self) -> tuple[torch.Tensor, ...]:
-        """The rows added so far in a full-shape batch, the rest filler rows that count for
-        nothing: `[CLS] [SEP] [SEP]` (no token to mask, attention never empty) with NSP label
-        IGNORE_INDEX. For a pass that must end exactly where the data ends (evaluation)."""
-        for r in range(self.rows, self.micro_batch):
-            self.ids[r, :3] = (self.cls_id, self.sep_id, self.sep_id)
-            self.mask[r, :3] = 1
-            self.types[r, 2] = 1
-            self.labels[r] = IGNORE_INDEX
-        return self.take()
-
-
-class PackedBatchWriter:
-    """Several [CLS] A [SEP] B [SEP] pairs a row, as Graphcore's packed BERT packs them: each
-    pair's positions restart at 0, its tokens carry its slot number (attention stays inside a
-    pair, model.Packing) and its [CLS] gets an NSP slot of its own, `pairs` slots a row.
-
-    Pairs are placed in stream order, each into the first row with room (first fit); the first
-    pair that fits in no row closes the batch and opens the next. So a batch is a run of the
-    stream, and "after the last pair of the batch" stays an exact resume position."""
-
-    def __init__(self, micro_batch: int, seq_len: int, vocab: Vocabulary, pairs: int):
-        self.micro_batch, self.seq_len, self.pairs = micro_batch, seq_len, pairs
-        self.dense = BatchWriter(micro_batch, seq_len, vocab)  # the arrays and how a pair is written
-        self._new()
-
-    def _new(self) -> None:
-        self.dense._new()
-        shape, slots = (self.micro_batch, self.seq_len), (self.micro_batch, self.pairs)
-        self.position_ids = np.zeros(shape, dtype=np.int64)
-        self.sequence_ids = np.zeros(shape, dtype=np.int64)
-        self.cls_positions = np.zeros(slots, dtype=np.int64)
-        self.labels = np.full(slots, IGNORE_INDEX, dtype=np.int64)
-        self.used = np.zeros(self.micro_batch, dtype=np.int64)  # tokens in each row
-        self.count = np.zeros(self.micro_batch, dtype=np.int64)  # pairs in each row
-
-    def _row_for(self, length: int) -> int:
-        room = (self.used + length <= self.seq_len) & (self.count < self.pairs)
-        return int(np.argmax(room)) if room.any() else -1
-
-    def fits(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return self._row_for(len(a) + len(b) + 3) >= 0
-
-    def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
-        """Add a pair that fits (see `fits`); returns False: only a pair that fits nowhere
-        closes a batch."""
-        length = len(a) + len(b) + 3
-        r = self._row_for(length)
-        start, slot = int(self.used[r]), int(self.count[r])
-        self.dense.write(r, a, b, label, start)
-        end = start + length
-        self.position_ids[r, start:end] = np.arange(length)
-        self.sequence_ids[r, start:end] = slot + 1
-        self.cls_positions[r, slot] = start
-        self.labels[r, slot] = label
-        self.used[r], self.count[r] = end, slot + 1
-        return False
-
-    def take(self) -> Batch:
-        d = self.dense
-        batch = Batch(*(torch.from_numpy(x) for x in (d.ids, d.types, d.mask)),
-                      torch.from_numpy(self.labels), torch.from_numpy(d.starts),
-                      Packing(*(torch.from_numpy(x) for x in (
-                          self.position_ids, self.sequence_ids, self.cls_positions))))
-        self._new()
-        return batch
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.config import RunConfig, SequencePhase, max_predictions
-from mlm_dist.data.pipeline import Batch, BatchWriter, ReaderStream, manifest_shards
+from mlm_dist.data.batches import Batch, BatchWriter
+from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import IGNORE_INDEX, pretraining_loss

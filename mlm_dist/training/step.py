@@ -11,7 +11,7 @@ import math
 import time
 from typing import Callable, Iterator
 
-from mlm_dist.data.pipeline import Batch
+from mlm_dist.data.batches import Batch
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import pretraining_loss
 from mlm_dist.training import faults

@@ -1,0 +1,78 @@
+"""`bench convergence`'s one evaluation for both sides: the shared initial weights and every
+saved model of ours and of the reference, scored on the same validation pairs and masks; and
+the plot of both validation curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlm_dist.bench.reference_trainer import initial_state_dict, say
+
+EVAL_MICRO_BATCH = 32
+
+
+
+def score(model, cfg, shards, tokenizer) -> dict:
+    """Validation figures of `model` (our BertForPretraining) on the valid split of `shards`:
+    evaluate.py's one deterministic pass (the first eval.max_pairs pairs), the same pairs and
+    masks whatever the model, so both sides' numbers compare."""
+    import dataclasses
+
+    from mlm_dist.training.evaluate import evaluate
+
+    phase = dataclasses.replace(cfg.schedule.phases[-1], micro_batch=EVAL_MICRO_BATCH)
+    model.eval()
+    return evaluate(model, cfg, phase, tokenizer.vocabulary, shards=str(shards), rank=0,
+                    world_size=1, device="cpu")
+
+
+def saved_steps(every: int, total: int) -> list[int]:
+    return sorted(set(range(every, total + 1, every)) | {total})
+
+
+def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: int) -> dict:
+    """Score the shared initial weights (step 0) and every saved model of both sides."""
+    import torch
+
+    from mlm_dist.training.checkpoint import CHECKPOINTS, load_checkpoint, tag_for
+    from mlm_dist.model import BertForPretraining
+
+    shards = cfg.data.shards
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = BertForPretraining(cfg.model)
+    model.load_state_dict(initial_state_dict(cfg), strict=True)
+    initial = {"step": 0, **score(model, cfg, shards, tokenizer)}
+    curves = {"ours": [initial], "reference": [initial]}
+    for step in saved_steps(every, cfg.schedule.total_steps):
+        ours, _, _ = load_checkpoint(ours_dir / CHECKPOINTS / tag_for(step))
+        curves["ours"].append({"step": step, **score(ours, cfg, shards, tokenizer)})
+        model.load_state_dict(torch.load(reference_dir / f"{tag_for(step)}.pt",
+                                          map_location="cpu", weights_only=True), strict=True)
+        curves["reference"].append({"step": step, **score(model, cfg, shards, tokenizer)})
+        say(f"evaluated step {step}: val MLM loss ours {curves['ours'][-1]['val/mlm_loss']:.4f}, "
+            f"reference {curves['reference'][-1]['val/mlm_loss']:.4f}")
+    return curves
+
+
+def plot_curves(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, style in (("ours", "-o"), ("reference", "--s")):
+        points = curves[side]
+        ax.plot([p["step"] for p in points], [p["val/mlm_loss"] for p in points], style,
+                label=side, markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation MLM loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
