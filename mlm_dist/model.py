@@ -3,7 +3,7 @@
 The network is the original BERT, computed exactly as Hugging Face's `BertForPreTraining`
 does it (post-LayerNorm residual blocks, exact-erf GELU, learned absolute positions, segment
 embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that class
-(see `hf_export.py`). Three things differ, all for speed and none changes the numbers:
+(see `interop/huggingface.py`). Three things differ, all for speed and none changes the numbers:
 
 - attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (on a
   CPU, see below);

@@ -6,7 +6,8 @@ transformers only, as the original BERT recipe trains.
              (masking.prob, 80/10/10 by masking.mask_frac and masking.random_frac) one
              micro-batch at a time.
   model      transformers' BertForPreTraining, loaded with our model's initial weights (the
-             same seed and constructor as train.py), so both sides start from the same point.
+             same seed and constructor as training/loop.py), so both sides start from the
+             same point.
   optimizer  torch's fused AdamW (the HF Trainer's default) without weight decay on biases and
              LayerNorm weights; our linear warmup and decay (lr_factor); bf16 autocast or fp32;
              gradient clipping; micro-batch losses averaged over the step, as DeepSpeed's
@@ -45,7 +46,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def initial_state_dict(cfg) -> dict:
-    """Our model's initial weights, built exactly as train.py builds them (same seed, same
+    """Our model's initial weights, built exactly as training/loop.py builds them (same seed, same
     constructor), so both sides start from the same point."""
     import torch
 

@@ -4,7 +4,7 @@ It times full training steps in one process, one device:
 
   ours  the batch on the device -> TokenMasker (max_predictions slots per sequence) -> our
         BertForPretraining (MLM head on the masked slots only) -> pretraining_loss -> backward
-        -> gradient clipping -> the optimizer the run would use (optimizers.build_optimizer)
+        -> gradient clipping -> the optimizer the run would use (optim.build_optimizer)
   HF    the same rows as the list of dicts a Trainer hands its collator ->
         DataCollatorForLanguageModeling -> transformers.BertForPreTraining (SDPA attention,
         prediction head on every position) -> backward -> clipping -> fused AdamW (the

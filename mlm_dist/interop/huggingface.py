@@ -140,7 +140,7 @@ def _convert(sd: dict, table, side: str, layer_pattern: str, target_names: list[
             out[new] = tensor
     if unknown:
         raise KeyError(f"{len(unknown)} {side} parameter(s) have no counterpart in "
-                       f"hf_export.PARAMETER_NAMES: {sorted(unknown)[:8]}")
+                       f"huggingface.PARAMETER_NAMES: {sorted(unknown)[:8]}")
     missing = _expected_keys(target_names, _num_layers(out, layer_pattern)) - out.keys()
     if missing:
         raise KeyError(f"{side} state dict is incomplete: {len(missing)} parameter(s) missing, "
