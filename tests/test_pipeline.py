@@ -5,14 +5,15 @@ import itertools
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from data_fixtures import corpus_documents, write_shards
-from mlm_dist.data.pipeline import (Consumed, ResumableLoader, Shard, manifest_shards, regroup,
-                                    work_units)
+from mlm_dist.data.pipeline import (Consumed, ReaderStream, ResumableLoader, Shard,
+                                    manifest_shards, regroup, work_units)
 from mlm_dist.config import DataConfig
-from mlm_dist.data.shards import Manifest
+from mlm_dist.data.shards import WORD_START, Manifest
 from mlm_dist.tokenizer import CLS_ID, SEP_ID, Tokenizer
 
 
@@ -170,3 +171,23 @@ def test_regroup_onto_another_rank_count_never_repeats_a_shard(uneven_shards, ol
     resumed = loader(uneven_shards, rank=0, world=new_world, micro=2, state=state)
     assert len(take(resumed, 5)) == 5
     assert resumed.state_dict()["consumed"] == consumed
+
+
+def test_a_stretch_of_steps_samples_every_part_of_the_books(tiny_tokenizer, tmp_path):
+    """Interleaving alone moves through all open books together, so a stretch of consecutive
+    pairs would all come from the same region of each book (the same chapter of every manual).
+    Google shuffles all instances; each open book handing out its pairs in random order brings
+    that back: any window of the stream holds pairs from anywhere in the books (in book order,
+    the mean spread of a window was 0.05)."""
+    n_books, n_sentences = 24, 500  # ids stay below the tiny vocabulary's 600
+    # A sentence's ids are its index in its book, so a pair tells where in the book A is.
+    books = [[[10 + s] * 7 for s in range(n_sentences)] for _ in range(n_books)]
+    shards = write_shards(tmp_path / "shards", books, [12, 12], tiny_tokenizer)
+
+    stream = ReaderStream(manifest_shards(shards), reader=0, readers=1, seq_len=64, seed=3,
+                          data=DataConfig())
+    where = np.array([((int(p.a[0]) & (WORD_START - 1)) - 10) / n_sentences
+                      for p, _ in stream.examples(epochs=1)])
+    assert len(where) > 1500
+    windows = where[:len(where) // 64 * 64].reshape(-1, 64)
+    assert windows.std(axis=1).mean() > 0.25  # uniform over the book: 0.29

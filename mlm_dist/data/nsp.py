@@ -1,6 +1,7 @@
 """Next-sentence-prediction pairs, built the way BERT's create_pretraining_data.py builds them.
 
-From a document, consecutive sentences fill a target length; the chunk is split at a random
+From a document, consecutive sentences fill a target length (short_seq_prob of the time a shorter
+one, drawn for every pair as Megatron does, not once a document); the chunk is split at a random
 sentence boundary into segment A and segment B. With probability 1/2, B is replaced by text from
 another document (label 1 = random, 0 = actual next, as in Hugging Face's `next_sentence_label`).
 Pairs are built at whatever seq_len the current phase asks for, so shards never depend on it.
@@ -9,8 +10,9 @@ Google shuffles all instances of the corpus, so a batch holds pairs of many docu
 one document's pairs back to back instead puts a whole batch inside one book: the gradient then
 follows one text at a time, and NSP's random B (another document) is trivially told from the
 actual next. A stream cannot hold the corpus, so it interleaves: `open_documents` documents are
-open at once and pairs come from them in random rounds, weighted by the tokens each has left, so
-they all run out at about the same time, like a global shuffle of their pairs.
+open at once, each hands out its pairs in random order, and pairs come from them in random
+rounds, weighted by the pairs each has left, so they all run out at about the same time: like a
+global shuffle of their pairs, with consecutive pairs from distinct documents.
 """
 
 from __future__ import annotations
@@ -53,14 +55,11 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int,
 
 
 class _OpenDocument:
-    """A document whose pairs are being emitted, and how many of its tokens are left."""
+    """A document whose pairs are being handed out, and the pairs it has left."""
 
     def __init__(self, index: int, sentences: Document):
         self.index, self.sentences = index, sentences
-        # tokens from sentence i to the end, for i = 0..len
-        self.suffix = np.concatenate([np.cumsum([len(s) for s in sentences[::-1]])[::-1], [0]])
-        self.remaining = int(self.suffix[0])
-        self.pairs: Iterator[Pair] | None = None
+        self.pairs: list[Pair] = []
 
 
 class NspPairBuilder:
@@ -85,40 +84,39 @@ class NspPairBuilder:
         pool: list[_OpenDocument] = []
         opened = 0
         while True:
-            while len(pool) < self.open_documents:
+            opening = []
+            while len(pool) + len(opening) < self.open_documents:
                 sentences = next(incoming, None)
                 if sentences is None:
                     break
-                doc = _OpenDocument(opened, sentences)
+                opening.append(_OpenDocument(opened, sentences))
                 opened += 1
-                doc.pairs = self._pairs(doc)
-                self.recent.append(doc)
-                pool.append(doc)
+            self.recent.extend(opening)
+            # A document's pairs are built when it opens, once all the documents opening with
+            # it can give random Bs, and handed out in random order. In document order, all
+            # open documents would advance together, and a stretch of steps would see the
+            # same region of every book (the model would learn that region, not the corpus).
+            for doc in opening:
+                doc.pairs = list(self._pairs(doc))
+                rng.shuffle(doc.pairs)
+            pool += [doc for doc in opening if doc.pairs]
             if not pool:
-                return
+                if not opening:
+                    return
+                continue
             # One round: a quarter of the open documents, drawn without replacement with
-            # probabilities that grow with the tokens they have left (Gumbel top-k), each gives
+            # probabilities that grow with the pairs they have left (Gumbel top-k), each gives
             # one pair. Consecutive pairs thus come from distinct documents, and long documents
             # are drawn more often, so the open documents run out at about the same time.
-            # (+1: a document whose tokens are all used may still owe its generator's end.)
-            weights = np.log([d.remaining + 1.0 for d in pool])
+            weights = np.log([len(d.pairs) for d in pool])
             keys = weights - np.log(-np.log(rng.random(len(pool))))
-            drawn = np.argsort(-keys, kind="stable")[:max(1, len(pool) // 4)]
-            finished = []
-            for i in drawn:
-                pair = next(pool[i].pairs, None)
-                if pair is None:
-                    finished.append(pool[i])
-                else:
-                    yield pair
-            for doc in finished:
-                pool.remove(doc)
+            for i in np.argsort(-keys, kind="stable")[:max(1, len(pool) // 4)]:
+                yield pool[i].pairs.pop()
+            pool = [doc for doc in pool if doc.pairs]
 
     def _pairs(self, doc: _OpenDocument) -> Iterator[Pair]:
         rng, max_tokens, sentences = self.rng, self.max_tokens, doc.sentences
-        target = max_tokens
-        if rng.random() < self.short_seq_prob:
-            target = int(rng.integers(2, max_tokens + 1))
+        target = self._target_length()
         chunk: list = []
         length = 0
         i = 0
@@ -127,17 +125,16 @@ class NspPairBuilder:
             length += len(sentences[i])
             if i == len(sentences) - 1 or length >= target:
                 coin = rng.random() < 0.5
-                if not coin and len(chunk) == 1 and i + 1 < len(sentences):
-                    # An actual-next pair needs two sentences; borrow the next one.
-                    i += 1
-                    chunk.append(sentences[i])
                 a_end = 1 if len(chunk) < 2 else int(rng.integers(1, len(chunk)))
                 a = np.concatenate(chunk[:a_end])
-                # As BERT: a lone sentence (the end of a document, or a one-sentence document)
-                # always gets a random B, taken up to the target length from another document.
-                # On a corpus of short documents that leans NSP towards "random", but the
-                # sequence is spent on text rather than padding (splitting the sentence into A
-                # and B would leave most of the row empty).
+                # As BERT: a chunk of one sentence (a sentence as long as the target, the end
+                # of a document, a one-sentence document) always gets a random B, taken up to
+                # the target length from another document. Borrowing the next sentence for an
+                # actual-next pair instead would change the task: on a book whose target is
+                # short, every pair would be two whole consecutive sentences, half of them
+                # "next", where BERT's are all "random". On a corpus of short documents this
+                # leans NSP towards "random", but the sequence is spent on text rather than
+                # padding (splitting the sentence into A and B would leave most of the row empty).
                 is_random = (coin or len(chunk) == 1) and self._has_other(doc)
                 if is_random:
                     b = self._random_segment(max(1, target - len(a)), doc)
@@ -152,15 +149,25 @@ class NspPairBuilder:
                     # itself, split in two.
                     if len(a) < 2:
                         chunk, length, i = [], 0, i + 1
-                        doc.remaining = int(doc.suffix[i])
                         continue
                     cut = len(a) // 2
                     a, b, label = a[:cut], a[cut:], IS_NEXT
                 a, b = truncate_pair(a, b, max_tokens, rng)
-                doc.remaining = int(doc.suffix[i + 1])
                 yield Pair(a, b, label, doc.index)
                 chunk, length = [], 0
+                target = self._target_length()
             i += 1
+
+    def _target_length(self) -> int:
+        """The length the next chunk fills: short_seq_prob of the time a shorter one, so the
+        model sees short inputs too. Drawn for every pair, as Megatron's BERT dataset does, not
+        once a document as Google's script does: on a corpus of books a per-document draw makes
+        one book in ten short from end to end, multiplying its pairs (all of them random ones
+        when its target is shorter than a sentence), so the share of short rows and the NSP
+        balance would swing from epoch to epoch with which books drew it."""
+        if self.rng.random() < self.short_seq_prob:
+            return int(self.rng.integers(2, self.max_tokens + 1))
+        return self.max_tokens
 
     def _has_other(self, doc: _OpenDocument) -> bool:
         return len(self.recent) > 1 or (len(self.recent) == 1 and self.recent[0] is not doc)
