@@ -1,6 +1,6 @@
 """Packed rows (data.pack): several NSP pairs a row, none seeing another, each predicted on its
 own: the logits of the dense path, BERT's layout per pair, the loader's exact resume, the mask
-rate and more real tokens per row."""
+rate and NSP balance (in one process and in a 2-rank run) and more real tokens per row."""
 
 import itertools
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch import metrics, train
 from mlm_dist.config import DataConfig, MaskingConfig, ModelConfig, pairs_per_row
 from mlm_dist.data.batches import PackedBatchWriter
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
@@ -144,3 +145,28 @@ def test_packing_fills_rows_and_keeps_the_pairs_and_the_mask_rate(tiny_shards):
         chosen += int((m.labels != IGNORE_INDEX).sum())
         eligible += int(m.eligible)
     assert abs(chosen / eligible - 0.15) < 0.01
+
+
+def test_a_packed_run_on_two_ranks_keeps_the_mask_rate_and_the_nsp_balance(tiny_shards,
+                                                                             tmp_path):
+    """The same 2-rank DeepSpeed run, dense and packed: the training log's effective mask rate
+    is masking.prob in both, and the share of random NSP pairs is the stream's in both (packing
+    moves pairs into rows, it must not drop or favour either label)."""
+    logged = {}
+    for pack in (False, True):
+        out = tmp_path / f"pack_{pack}"
+        train(tiny_shards, out, f"data.pack={str(pack).lower()}", "train.log_every=1",
+              "schedule.phases=[{seq_len: 64, micro_batch: 8, global_batch: 16, until_step: 12}]")
+        logged[pack] = metrics(out)
+    for pack, records in logged.items():
+        assert len(records) == 12
+        mask_rate = np.mean([r["data/mask_rate"] for r in records])
+        assert abs(mask_rate - 0.15) < 0.002, (pack, mask_rate)
+    # A packed row holds up to 2 pairs at seq 64: the packed run's pairs are the dense run's
+    # and some more, in more of each row, and the fill says so.
+    random_share = {pack: np.mean([r["data/nsp_random"] for r in records])
+                    for pack, records in logged.items()}
+    assert all(0.5 <= share <= 0.75 for share in random_share.values()), random_share
+    assert abs(random_share[True] - random_share[False]) < 0.08, random_share
+    fill = {pack: np.mean([r["data/fill"] for r in records]) for pack, records in logged.items()}
+    assert fill[True] > fill[False] + 0.04, fill

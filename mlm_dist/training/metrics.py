@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mlm_dist.data.nsp import IS_RANDOM
 from mlm_dist.flops import device_peak_flops
 from mlm_dist.model import IGNORE_INDEX
 
 # Sums kept on the device, in this order.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
-         "sequences", "real_tokens", "skipped", "data_wait_frac")
+         "sequences", "random_pairs", "real_tokens", "skipped", "data_wait_frac")
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -65,6 +66,7 @@ class MetricLogger:
             losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
             (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
             eligible.float(), (batch.nsp_label != IGNORE_INDEX).sum().float(),  # pairs
+            (batch.nsp_label == IS_RANDOM).sum().float(),
             attention_mask.sum().float(),  # not padding: what the pairs put into the rows
         ])
         self.sums = values if self.sums is None else self.sums + values
@@ -118,6 +120,9 @@ class MetricLogger:
             "train/skipped_steps": self.skipped_steps,
             # the effective rate: predicted tokens / tokens that could have been chosen
             "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
+            # NSP balance: the share of pairs whose B is random (1/2 and more: as in BERT, a
+            # one-sentence chunk always gets a random B, so short documents raise it)
+            "data/nsp_random": s["random_pairs"] / max(1.0, s["sequences"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
             "perf/tokens_per_s_rank_min": -neg_tps_min,
             "perf/tokens_per_s_rank_max": tps_max,
