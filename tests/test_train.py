@@ -21,7 +21,8 @@ REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_ac
                  "perf/tokens_per_s", "data/mask_rate", "perf/tokens_per_s_rank_min",
                  "perf/tokens_per_s_rank_max", "perf/data_wait_frac", "perf/samples_per_s",
                  "perf/step_time_ms", "perf/peak_memory_gb_rank_max", "train/skipped_steps",
-                 "data/skipped_samples", "perf/mfu", "perf/real_tokens_per_s", "data/fill"}
+                 "data/skipped_samples", "perf/mfu", "perf/real_tokens_per_s", "data/fill",
+                 "data/nsp_random"}
 
 
 @pytest.fixture(scope="module")
