@@ -169,4 +169,4 @@ def test_a_packed_run_on_two_ranks_keeps_the_mask_rate_and_the_nsp_balance(tiny_
     assert all(0.5 <= share <= 0.75 for share in random_share.values()), random_share
     assert abs(random_share[True] - random_share[False]) < 0.08, random_share
     fill = {pack: np.mean([r["data/fill"] for r in records]) for pack, records in logged.items()}
-    assert fill[True] > fill[False] + 0.04, fill
+    assert fill[True] > fill[False] + 0.02, fill
