@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -138,11 +139,12 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
     from mlm_dist.cli import main
 
     out = tmp_path / "bench"
-    main(["bench", "convergence", "--corpus", "short", "--out", str(out), "--steps", "4",
-          "--every", "2", "--max-documents", "150", "--vocab-size", "600",
-          "--valid-fraction", "0.1",
-          "schedule.phases.0.micro_batch=4", "schedule.phases.0.global_batch=8",
-          "optim.warmup_steps=1", "train.log_every=2", "eval.max_pairs=64"])
+    command = ["bench", "convergence", "--corpus", "short", "--out", str(out), "--steps", "4",
+               "--every", "2", "--max-documents", "150", "--vocab-size", "600",
+               "--valid-fraction", "0.1",
+               "schedule.phases.0.micro_batch=4", "schedule.phases.0.global_batch=8",
+               "optim.warmup_steps=1", "train.log_every=2", "eval.max_pairs=64"]
+    main(command)
     result = json.loads(capsys.readouterr().out)
     ours, reference = result["ours"], result["reference"]
     for side in (ours, reference):
@@ -157,3 +159,10 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
     png = out / "convergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "result.json").read_text()) == result
+
+    # Our side gone and other settings: refused before ours trains again, not after.
+    shutil.rmtree(out / "ours")
+    with pytest.raises(SystemExit):
+        main([*command, "train.seed=5"])
+    assert "reference was trained with another config" in capsys.readouterr().err
+    assert not (out / "ours").exists()

@@ -244,6 +244,8 @@ def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = REPO_C
     shards = prepare_data(corpus, out, vocab_size, valid_fraction, max_documents).resolve()
     setup = resolve_setup(corpus, config, overrides, shards=shards, out=out, steps=steps,
                           every=every, ranks=ranks)
+    for side in (setup.ours_dir, setup.reference_dir):  # both, before either trains
+        _side_done(side, setup.signature)
     ours = run_ours(setup)
     reference = run_reference(setup)
     add_ours_tokens(setup, ours)
