@@ -52,11 +52,9 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256  # documents a reader shuffles at a time
     # Documents whose NSP pairs are interleaved at a time, so that a micro-batch mixes many
-    # documents even when each is a book (memory: this many documents per reader, and their
-    # pairs).
+    # documents even when each is a book (memory: these documents and their pairs, per reader).
     open_documents: int = 256
-    # BERT draws a shorter target length with this probability so the model sees short inputs
-    # (drawn for every pair).
+    # The chance that a pair gets a shorter target length, so the model also sees short inputs.
     short_seq_prob: float = 0.1
     # Documents that may be lost to bad data (missing/corrupt shards, undecodable samples),
     # summed over all ranks, before the run stops with an error.
