@@ -7,7 +7,9 @@ SlurmCluster a one-node Slurm: munged, slurmctld and slurmd with a generated mun
              slurm.conf and cgroup.conf in a temporary directory, found through SLURM_CONF.
 
 Both are stopped by `stop()` (the fixtures call it as their finalizer, also after a failure),
-which ends the daemons it started and every process started through them, by pid.
+which ends the daemons it started and every process started through them, by pid. Both run
+as root (sshd for root logins, with its privilege separation directory; SlurmUser=root): a
+test that needs them is skipped, naming what is missing, if a program or root is.
 """
 
 from __future__ import annotations
@@ -30,12 +32,33 @@ from mlm_dist.launch.local import free_port
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
+# The Debian package of each program the tests start (.ci/run installs them all).
+DEBIAN_PACKAGE = {"sshd": "openssh-server", "ssh": "openssh-client",
+                  "ssh-keygen": "openssh-client", "pdsh": "pdsh", "munged": "munge",
+                  "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
+                  "srun": "slurm-client", "scontrol": "slurm-client", "scancel": "slurm-client",
+                  "sinfo": "slurm-client", "squeue": "slurm-client"}
+
+
 def which(program: str) -> str | None:
     return shutil.which(program, path=SBIN)
 
 
 def missing(*programs: str) -> list[str]:
     return [p for p in programs if which(p) is None]
+
+
+def why_not(programs: tuple[str, ...], euid: int | None = None) -> str | None:
+    """Why the service cannot start here (the programs missing and the packages holding them,
+    or not being root), None if it can."""
+    absent = missing(*programs)
+    if absent:
+        packages = " ".join(dict.fromkeys(DEBIAN_PACKAGE[p] for p in absent))
+        return (f"needs {', '.join(absent)}: apt-get install {packages} (.ci/run installs "
+                "them)")
+    if (os.geteuid() if euid is None else euid) != 0:
+        return "needs root: it starts its own daemons as root (tests/cluster.py)"
+    return None
 
 
 def _wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen, log: Path):
@@ -305,13 +328,12 @@ def tmp_root(prefix: str) -> Path:
 
 
 @contextlib.contextmanager
-def running(service, prefix: str, programs: tuple[str, ...], debian_packages: str):
+def running(service, prefix: str, programs: tuple[str, ...]):
     """`service(root)` started in a fresh private directory, stopped and removed afterwards
-    (also after a failure); the test is skipped, naming the packages, if a program is missing."""
-    absent = missing(*programs)
-    if absent:
-        pytest.skip(f"needs {', '.join(absent)} (Debian: {debian_packages}; .ci/run installs "
-                    "them)")
+    (also after a failure); the test is skipped, naming the packages, if it cannot start here."""
+    reason = why_not(programs)
+    if reason is not None:
+        pytest.skip(reason)
     root = tmp_root(prefix)
     started = service(root)
     try:

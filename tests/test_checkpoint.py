@@ -170,8 +170,10 @@ def test_only_rank_0_removes_crashed_saves(tmp_path, fake_dist, tokenizer_file):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB tmpfs: room for the run's logs and one checkpoint of the tiny model, not two."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("needs mount and umount: apt-get install mount")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: it mounts a 3 MB tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],

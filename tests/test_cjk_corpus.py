@@ -8,9 +8,9 @@ import re
 import pytest
 
 from mlm_dist.data.corpus import iter_documents
-from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, MAN_ROOT, documents_of, join_lines,
-                                          page_paragraphs, strip_escapes, write_chinese_corpus,
-                                          write_japanese_corpus)
+from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, documents_of, join_lines,
+                                          page_paragraphs, strip_escapes, unavailable,
+                                          write_chinese_corpus, write_japanese_corpus)
 
 KANA = re.compile(r"[\u3041-\u30ff]")
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -18,9 +18,11 @@ DOCUMENTS = 60  # enough for the checks, a fraction of a second to build
 
 
 def needs(source):
-    if not (MAN_ROOT / source.man_dir).is_dir():
-        pytest.skip(f"needs the {source.language} manual pages (Debian: apt-get install "
-                    f"{source.package}; .ci/run installs it)")
+    """Skip unless the package is installed, asked as the demo asks (not "the directory has
+    files": base packages put a few pages there)."""
+    reason = unavailable(source)
+    if reason is not None:
+        pytest.skip(f"{reason} (.ci/run installs it)")
 
 
 @pytest.mark.parametrize("source, write", [(JAPANESE, write_japanese_corpus),
@@ -72,13 +74,94 @@ def test_full_corpora_sizes(tmp_path):
     assert zh["documents"] > 400 and zh["sentences"] > 15_000 and zh["bytes"] > 1_500_000
 
 
-def test_missing_package_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install manpages-ja"):
-        write_japanese_corpus(tmp_path / "ja.txt", man_root=tmp_path / "man")
-    (tmp_path / "man" / "zh_CN").mkdir(parents=True)  # installed with the pages excluded
-    with pytest.raises(FileNotFoundError, match="apt-get install manpages-zh.*path-exclude"):
-        write_chinese_corpus(tmp_path / "zh.txt", man_root=tmp_path / "man")
+# ---- is the package there: asked of dpkg's database, in a fake system built in tmp_path
+
+def page(description: str) -> bytes:
+    """A gzipped man page whose description is `description`."""
+    return gzip.compress(f".TH X 1\n.SH 名前\nx \\- 名前\n.SH 説明\n.PP\n{description}\n".encode())
+
+
+# What Debian's base packages put in /usr/share/man/ja and zh_CN without manpages-ja/-zh
+BASE_PAGES = {
+    "passwd": {"ja/man1/passwd.1.gz": page("passwd はユーザのパスワードを変更する。"
+                                           "一般ユーザは自分のパスワードだけを変更できる。"),
+               "ja/man8/useradd.8.gz": page("useradd は新しいユーザを作成する。"
+                                            "オプションを指定しないと既定値を使用する。"),
+               "zh_CN/man1/passwd.1.gz": page("passwd 用于更改用户的密码。普通用户只能更改自己的密码。")},
+    "man-db": {"ja/man1/man.1.gz": page("man はシステムのマニュアルを表示する。"
+                                        "各ページにはセクションがある。")},
+}
+
+
+def fake_system(root, packages: dict) -> tuple:
+    """(man root, dpkg info directory) of a system with `packages` ({name: {page path below
+    the man root: bytes}}) installed, and dpkg itself, as every Debian system has."""
+    man, info = root / "man", root / "dpkg-info"
+    info.mkdir(parents=True)
+    (info / "dpkg.list").write_text("/.\n/usr\n/usr/bin\n/usr/bin/dpkg\n")
+    for name, pages in packages.items():
+        listed = {"/."}
+        for relative, data in pages.items():
+            path = man / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            listed.update(str(d) for d in path.parents if d.is_relative_to(man))  # dpkg lists dirs
+            listed.add(str(path))
+        (info / f"{name}.list").write_text("".join(f"{p}\n" for p in sorted(listed)))
+    return man, info
+
+
+def test_base_system_pages_alone_name_the_package(tmp_path):
+    """A Debian system without manpages-ja/-zh still has pages in ja/ and zh_CN/: the corpus
+    is refused, naming the package, before a line is written."""
+    man, info = fake_system(tmp_path, BASE_PAGES)
+    with pytest.raises(FileNotFoundError) as ja:
+        write_japanese_corpus(tmp_path / "ja.txt", man_root=man, dpkg_info=info)
+    assert str(ja.value) == (
+        f"the Japanese demo corpus needs Debian's manpages-ja, which is not installed (other "
+        f"packages put 3 pages in {man / 'ja'}): apt-get install manpages-ja")
+    with pytest.raises(FileNotFoundError, match=r"manpages-zh, which is not installed \(other "
+                                                r"packages put 1 page in .*\): apt-get install "
+                                                r"manpages-zh$"):
+        write_chinese_corpus(tmp_path / "zh.txt", man_root=man, dpkg_info=info)
     assert not (tmp_path / "ja.txt").exists() and not (tmp_path / "zh.txt").exists()
+    assert unavailable(JAPANESE, man, info) == str(ja.value)  # what the tests skip with
+
+
+def test_installed_package_reads_every_page_of_the_directory(tmp_path):
+    """With the package, the corpus is the directory's pages, the base packages' too (the
+    corpus the demo has always read); a Multi-Arch list name counts as well."""
+    own = {"ja/man1/ls.1.gz": page("ls はディレクトリの内容を一覧表示する。"
+                                   "既定では名前の順に並べて表示する。")}
+    man, info = fake_system(tmp_path, {**BASE_PAGES, "manpages-ja": own})
+    stats = write_japanese_corpus(tmp_path / "ja.txt", man_root=man, dpkg_info=info)
+    assert stats["documents"] == 4 and stats["source"] == "manpages-ja"
+    assert "ls はディレクトリの内容を一覧表示する。" in (tmp_path / "ja.txt").read_text()
+    (info / "manpages-ja.list").rename(info / "manpages-ja:amd64.list")
+    assert unavailable(JAPANESE, man, info) is None
+
+
+def test_package_without_its_pages_is_named(tmp_path):
+    """Installed, but a dpkg path-exclude (Docker images have one for /usr/share/man) kept
+    its pages off the disk."""
+    man, info = fake_system(tmp_path, {**BASE_PAGES, "manpages-zh": {
+        "zh_CN/man1/ls.1.gz": page("ls 列出目录的内容。默认按名称排序。")}})
+    (man / "zh_CN" / "man1" / "ls.1.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^manpages-zh is installed but none of its pages "
+                                                r"is in .*path-exclude.*apt-get install "
+                                                r"--reinstall manpages-zh$"):
+        write_chinese_corpus(tmp_path / "zh.txt", man_root=man, dpkg_info=info)
+
+
+def test_without_dpkg_the_directory_is_read(tmp_path):
+    """No dpkg database (another distribution): the pages there are all there is to go by."""
+    man, _ = fake_system(tmp_path, BASE_PAGES)
+    stats = write_japanese_corpus(tmp_path / "ja.txt", man_root=man, dpkg_info=tmp_path / "none")
+    assert stats["documents"] == 3
+    with pytest.raises(FileNotFoundError, match=r"needs the Chinese manual pages in "
+                                                r".*/empty/zh_CN: apt-get install manpages-zh"):
+        write_chinese_corpus(tmp_path / "zh.txt", man_root=tmp_path / "empty",
+                             dpkg_info=tmp_path / "none")
 
 
 def test_refuses_existing_output_and_bad_limit(tmp_path):
@@ -157,5 +240,6 @@ def test_reads_gzip_pages_and_skips_symlinks(tmp_path):
     text = ".SH 説明\n" + "これは日本語の文です。\n" * 3
     (pages / "a.1.gz").write_bytes(gzip.compress(text.encode()))
     (pages / "b.1.gz").symlink_to("a.1.gz")  # another name of the same page
-    stats = write_japanese_corpus(tmp_path / "ja.txt", man_root=tmp_path / "man")
+    stats = write_japanese_corpus(tmp_path / "ja.txt", man_root=tmp_path / "man",
+                                  dpkg_info=tmp_path / "no-dpkg")
     assert stats["documents"] == 1 and stats["sentences"] == 3

@@ -1,12 +1,18 @@
 """`mlm-dist demo`, the README's main job, end to end at a few steps, as a user runs it: from an
 installed copy of the package, in a directory of their own."""
 
+import dataclasses
 import re
 import shutil
 import subprocess
 import sys
 
+import pytest
+
 from launch import REPO, env
+from mlm_dist.cli import main
+from mlm_dist.demo import run
+from mlm_dist.demo.manpage_corpus import CHINESE, JAPANESE, require_pages, unavailable
 
 
 def pip_install(target) -> None:
@@ -40,3 +46,34 @@ def test_demo_runs_every_stage_from_a_wheel_and_shows_what_was_learned(tmp_path)
     assert after < 0.5 * before  # held-out text, not the training loss
     assert out.count("    -> ") == 3  # fill-mask answers for the three prompts
     assert (home / "runs" / "demo" / "hf").is_dir()  # the default --out, under the user's cwd
+
+
+@pytest.mark.parametrize("lang, source", [("ja", JAPANESE), ("zh", CHINESE)])
+def test_cjk_demo_without_its_package_stops_first_with_one_line(tmp_path, capsys, monkeypatch,
+                                                                lang, source):
+    """`mlm-dist demo --lang ja|zh` on a Debian system whose man directories hold only the base
+    packages' pages: one line naming the package, and nothing written."""
+    man = tmp_path / "man" / source.man_dir / "man1"
+    man.mkdir(parents=True)
+    (man / "passwd.1").write_text(".SH 説明\nこれは基本パッケージのページです。\n" * 3)
+    info = tmp_path / "dpkg-info"  # dpkg's database, knowing only passwd
+    info.mkdir()
+    (info / "passwd.list").write_text(f"/.\n{man}\n{man / 'passwd.1'}\n")
+    reason = unavailable(source)  # the demo's own check, on this machine
+    if reason is None:
+        run.DEMOS[lang].check_source()
+    else:
+        with pytest.raises(FileNotFoundError, match=re.escape(reason)):
+            run.DEMOS[lang].check_source()
+    # The same check, pointed at the fake system's man pages and dpkg database
+    monkeypatch.setitem(run.DEMOS, lang, dataclasses.replace(
+        run.DEMOS[lang], check_source=lambda: require_pages(source, tmp_path / "man", info)))
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--lang", lang, "--out", str(out)])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"mlm-dist demo: error: the {source.language} demo corpus needs Debian's "
+                    f"{source.package}, which is not installed (other packages put 1 page in "
+                    f"{tmp_path / 'man' / source.man_dir}): apt-get install {source.package}")
+    assert not out.exists()

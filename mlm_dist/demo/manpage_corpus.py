@@ -19,6 +19,10 @@ sentences by the project's splitter (`mlm_dist.data.sentences.split_sentences`, 
 。！？, and ASCII . ! ? between CJK text, which older translations use). Sentences that are not
 mostly Japanese/Chinese prose are dropped. One page with at least two sentences is one document.
 
+Whether the package is installed is asked of dpkg, not of the directory: Debian's base packages
+(man-db, passwd, login, and apt, dpkg, vim when present) put a few dozen translated pages in
+/usr/share/man/ja and zh_CN themselves, too few for a demo to learn from (see `unavailable`).
+
 Output is the txt format (one sentence a line, a blank line between documents). It is
 deterministic for a given package version (and sentencex version): pages are read in sorted
 order and exact duplicate pages are kept once.
@@ -37,6 +41,10 @@ from mlm_dist.data.corpus import distinct_documents, write_txt_corpus
 from mlm_dist.data.sentences import split_sentences
 
 MAN_ROOT = Path("/usr/share/man")
+# dpkg's database of installed packages: <package>.list (<package>:<arch>.list when the package
+# is Multi-Arch: same) names every path the package put on the disk. It is what `dpkg-query -L`
+# prints, read here without starting a process.
+DPKG_INFO = Path("/var/lib/dpkg/info")
 _MIN_DOCUMENT_SENTENCES = 2
 
 
@@ -85,41 +93,97 @@ CHINESE = CorpusSource("Chinese", "zh", "zh_CN", "manpages-zh", is_chinese_sente
 # ----------------------------------------------------------------------------- writing
 
 def write_japanese_corpus(path: str | Path, max_documents: int | None = None,
-                          man_root: str | Path = MAN_ROOT) -> dict:
+                          man_root: str | Path = MAN_ROOT,
+                          dpkg_info: str | Path = DPKG_INFO) -> dict:
     """Write the Japanese manual pages (Debian `manpages-ja`) to `path` as a txt corpus."""
-    return write_corpus(JAPANESE, path, max_documents, man_root)
+    return write_corpus(JAPANESE, path, max_documents, man_root, dpkg_info)
 
 
 def write_chinese_corpus(path: str | Path, max_documents: int | None = None,
-                         man_root: str | Path = MAN_ROOT) -> dict:
+                         man_root: str | Path = MAN_ROOT,
+                         dpkg_info: str | Path = DPKG_INFO) -> dict:
     """Write the Simplified Chinese manual pages (Debian `manpages-zh`) to `path` as a txt corpus."""
-    return write_corpus(CHINESE, path, max_documents, man_root)
+    return write_corpus(CHINESE, path, max_documents, man_root, dpkg_info)
 
 
 def write_corpus(source: CorpusSource, path: str | Path, max_documents: int | None,
-                 man_root: str | Path = MAN_ROOT) -> dict:
+                 man_root: str | Path = MAN_ROOT, dpkg_info: str | Path = DPKG_INFO) -> dict:
     """One sentence a line, a blank line between documents; returns documents, sentences,
     bytes and the source package."""
     def documents() -> Iterator[list[str]]:
         # Looked for once writing starts: an existing output is refused first, and a missing
         # package stops the write before a line of it is kept.
-        yield from documents_of(source, man_pages(source, Path(man_root)))
+        yield from documents_of(source, man_pages(source, Path(man_root), Path(dpkg_info)))
 
     stats = write_txt_corpus(path, documents(), max_documents)
     return {**stats, "source": source.package}
 
 
-def man_pages(source: CorpusSource, man_root: Path) -> list[Path]:
-    """The source's page files in a fixed order; symlinks are other names of a page read anyway."""
-    directory = man_root / source.man_dir
-    pages = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()) \
+def man_pages(source: CorpusSource, man_root: Path = MAN_ROOT,
+              dpkg_info: Path = DPKG_INFO) -> list[Path]:
+    """The page files of the source's directory in a fixed order, once its package is there.
+
+    All of the directory's pages, also the few other packages put there: the corpus is the
+    one the demo has always read, which README's figures describe."""
+    require_pages(source, man_root, dpkg_info)
+    return _page_files(Path(man_root) / source.man_dir)
+
+
+def require_pages(source: CorpusSource, man_root: Path = MAN_ROOT,
+                  dpkg_info: Path = DPKG_INFO) -> None:
+    """Stop with the fix if the source's package is not there (see `unavailable`)."""
+    reason = unavailable(source, man_root, dpkg_info)
+    if reason is not None:
+        raise FileNotFoundError(reason)
+
+
+def unavailable(source: CorpusSource, man_root: Path = MAN_ROOT,
+                dpkg_info: Path = DPKG_INFO) -> str | None:
+    """Why the source's corpus cannot be built on this machine, naming the fix; None if it can.
+
+    On a system dpkg manages, the package is there when pages its file list names are on the
+    disk. A directory with pages in it is not enough: the base packages put a few dozen there,
+    and a demo on those alone would stop later, at the tokenizer, with advice that leads the
+    wrong way (a smaller vocabulary, for a corpus that is not the one meant).
+    Without a dpkg database (another distribution, whose package of the same translations has
+    another name, e.g. Fedora's man-pages-ja) nothing tells whose a page is, so the directory's
+    pages are taken as they are: refusing would stop the users who have the translations."""
+    directory, dpkg_info = Path(man_root) / source.man_dir, Path(dpkg_info)
+    install = f"apt-get install {source.package}"
+    if not any(dpkg_info.glob("*.list")):
+        if _page_files(directory):
+            return None
+        return (f"the {source.language} demo corpus needs the {source.language} manual pages "
+                f"in {directory}: {install} (Debian's package; elsewhere, the translations of "
+                "the Linux manual pages your distribution packages)")
+    listed = package_files(source.package, dpkg_info)
+    if listed is None:
+        others = len(_page_files(directory))
+        found = (f" (other packages put {others} page{'s' * (others != 1)} in {directory})"
+                 if others else "")
+        return (f"the {source.language} demo corpus needs Debian's {source.package}, which is "
+                f"not installed{found}: {install}")
+    if not any(Path(f).is_file() for f in listed if f.startswith(f"{directory}/")):
+        return (f"{source.package} is installed but none of its pages is in {directory} (a dpkg "
+                "path-exclude, as slim Docker images have): put path-include="
+                f"{directory}/* in a file of /etc/dpkg/dpkg.cfg.d, then apt-get install "
+                f"--reinstall {source.package}")
+    return None
+
+
+def package_files(package: str, dpkg_info: Path = DPKG_INFO) -> list[str] | None:
+    """The paths dpkg's database lists for a package; None if it has no list (not installed)."""
+    lists = sorted(dpkg_info.glob(f"{package}.list")) + \
+        sorted(dpkg_info.glob(f"{package}:*.list"))
+    if not lists:
+        return None
+    return [line for file in lists for line in file.read_text(errors="replace").splitlines()]
+
+
+def _page_files(directory: Path) -> list[Path]:
+    """The page files below `directory`, sorted; symlinks are other names of a page read anyway."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()) \
         if directory.is_dir() else []
-    if not pages:
-        raise FileNotFoundError(
-            f"the {source.language} demo corpus needs the {source.language} manual pages in "
-            f"{directory}: apt-get install {source.package} (on a Docker image that excludes "
-            "/usr/share/man, e.g. with a dpkg path-exclude, allow it and install again)")
-    return pages
 
 
 def documents_of(source: CorpusSource, pages: Iterable[Path]) -> Iterator[list[str]]:
