@@ -17,7 +17,7 @@ from mlm_dist.config import ModelConfig
 from mlm_dist.interop.huggingface import export_hf
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, WORD_BOUNDARY,
-                                train_tokenizer)
+                                drop_cjk_spaces, train_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -329,34 +329,48 @@ UNSEEN = [
     "中文 English 混合 text, 还有 emoji 🎉!", "数学符号：∑∫√ 和 ①②③", "半角标点,句号.问号?",
     "ﾊﾝｶｸ", "😀", " ", "",
 ]
+# Latin words, options and numbers inside Japanese/Chinese text, with the spaces translated
+# manual pages put around them (and without), seen in training and not.
+MIXED = ["引き数 file の Macintosh タイプを変更する。", "ls -l コマンドでファイルの一覧を表示する。",
+         "GNU General Public License の下で配布される。", "Linuxのカーネルは 2023 年に更新された。",
+         "使用 Linux 系统 的 GNU 工具。", "运行 ls -l 命令可以显示文件。"]
+UNSEEN += ["このファイルは  -v  オプションで 詳しく表示する。", "Linux カーネル 6.1 と gcc 12",
+           "東京\u3000 大阪", "x 東京 y", " file", "ls", "ls -l", "这是 Python 3.12 的 新 功能。"]
 MASKED = ["東京は日本の[MASK]です。", "北京是中国的[MASK]。", "[MASK]は日本の首都です。",
-          "我每天早上[MASK]点起床", "[MASK]😀[MASK]", "東京 [MASK] 大阪"]
+          "我每天早上[MASK]点起床", "[MASK]😀[MASK]", "東京 [MASK] 大阪", "ファイル [MASK] を表示",
+          "[MASK] file の", "ls [MASK] -l", "  東京 [MASK]  file", "Linux[MASK]の", " [MASK] ",
+          "  ls [MASK]", "[MASK]  使用 Linux"]
 
 
-def train_small(sentences, out, byte_fallback, model_type="unigram"):
+def train_small(sentences, out, byte_fallback, model_type="unigram", lang="en"):
     """A tokenizer at the largest vocabulary these few sentences support (SentencePiece names it)."""
     size = 5000
     try:
         return train_tokenizer(sentences, out, vocab_size=size, byte_fallback=byte_fallback,
-                               character_coverage=0.98, model_type=model_type)
+                               character_coverage=0.98, model_type=model_type, lang=lang)
     except ValueError as e:
         size = int(re.search(r"at most (\d+) pieces", str(e)).group(1))
     return train_tokenizer(sentences, out, vocab_size=size, byte_fallback=byte_fallback,
-                           character_coverage=0.98, model_type=model_type)
+                           character_coverage=0.98, model_type=model_type, lang=lang)
 
 
-@pytest.fixture(scope="module", params=[("ja", False), ("ja", True), ("zh", False), ("zh", True),
-                                        ("ja", "bpe")],
-                ids=["ja", "ja-bytes", "zh", "zh-bytes", "ja-bpe-bytes"])
+@pytest.fixture(scope="module", params=[("ja", False, "en"), ("ja", True, "en"), ("zh", False, "en"),
+                                        ("zh", True, "en"), ("ja", "bpe", "en"),
+                                        ("ja", False, "ja"), ("ja", True, "ja"), ("zh", True, "zh"),
+                                        ("ja", "bpe", "ja")],
+                ids=["ja", "ja-bytes", "zh", "zh-bytes", "ja-bpe-bytes", "ja-lang", "ja-bytes-lang",
+                     "zh-bytes-lang", "ja-bpe-bytes-lang"])
 def cjk(request, tmp_path_factory):
-    """(ours, the exported tokenizer loaded by AutoTokenizer, training sentences)."""
+    """(ours, the exported tokenizer loaded by AutoTokenizer, training sentences). "-lang":
+    trained with lang="ja" / "zh" (no dummy prefix, spaces next to CJK characters dropped)."""
     from mlm_dist.interop.huggingface import hf_tokenizer
 
-    lang, option = request.param
-    sentences = JAPANESE if lang == "ja" else CHINESE
-    directory = tmp_path_factory.mktemp(f"{lang}-{option}")
+    lang, option, tokenizer_lang = request.param
+    sentences = (JAPANESE if lang == "ja" else CHINESE) + MIXED
+    directory = tmp_path_factory.mktemp(f"{lang}-{option}-{tokenizer_lang}")
     ours = train_small(sentences, directory / "tok", byte_fallback=bool(option),
-                       model_type="bpe" if option == "bpe" else "unigram")
+                       model_type="bpe" if option == "bpe" else "unigram", lang=tokenizer_lang)
+    assert ours.cjk == (tokenizer_lang != "en")
     hf_tokenizer(directory / "tok", model_max_length=128).save_pretrained(directory / "hf")
     return ours, transformers.AutoTokenizer.from_pretrained(directory / "hf"), sentences
 
@@ -375,7 +389,8 @@ def test_cjk_tokenizer_gives_our_ids(cjk):
         if byte_fallback:  # nothing is lost: the text comes back as SentencePiece normalised it
             assert UNK_ID not in ids
             assert decoded == ours.decode(ids), text
-            assert decoded == ours.sp.normalize(text).replace(WORD_BOUNDARY, " ").lstrip(" ")
+            read = drop_cjk_spaces(text) if ours.cjk else text  # what SentencePiece reads
+            assert decoded == ours.sp.normalize(read).replace(WORD_BOUNDARY, " ").lstrip(" ")
         else:
             # Known difference: a text that starts with an unknown word ("▁" [UNK] "▁" …)
             # decodes with a leading space, as the Metaspace decoder removes only the first
@@ -414,15 +429,17 @@ def test_byte_pieces_typed_as_text(tmp_path):
     assert byte + 0x9A in hf_tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("lang", ["ja", "zh"])
-def test_cjk_export_works_in_the_fill_mask_pipeline(lang, tmp_path):
+@pytest.mark.parametrize("lang,tokenizer_lang", [("ja", "en"), ("zh", "en"), ("ja", "ja"),
+                                                 ("zh", "zh")])
+def test_cjk_export_works_in_the_fill_mask_pipeline(lang, tokenizer_lang, tmp_path):
     """An exported Japanese / Chinese model (byte fallback on) answers transformers'
-    fill-mask pipeline, with our tokens and probabilities."""
+    fill-mask pipeline, with our tokens and probabilities; with a tokenizer trained for the
+    language, the filled-in sentence reads as written, with no space anywhere."""
     from mlm_dist.interop.fill_mask import fill_mask
 
     sentences, text = ((JAPANESE, "東京は日本の[MASK]です。") if lang == "ja" else
                        (CHINESE, "北京是中国的[MASK]。"))
-    tok = train_small(sentences, tmp_path / "tok", byte_fallback=True)
+    tok = train_small(sentences, tmp_path / "tok", byte_fallback=True, lang=tokenizer_lang)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                       intermediate_size=64, max_positions=64)
     torch.manual_seed(0)
@@ -434,6 +451,9 @@ def test_cjk_export_works_in_the_fill_mask_pipeline(lang, tmp_path):
     for p in predictions:
         assert p["sequence"].replace(" ", "").startswith(text.split("[MASK]")[0])
         assert "[MASK]" not in p["sequence"]
+        if tok.cjk:  # its vocabulary has no "▁" at all: the text it learnt has no space
+            assert p["sequence"] == text.replace("[MASK]", p["token_str"]), p
+    assert tok.cjk == (tok.sp.piece_to_id(WORD_BOUNDARY) == UNK_ID)
     ours = fill_mask(model, tok, text, top_k=5)[0]
     assert [p["token"] for p in ours] == [tok.id_to_piece(p["token"]) for p in predictions]
     assert max(abs(p["prob"] - q["score"]) for p, q in zip(ours, predictions)) < 1e-3
@@ -453,13 +473,14 @@ def cjk_normalisation_cases():
     return cases
 
 
-def test_cjk_normalisation_gives_our_ids(tmp_path):
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_cjk_normalisation_gives_our_ids(tmp_path, lang):
     """The exported normaliser against SentencePiece's, character by character. With byte
     fallback every character that ends up different would show as different bytes (with [UNK]
     two different unknown characters look alike)."""
     from mlm_dist.interop.huggingface import hf_tokenizer
 
-    ours = train_small(JAPANESE + CHINESE, tmp_path, byte_fallback=True)
+    ours = train_small(JAPANESE + CHINESE + MIXED, tmp_path, byte_fallback=True, lang=lang)
     hf_tok = hf_tokenizer(tmp_path, model_max_length=64)
     cases = cjk_normalisation_cases()
     assert len(cases) > 3000

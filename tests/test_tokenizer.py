@@ -135,10 +135,11 @@ CJK_SENTENCES = [
 ]
 
 
-def test_mask_in_text_without_spaces(tmp_path):
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_mask_in_text_without_spaces(tmp_path, lang):
     """Japanese and Chinese have no spaces: the rest of the sentence after a [MASK] continues
     the word, so it must not get a "▁" in front ("の首都です。", not "▁の首都です。")."""
-    tok = train_tokenizer(CJK_SENTENCES * 10, tmp_path, vocab_size=60)
+    tok = train_tokenizer(CJK_SENTENCES * 10, tmp_path, vocab_size=60, lang=lang)
     for text, word in (("東京は日本の首都です。", "日本"), ("北京是中国的首都。", "中国")):
         ids = tok.encode(text.replace(word, "[MASK]"), parse_mask=True)
         k = ids.index(MASK_ID)
@@ -260,3 +261,171 @@ def test_cli_passes_coverage_and_byte_fallback(tmp_path):
           "--character-coverage", "1.0", "--byte-fallback", "--out", str(tmp_path / "tok")])
     spec = trainer_spec(Tokenizer.load(tmp_path / "tok"))
     assert spec.byte_fallback and spec.character_coverage == 1.0
+
+
+# ----------------------------------------------------------------------------- --lang ja / zh
+
+# Latin words, options and numbers inside Japanese/Chinese text, with the spaces translated
+# manual pages put around them.
+MIXED = ["引き数 file の Macintosh タイプを変更する。", "ls -l コマンドでファイルの一覧を表示する。",
+         "GNU General Public License の下で配布される。", "使用 Linux 系统 的 GNU 工具。",
+         "file には対応する .AppleDouble ファイルが存在しなければならない。"]
+
+
+@pytest.fixture(scope="module")
+def cjk_pair(tmp_path_factory):
+    """(tokenizer trained with the defaults, tokenizer trained with lang="ja"), same text."""
+    root = tmp_path_factory.mktemp("cjk-pair")
+    sentences = (CJK_SENTENCES + MIXED) * 10
+    return (train_tokenizer(sentences, root / "en", vocab_size=130),
+            train_tokenizer(sentences, root / "ja", vocab_size=130, lang="ja"))
+
+
+def normalizer_spec(tok):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.path.read_bytes())
+    return proto.normalizer_spec
+
+
+def test_cjk_tokenizer_has_no_lone_word_boundary(cjk_pair):
+    """The defaults put a "▁" in front of every sentence, often a piece of its own; with
+    lang="ja" no piece of a sentence without spaces starts with "▁", and the text comes back."""
+    en, ja = cjk_pair
+    lone = en.sp.piece_to_id(WORD_BOUNDARY)
+    assert sum(en.encode(s).count(lone) for s in CJK_SENTENCES) >= 3  # what issue 19 saw
+    assert all(en.id_to_piece(en.encode(s)[0]).startswith(WORD_BOUNDARY) for s in CJK_SENTENCES)
+    for sentence in CJK_SENTENCES:
+        ids = ja.encode(sentence)
+        assert not [i for i in ids if ja.id_to_piece(i).startswith(WORD_BOUNDARY)], sentence
+        assert ja.decode(ids) == sentence
+    # The model file says what it is: every copy of it (and its sha256) carries the choice.
+    assert (normalizer_spec(en).add_dummy_prefix, normalizer_spec(en).name) == (True, "nmt_nfkc")
+    assert (normalizer_spec(ja).add_dummy_prefix, normalizer_spec(ja).name) == (False,
+                                                                                "nmt_nfkc_cjk")
+    assert (en.cjk, ja.cjk) == (False, True)
+    assert (Tokenizer.load(ja.path.parent).cjk, Tokenizer.load(en.path).cjk) == (True, False)
+
+
+def test_cjk_tokenizer_drops_spaces_next_to_cjk_characters(cjk_pair):
+    """Spaces around Latin words in Japanese text mark no word: gone, as in the text written
+    without them. Between two Latin words (or symbols) a space still begins the next piece."""
+    en, ja = cjk_pair
+    pieces = lambda text: [ja.id_to_piece(i) for i in ja.encode(text)]  # noqa: E731
+    for spaced, written in (("引き数 file の Macintosh タイプ", "引き数fileのMacintoshタイプ"),
+                            ("使用 Linux 系统", "使用Linux系统"), ("東京\u3000 大阪\t 京都。 次", "東京大阪京都。次"),
+                            ("  前後 に 空白  ", "前後に空白"), ("ＡＢＣ １２３ です", "ＡＢＣ１２３です")):
+        assert ja.encode(spaced) == ja.encode(written), spaced
+        assert en.encode(spaced) != en.encode(written), spaced  # the defaults keep every space
+    assert not any(p.startswith(WORD_BOUNDARY) for p in pieces("引き数 file の Macintosh タイプ"))
+    assert any(p.startswith(WORD_BOUNDARY) for p in pieces("General Public License の下"))
+    assert ja.decode(ja.encode("ls -l コマンド")) == "ls -lコマンド"
+    # Korean writes spaces between words: they stay.
+    assert ja.encode("한국어 단어") != ja.encode("한국어단어")
+
+
+def test_the_dropped_spaces_are_what_sentencepiece_reads_as_spaces(cjk_pair):
+    """drop_cjk_spaces removes exactly the characters SentencePiece's normaliser would turn
+    into a "▁" (tabs, U+3000, the other Unicode spaces, a few invisible ones): checked for
+    every code point."""
+    from mlm_dist.tokenizer.sentencepiece import _SPACES
+
+    _, ja = cjk_pair
+    ours = re.compile(f"[{_SPACES}]")
+    spaces = {c for c in map(chr, range(0x110000)) if not 0xD800 <= ord(c) < 0xE000
+              and ja.sp.normalize(f"a{c}b") == f"a{WORD_BOUNDARY}b"}
+    assert len(spaces) > 20
+    assert {c for c in map(chr, range(0x110000)) if ours.fullmatch(c)} == spaces
+
+
+@pytest.mark.parametrize("char,cjk", [(c, True) for c in "漢かカｶ。、「（Ａ１𠮷㍿ㄅ々〇"] +
+                         [(c, False) for c in "a1é(-한ㄱ\u3000Ω"])
+def test_which_characters_take_no_space_next_to_them(char, cjk):
+    from mlm_dist.tokenizer import drop_cjk_spaces
+
+    assert drop_cjk_spaces(f"x {char} x") == (f"x{char}x" if cjk else f"x {char} x")
+
+
+def test_cjk_spans_point_into_the_text_as_given(cjk_pair):
+    """encode_spans gives characters of the text before spaces were dropped (the word
+    segmenters read that text); no span covers a dropped space."""
+    _, ja = cjk_pair
+    text = "引き数  file の Macintosh\u3000タイプを ls -l で変更する。"
+    (ids, spans), = ja.encode_spans([text])
+    assert ids == ja.encode(text)
+    for i, (begin, end) in zip(ids, spans):
+        piece = ja.id_to_piece(i)
+        if not ja.sp.is_byte(i) and i != UNK_ID:
+            assert text[begin:end].replace(" ", WORD_BOUNDARY) == piece, (piece, begin, end)
+    covered = {k for begin, end in spans for k in range(begin, end)}
+    assert {k for k, c in enumerate(text) if c in " \u3000"} - covered == {
+        3, 4, 9, 11, 21, 26, 32}  # all but the space between "ls" and "-l"
+
+
+def test_cjk_mask_keeps_the_spaces_that_mean_a_word(cjk_pair):
+    """After a [MASK], a space next to a CJK character is dropped as anywhere else, and one
+    before a Latin word begins it ("▁file"), as in training."""
+    _, ja = cjk_pair
+    enc = functools.partial(ja.encode, parse_mask=True)
+    assert enc("東京は[MASK] です。") == ja.encode("東京は") + [MASK_ID] + enc("[MASK]です。")[1:]
+    assert not ja.id_to_piece(enc("東京は[MASK] です。")[2]).startswith(WORD_BOUNDARY)
+    after = enc("[MASK] General")[1]
+    assert ja.id_to_piece(after).startswith(WORD_BOUNDARY)
+    assert enc("[MASK]General")[1:] == ja.encode("General")  # no space: the word goes on
+    # A Latin word masked in Japanese text: one [MASK] for its pieces, the rest unchanged.
+    text = "引き数 file の Macintosh タイプを変更する。"
+    ids, head, word = ja.encode(text), ja.encode("引き数"), ja.encode("file")
+    assert ids[:len(head) + len(word)] == head + word
+    assert enc(text.replace("file", "[MASK]")) == head + [MASK_ID] + ids[len(head) + len(word):]
+    text = "GNU General Public License の下で配布される。"
+    assert ja.id_to_piece(ja.encode(text)[0]) == "GNU"
+    assert enc(text.replace("GNU", "[MASK]")) == [MASK_ID] + ja.encode(text)[1:]
+
+
+def test_cjk_tokenizer_is_reproducible(tmp_path):
+    a = train_tokenizer(CJK_SENTENCES * 10, tmp_path / "a", vocab_size=60, lang="zh", seed=1)
+    b = train_tokenizer(CJK_SENTENCES * 10, tmp_path / "b", vocab_size=60, lang="zh", seed=1)
+    assert a.cjk and a.sha256 == b.sha256
+
+
+@pytest.mark.parametrize("lang,message", [("xx", "unknown language 'xx'.*auto, am"),
+                                          ("auto", "corpus_language")])
+def test_lang_must_be_a_language(tmp_path, lang, message):
+    with pytest.raises(ValueError, match=message):
+        train_tokenizer(CJK_SENTENCES * 10, tmp_path / "tok", vocab_size=60, lang=lang)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_corpus_language_weighs_characters():
+    from mlm_dist.data.corpus import Document
+    from mlm_dist.tokenizer import corpus_language
+
+    def docs(*pairs):
+        return [Document(0, i, [text], lang) for i, (lang, text) in enumerate(pairs)]
+
+    assert corpus_language(docs(("ja", "あ" * 30), ("en", "a" * 50), ("zh", "中" * 25))) == "ja"
+    assert corpus_language(docs(("ja", "あ" * 30), ("en", "a" * 50), ("zh", "中" * 10))) == "en"
+    assert corpus_language(docs(("zh", "中" * 10), ("ru", "б" * 9))) == "zh"
+    assert corpus_language([]) == "en"
+
+
+def test_cli_lang(tmp_path, capsys):
+    (tmp_path / "cjk.txt").write_text("\n".join((CJK_SENTENCES + MIXED) * 10) + "\n")
+    (tmp_path / "en.jsonl").write_text('{"text": "The list is empty. Add one item first."}\n' * 60
+                                       + '{"text": "Return the value of the key."}\n' * 60)
+    sizes = {"cjk.txt": "130", "en.jsonl": "30"}
+    for lang, corpus, cjk in (("ja", "cjk.txt", True), ("zh", "cjk.txt", True),
+                              ("auto", "cjk.txt", True), ("auto", "en.jsonl", False),
+                              ("en", "cjk.txt", False)):
+        out = tmp_path / f"{lang}-{corpus}"
+        main(["tokenizer", "train", "--input", str(tmp_path / corpus), "--vocab-size",
+              sizes[corpus], "--lang", lang, "--out", str(out)])
+        assert Tokenizer.load(out).cjk == cjk, (lang, corpus)
+        err = capsys.readouterr().err
+        assert ("--lang auto: training for " + ("ja" if cjk else "en")) in err or lang != "auto"
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "train", "--input", str(tmp_path / "cjk.txt"), "--vocab-size", "60",
+              "--lang", "klingon", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "unknown language 'klingon'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -13,20 +13,23 @@ from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.prepare import prepare_shards
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.shards import token_ids, word_starts
-from mlm_dist.data.words import WordSegmenter, token_word_starts
+from mlm_dist.data.words import WordSegmenter, piece_word_starts, token_word_starts
 from mlm_dist.masking import IGNORE_INDEX, TokenMasker
-from mlm_dist.tokenizer import train_tokenizer
+from mlm_dist.tokenizer import WORD_BOUNDARY, train_tokenizer
 
 TEXTS = {"ja": JAPANESE, "zh": CHINESE}
 
 
-@pytest.fixture(scope="module")
-def cjk(tmp_path_factory):
-    """{lang: (tokenizer, shards dir)}: a tokenizer trained on both languages' text, and each
-    language's corpus prepared with its segmenter."""
+@pytest.fixture(scope="module", params=["en", "ja"], ids=["tokenizer-en", "tokenizer-ja"])
+def cjk(tmp_path_factory, request):
+    """{lang: (tokenizer, shards dir)}: a tokenizer trained on both languages' text (with the
+    defaults, or for text without spaces: lang="ja"), and each language's corpus prepared with
+    its segmenter."""
     root = tmp_path_factory.mktemp("cjk")
     sentences = [s for docs in TEXTS.values() for doc in docs for s in doc]
-    tokenizer = train_tokenizer(sentences * 4, root / "tokenizer", vocab_size=520, seed=0)
+    tokenizer = train_tokenizer(sentences * 4, root / "tokenizer", vocab_size=520, seed=0,
+                                lang=request.param)
+    assert tokenizer.cjk == (request.param == "ja")
     out = {}
     for lang, documents in TEXTS.items():
         corpus = root / f"{lang}.txt"
@@ -68,6 +71,54 @@ def test_shards_store_the_segmenters_word_starts(cjk):
         assert checked > 100
         # a segmenter word is more than one token now and then: whole words are not tokens
         assert any(not word_starts(s).all() for s in document)
+
+
+def test_segmenter_words_begin_where_they_begin_whatever_the_tokenizer(cjk):
+    """With the defaults every sentence begins with "▁" (often a lone one), which goes with
+    the word after it; a tokenizer for text without spaces has no "▁" there, and its first
+    piece begins the first word."""
+    for lang, (tokenizer, _) in cjk.items():
+        segmenter = WordSegmenter(lang)
+        texts = [s for doc in TEXTS[lang] for s in doc]
+        lone = tokenizer.sp.piece_to_id(WORD_BOUNDARY)
+        lones = 0
+        for text, (ids, spans) in zip(texts, tokenizer.encode_spans(texts)):
+            flags = token_word_starts(text, spans, segmenter.word_starts(text))
+            assert flags[0], text
+            # each word's first piece (or the lone "▁" in front of it) is a start
+            firsts = {next(t for t, (b, e) in enumerate(spans) if e > start)
+                      for start in segmenter.word_starts(text)}
+            firsts = {t - 1 if t and ids[t - 1] == lone else t for t in firsts}
+            assert set(np.flatnonzero(flags)) <= firsts and 0 in firsts, text
+            lones += ids.count(lone)
+        assert (lones == 0) if tokenizer.cjk else (lones > 5), lones
+
+
+def test_a_sentence_begins_a_word_without_a_word_boundary_piece(tmp_path, tiny_corpus):
+    """English prepared with a tokenizer for text without spaces (a mixed corpus, --lang en or
+    auto): the first word of a sentence has no "▁", and still begins a word in the shards."""
+    from mlm_dist.data.corpus import iter_documents
+    from mlm_dist.tokenizer import sentences_of
+
+    english = list(sentences_of(iter_documents([tiny_corpus])))
+    japanese = [s for doc in JAPANESE for s in doc]
+    tokenizer = train_tokenizer((english + japanese * 4), tmp_path / "tok", vocab_size=600,
+                                lang="ja")
+    table = tokenizer.vocabulary.word_start
+    ids = tokenizer.encode(english[0])
+    assert not table[ids[0]] and piece_word_starts(table, ids)[0]
+    assert (piece_word_starts(table, ids)[1:] == table[ids[1:]]).all()
+    prepare_shards([tiny_corpus], tmp_path / "tok", tmp_path / "shards", docs_per_shard=50,
+                   lang="en")
+    shard = manifest_shards(tmp_path / "shards")[0]
+    firsts = 0
+    for document in itertools.islice(read_documents(shard.path, shard.documents, 1, 0,
+                                                    SkipCounter()), 20):
+        for sentence in document:
+            flags, pieces = word_starts(sentence), token_ids(sentence)
+            assert flags[0] and (flags[1:] == table[pieces[1:]]).all()
+            firsts += not table[pieces[0]]
+    assert firsts > 20  # first words without "▁" were there to be flagged
 
 
 def test_english_word_starts_are_the_tokenizers_marks(tiny_shards, tiny_tokenizer):

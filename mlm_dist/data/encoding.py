@@ -13,7 +13,7 @@ import numpy as np
 
 from mlm_dist.data.corpus import Document
 from mlm_dist.data.shards import encode_document
-from mlm_dist.data.words import SEGMENTERS, WordSegmenter, token_word_starts
+from mlm_dist.data.words import SEGMENTERS, WordSegmenter, piece_word_starts, token_word_starts
 from mlm_dist.tokenizer import Tokenizer
 
 # Sentences per batch handed to a worker: large enough to amortize the hand-over and the
@@ -74,7 +74,8 @@ class DocumentEncoder:
                            for text, (ids, spans) in zip(texts, tokenizer.encode_spans(texts))]
             else:
                 table = tokenizer.vocabulary.word_start
-                encoded = [(ids, table[ids]) for ids in tokenizer.encode_batch(texts)]
+                encoded = [(ids, piece_word_starts(table, ids))
+                           for ids in tokenizer.encode_batch(texts)]
             position = 0
             for d in mine:
                 out[d] = encoded[position:position + len(documents[d].sentences)]

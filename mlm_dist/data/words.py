@@ -1,9 +1,10 @@
 """Where words begin, token by token: decided at `prepare` time and stored in the shards.
 
 Whole-word masking needs words. In English a tokenizer marks them itself (SentencePiece's "▁"
-begins a word, WordPiece's "##" continues one), but Japanese and Chinese are written without
-spaces: SentencePiece puts one "▁" at the start of a sentence, so a "word" would be the whole
-sentence. There the words come from a real segmenter, as for the models users measure
+begins a word, WordPiece's "##" continues one; `piece_word_starts`), but Japanese and Chinese
+are written without spaces: SentencePiece's marks would make a whole sentence one "word" (a
+tokenizer trained for them has no "▁" at all there: tokenizer/sentencepiece.py). There the
+words come from a real segmenter, as for the models users measure
 themselves against: MeCab with UniDic (through fugashi and unidic-lite) for Japanese, as
 cl-tohoku's bert-base-japanese does, and jieba for Chinese, as HFL's Chinese BERT-wwm does.
 Both ship their dictionaries inside their packages: nothing is downloaded.
@@ -73,6 +74,15 @@ class WordSegmenter:
             starts.add(found)
             position = found + len(surface)
         return starts
+
+
+def piece_word_starts(word_start: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Bool per token of a sentence, from the tokenizer's own marks (`Vocabulary.word_start`).
+    A sentence's first token begins a word whatever its piece: a Japanese/Chinese tokenizer
+    (no dummy prefix) puts no "▁" in front of the first word of an English sentence."""
+    flags = word_start[ids]
+    flags[:1] = True
+    return flags
 
 
 def token_word_starts(text: str, spans: list[tuple[int, int]], starts: set[int]) -> np.ndarray:

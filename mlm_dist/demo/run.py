@@ -35,6 +35,9 @@ class Demo:
     prompts: list[str]
     overrides: list[str] = field(default_factory=list)  # for `mlm-dist train`
     byte_fallback: bool = False  # characters the tokenizer never saw become bytes, not [UNK]
+    # Raises, naming the fix, if the text is not on this machine: asked before anything is
+    # written, so a missing package is one line, not a half-built demo directory.
+    check_source: Callable[[], None] = lambda: None
 
 
 def _stdlib(path: Path) -> dict:
@@ -52,6 +55,16 @@ def _chinese(path: Path) -> dict:
     return write_chinese_corpus(path)
 
 
+def _japanese_pages() -> None:
+    from mlm_dist.demo.manpage_corpus import JAPANESE, require_pages
+    require_pages(JAPANESE)
+
+
+def _chinese_pages() -> None:
+    from mlm_dist.demo.manpage_corpus import CHINESE, require_pages
+    require_pages(CHINESE)
+
+
 DEMOS = {
     "en": Demo("the Python standard library's docstrings", _stdlib, [
         "Return the [MASK] of the list.",
@@ -62,12 +75,12 @@ DEMOS = {
         "このオプションを指定すると、[MASK]を表示する。",
         "ファイルが存在しない場合は[MASK]を返す。",
         "詳しくは[MASK]を参照すること。",
-    ], ["masking.whole_word=true"], byte_fallback=True),
+    ], ["masking.whole_word=true"], byte_fallback=True, check_source=_japanese_pages),
     "zh": Demo("Debian's Chinese manual pages (manpages-zh)", _chinese, [
         "如果没有指定文件，则从标准[MASK]读取。",
         "该选项用于显示[MASK]信息。",
         "详细信息请参阅[MASK]手册。",
-    ], ["masking.whole_word=true"], byte_fallback=True),
+    ], ["masking.whole_word=true"], byte_fallback=True, check_source=_chinese_pages),
 }
 
 
@@ -97,9 +110,11 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CO
     demo = DEMOS[lang]
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found")
-    out.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer, shards, run = (out / "corpus.txt", out / "tokenizer", out / "shards",
                                       out / "run")
+    if not corpus.exists():  # a rerun that has its corpus needs the text no more
+        demo.check_source()
+    out.mkdir(parents=True, exist_ok=True)
 
     if not corpus.exists():
         stats = demo.write_corpus(corpus)
@@ -107,7 +122,7 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CO
               f"from {demo.source} -> {corpus}", flush=True)
     if not (tokenizer / "tokenizer.model").exists():
         tok = train_tokenizer(sentences_of(iter_documents([corpus])), tokenizer, vocab_size=8000,
-                              byte_fallback=demo.byte_fallback)
+                              byte_fallback=demo.byte_fallback, lang=lang)
         print(f"[2/5] tokenizer: SentencePiece unigram, {tok.vocab_size} pieces -> {tokenizer}",
               flush=True)
     if not (shards / "manifest.json").exists():

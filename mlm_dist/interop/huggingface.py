@@ -11,8 +11,9 @@ scores inside our SentencePiece `tokenizer.model`, with SentencePiece's own norm
 replayed in front (the precompiled NFKC charsmap, then whitespace collapsing) and BERT's
 `[CLS] A [SEP] B [SEP]` template behind. A model trained with `--byte-fallback` keeps it: the
 tokenizers model spells characters it has no piece for as the same <0xNN> byte pieces, and
-the decoder turns them back into text. `AutoTokenizer` loads it from `tokenizer.json`
-alone, without sentencepiece installed and without the network.
+the decoder turns them back into text. A Japanese/Chinese tokenizer (no dummy prefix, spaces
+next to CJK characters dropped: tokenizer/sentencepiece.py) keeps both. `AutoTokenizer` loads
+it from `tokenizer.json` alone, without sentencepiece installed and without the network.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from mlm_dist.config import ModelConfig
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, SPECIAL_TOKENS,
                                 UNK_ID, Tokenizer)
+from mlm_dist.tokenizer.sentencepiece import CJK_SPACES_PATTERN
 
 # (ours, Hugging Face) for every parameter; "{i}" is the encoder layer index.
 PARAMETER_NAMES: list[tuple[str, str]] = [
@@ -262,8 +264,9 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(ours.path.read_bytes())
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
-    # These are what train_tokenizer produces; the pipeline below reproduces exactly them.
-    if not (norm.add_dummy_prefix and norm.remove_extra_whitespaces and norm.escape_whitespaces
+    # These are what train_tokenizer produces (with or without the dummy prefix); the pipeline
+    # below reproduces exactly them.
+    if not (norm.remove_extra_whitespaces and norm.escape_whitespaces
             and trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix):
         raise ValueError(f"{ours.path}: unsupported SentencePiece options for export "
                          "(expected the defaults used by `mlm-dist tokenizer train`)")
@@ -295,7 +298,9 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     # as in Tokenizer.encode(parse_mask=True). A leading space of the whole text becomes the
     # "▁" that prepend_scheme="first" would otherwise add; "[MASK]." gets none. A trailing
     # space is dropped, so "the [MASK]" leaves no lone "▁" in front of the [MASK].
-    steps = []
+    # A Japanese/Chinese tokenizer drops the spaces next to CJK characters before SentencePiece
+    # reads the text (Tokenizer.encode): the same pattern, on the same raw text, comes first.
+    steps = [normalizers.Replace(Regex(CJK_SPACES_PATTERN), "")] if ours.cjk else []
     if norm.precompiled_charsmap:
         # SentencePiece applies its map at each position with the longest matching key, and
         # keys of several characters compose, e.g. "ｶﾞ" (half-width katakana and sound mark)
@@ -309,9 +314,17 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
         # would not do: SentencePiece keeps the full-width tilde "～" of Japanese text.
         steps += [normalizers.NFC(), normalizers.Precompiled(norm.precompiled_charsmap),
                   normalizers.NFC()]
-    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(" $"), "")]
-    backend.normalizer = normalizers.Sequence(steps)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # A run of spaces keeps its first one (not a new one in its place), which stays where the
+    # run began in the text: for the text's leading run that is offset 0, by which Metaspace's
+    # prepend_scheme="first" knows the text's first piece (_no_dummy_prefix_pre_tokenizer).
+    steps += [normalizers.Replace(Regex("(?<= ) +"), ""), normalizers.Replace(Regex(" $"), "")]
+    if norm.add_dummy_prefix:
+        backend.normalizer = normalizers.Sequence(steps)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                         split=True)
+    else:
+        backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = _no_dummy_prefix_pre_tokenizer()
     metaspace = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     # ByteFallback first: it turns runs of <0xNN> pieces back into the characters they spell.
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback \
@@ -342,6 +355,28 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
         if tok.convert_tokens_to_ids(name) != i:  # cannot happen for a valid model; cheap to check
             raise ValueError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
     return tok
+
+
+def _no_dummy_prefix_pre_tokenizer():
+    """Words as SentencePiece without its dummy prefix sees them, on text whose spaces the
+    normaliser has made "▁": a "▁" begins a word; the whole text's leading space is dropped
+    (SentencePiece strips it), but not that of the text after a [MASK] ("[MASK] file" is
+    [MASK] "▁file", as in Tokenizer.encode(parse_mask=True)).
+
+    The normaliser sees each piece of text between added tokens on its own and cannot tell the
+    first one, so that is done here: Metaspace's prepend_scheme="first" puts its replacement in
+    front of the piece that starts the text only. With a plain space as the replacement (the
+    normalised text has none left, and Metaspace's own space -> replacement is then a no-op)
+    that mark finds the first piece, and the split after it removes the mark and the "▁" of a
+    leading space with it.
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=" ", prepend_scheme="first", split=False),
+        pre_tokenizers.Split(Regex(r"\A ▁?"), behavior="removed"),
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),
+    ])
 
 
 def _unmatchable_byte_pieces(pieces: list[tuple[str, float]],
