@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mlm_dist.bench import convergence as bench_convergence
 from mlm_dist.bench import data as bench_data
+from mlm_dist.bench import finetune as bench_finetune
+from mlm_dist.bench import gpu as bench_gpu
 from mlm_dist.bench import memory as bench_memory
 from mlm_dist.bench import train as bench_train
 from mlm_dist.launch import slurm
@@ -23,16 +25,23 @@ from mlm_dist.launch import slurm
 
 def _tokenizer_train(args) -> None:
     from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
-    from mlm_dist.tokenizer import sentences_of, train_tokenizer
+    from mlm_dist.data.sentences import AUTO
+    from mlm_dist.tokenizer import corpus_language, sentences_of, train_tokenizer
 
     files = resolve_inputs(args.input)  # every input problem surfaces before training starts
     check_readable(files)
-    reader = CorpusReader(files, report=lambda line: print(line, file=sys.stderr, flush=True))
+    # JSONL is split into sentences in --lang, as `prepare` splits it ("auto": per document).
+    reader = CorpusReader(files, report=lambda line: print(line, file=sys.stderr, flush=True),
+                          lang=args.lang)
+    lang = reader.lang
+    if lang == AUTO:  # one more pass over the corpus: the tokenizer serves all of it
+        lang = corpus_language(CorpusReader(files, lang=AUTO).documents())
+        print(f"--lang auto: training for {lang} text", file=sys.stderr, flush=True)
     tok = train_tokenizer(sentences_of(d.sentences for d in reader.documents()), args.out,
                           args.vocab_size, model_type=args.model_type, seed=args.seed,
                           input_sentence_size=args.input_sentence_size,
                           character_coverage=args.character_coverage,
-                          byte_fallback=args.byte_fallback)
+                          byte_fallback=args.byte_fallback, lang=lang)
     print(f"wrote {tok.path} ({tok.vocab_size} pieces) from {len(files)} input files")
 
 
@@ -153,8 +162,10 @@ def _fill_mask(args) -> None:
     model, _, tokenizer_dir = load_checkpoint(args.checkpoint)
     tokenizer = Tokenizer.load(tokenizer_dir)
     for text in args.text:
+        # ensure_ascii=False: Japanese or Chinese text as written, not as \uXXXX escapes
         print(json.dumps({"text": text, "predictions": fill_mask(model, tokenizer, text,
-                                                                 args.top_k)}))
+                                                                 args.top_k)},
+                         ensure_ascii=False))
 
 
 def _eval(args) -> None:
@@ -163,7 +174,7 @@ def _eval(args) -> None:
     results = evaluate_saved_model(args.checkpoint, data=args.data, seq_len=args.seq_len,
                                    micro_batch=args.micro_batch, max_pairs=args.max_pairs,
                                    seed=args.seed)
-    print(json.dumps({"checkpoint": str(args.checkpoint), **results}))
+    print(json.dumps({"checkpoint": str(args.checkpoint), **results}, ensure_ascii=False))
 
 
 def _consolidate(args) -> None:
@@ -219,6 +230,11 @@ def _add_tokenizer(sub) -> None:
     t.add_argument("--byte-fallback", action="store_true",
                    help="spell characters that have no piece as their UTF-8 bytes (<0x00>…"
                         "<0xFF>, 256 pieces counted in --vocab-size) instead of [UNK]")
+    t.add_argument("--lang", default="en", metavar="CODE",
+                   help="language of the corpus, as for `prepare --lang`: ja or zh train for "
+                        "text without spaces between words (no lone ▁ before each sentence or "
+                        "around Latin words); auto decides from the corpus (one more pass "
+                        "over it); JSONL is split into sentences in it (default: en)")
     t.set_defaults(func=_tokenizer_train)
 
 
@@ -316,7 +332,8 @@ def _add_consolidate(sub) -> None:
 def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON)").add_subparsers(
         dest="bench_command", required=True)
-    for module in (bench_data, bench_train, bench_memory, bench_convergence):
+    for module in (bench_data, bench_train, bench_memory, bench_convergence, bench_finetune,
+                   bench_gpu):
         module.add_parser(bench)  # options only: each imports its heavy parts when it runs
 
 

@@ -130,6 +130,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (through DeepSpeed's engine.compile)
     # Peak FLOP/s of one device for perf/mfu; 0 = a table for known GPUs, else measured.
     peak_flops: float = 0.0
+    # How long a collective waits for a rank that makes no progress (stuck, or its node gone)
+    # before the run fails; a killed rank ends the run at once anyway. It must outlast the
+    # longest legitimate wait: rank 0 converting a checkpoint to the universal form on resume
+    # (the others wait at a barrier) or a save to a slow shared filesystem.
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -149,9 +154,16 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # also save when this much wall time passed since the last
     keep: int = 3  # newest complete checkpoints kept; 0 = keep all
     resume: bool = False
-    # How often (in optimizer steps) the ranks agree on signals and timed saves: one tiny
-    # all-reduce. SIGTERM/SIGUSR1 then save and exit 0 within one interval plus one save.
-    sync_every: int = 1
+    # How often (in optimizer steps) the ranks agree on stop signals and timed saves: a tiny
+    # all-reduce whose host read waits for the device. 0 = at each log step (train.log_every),
+    # which waits for the device anyway to reduce the metrics: the steps between never wait.
+    # SIGTERM/SIGUSR1 then save and exit 0 within one interval plus one save; Slurm warns
+    # minutes ahead (`mlm-dist slurm --signal-seconds`), far more than a few steps take.
+    sync_every: int = 0
+
+    def agrees_every(self, log_every: int) -> int:
+        """Optimizer steps between the ranks' agreements on signals and timed saves."""
+        return self.sync_every or log_every
 
 
 @dataclass
@@ -384,6 +396,9 @@ def validate(cfg: RunConfig) -> None:
     _require(t.grad_accum_dtype == "fp32" or t.precision == "bf16", "train.grad_accum_dtype",
              f"bf16 gradients need train.precision=bf16 (it is {t.precision})")
     _require(t.log_every > 0, "train.log_every", "must be positive")
+    _require(0 < t.collective_timeout_minutes < math.inf, "train.collective_timeout_minutes",
+             "must be a positive number of minutes (how long a collective waits for a stuck "
+             "rank)")
 
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -400,7 +415,8 @@ def validate(cfg: RunConfig) -> None:
     _require(c.every >= 0, "checkpoint.every", "must be >= 0")
     _require(c.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
     _require(c.keep >= 0, "checkpoint.keep", "must be >= 0 (0 = keep all)")
-    _require(c.sync_every >= 1, "checkpoint.sync_every", "must be >= 1")
+    _require(c.sync_every >= 0, "checkpoint.sync_every",
+             "must be >= 0 (0 = at every log step, train.log_every)")
     _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _require(cfg.eval.max_pairs >= 0, "eval.max_pairs", "must be >= 0 (0 = the whole split)")
     _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
@@ -431,6 +447,24 @@ def _validate_deepspeed_extras(extras: dict) -> None:
             _require(isinstance(value, dict), "deepspeed.zero_optimization", "expected a mapping")
             _require("stage" not in value, "deepspeed.zero_optimization.stage",
                      "set train.zero_stage instead")
+            _validate_zero_overrides(value)
+
+
+def _validate_zero_overrides(zero: dict) -> None:
+    """The ZeRO settings we choose (engine.zero_optimization) and a user may override: checked
+    here, not by DeepSpeed on every rank after the process group is up."""
+    key = "deepspeed.zero_optimization"
+    if "overlap_comm" in zero:
+        _require(isinstance(zero["overlap_comm"], bool), f"{key}.overlap_comm",
+                 f"expected true/false, got {zero['overlap_comm']!r}")
+    if "reduce_bucket_size" in zero:
+        size = zero["reduce_bucket_size"]
+        whole = (isinstance(size, int) and not isinstance(size, bool)) or (
+            isinstance(size, float) and size.is_integer())
+        hint = " (YAML reads 5e8 as a string: write 500_000_000 or 5.0e+8)" if isinstance(
+            size, str) else ""
+        _require(whole and size > 0, f"{key}.reduce_bucket_size",
+                 f"expected a positive whole number of elements, got {size!r}{hint}")
 
 
 def validate_topology(cfg: RunConfig, world_size: int) -> list[int]:

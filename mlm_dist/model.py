@@ -18,10 +18,18 @@ embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that
 
 Speed choices that leave the numbers (and the parameters) as they are:
 
-- Under autocast the residual stream is kept in the autocast dtype from the embeddings on, as
-  DeepSpeed's bf16 mode keeps it (LayerNorm still accumulates in fp32 inside its kernel).
-  Otherwise the fp32 embedding output makes every residual add and LayerNorm fp32, and every
-  Linear casts its input again.
+- Under autocast the residual stream is kept in the autocast dtype from the embeddings on, on
+  every device, as DeepSpeed's bf16 mode keeps it. Otherwise the fp32 embedding output makes
+  every residual add and LayerNorm fp32, and every Linear casts its input again. LayerNorm
+  normalises and scales in fp32 with its fp32 weights and rounds once to the autocast dtype
+  (`LayerNorm`): CUDA autocast runs layer_norm in fp32 and returns fp32, so without the cast
+  back the stream would turn fp32 after the first LayerNorm on a GPU (CPU autocast leaves
+  layer_norm alone, and its kernel already returns the input's dtype).
+- Attention gets a mask only when the batch needs one (`attention_plan`): the loader knows on
+  the host whether a batch has padding, and the step passes no mask when it has none, so on
+  CUDA PyTorch's SDPA can pick FlashAttention, which takes no mask. Packed rows always need
+  their block-diagonal mask; `attention_plan` says why that mask, and not a kernel that skips
+  the blocks between pairs, is the cheapest correct choice PyTorch offers.
 - On a CPU, attention is the plain matmul-softmax-matmul, and dropout draws its mask from 16-bit
   slices of 64-bit random words: PyTorch's CPU SDPA runs its fused kernel only without dropout
   (with dropout it falls back to an unfused path, slower than this one), and its bernoulli_
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -98,27 +107,87 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+class AttentionPlan(NamedTuple):
+    kernel: str  # "sdpa": F.scaled_dot_product_attention; "matmul": written out (see attention)
+    mask: str | None  # None, "padding" ([B, 1, 1, S]) or "pairs" ([B, 1, S, S], block-diagonal)
+
+
+def attention_plan(device_type: str, *, padded: bool, packed: bool) -> AttentionPlan:
+    """How a batch's attention is computed, from what is known without looking at the device:
+    where it runs, and whether the batch has padding (`Batch.padded`, set where the batch is
+    built) or packed rows.
+
+    No padding, no packing: no mask, so on CUDA SDPA can pick FlashAttention (fp16/bf16;
+    FlashAttention takes no mask). Padding: a [B, 1, 1, S] additive mask, which SDPA runs in
+    its memory-efficient (or cuDNN) kernel. Packed rows: the block-diagonal [B, 1, S, S] mask,
+    built once a forward and shared by every layer, through the memory-efficient kernel too.
+    PyTorch (2.13) has kernels that skip the blocks between pairs instead of masking them, but
+    none fits BERT's training step:
+    - flex_attention with a document mask has no dropout on the attention probabilities
+      (BERT's attention_dropout is 0.1), and is fast only under torch.compile;
+    - torch.nn.attention.varlen.varlen_attn (FlashAttention over cumulative sequence lengths)
+      runs with dropout 0, hard-coded;
+    - nested (jagged) tensors through SDPA reach the same FlashAttention kernel with dropout,
+      but in eager mode every operation on them is a Python __torch_dispatch__ call: wrapping
+      q, k and v and transposing them alone took over 1 ms per layer on our CPU, host time an
+      eager step on a GPU has no room for.
+    What the mask wastes is the scores between pairs, a part of attention's two matmuls, which
+    are S / (6 H) of the FLOPs of a layer's projections (11 % for BERT-base at S = 512, 3 % at
+    128): that bounds the waste.
+    On a CPU the kernel is always the written-out one (see `attention`), with the same masks.
+    """
+    return AttentionPlan(attention_kernel(device_type),
+                         "pairs" if packed else "padding" if padded else None)
+
+
+def attention_kernel(device_type: str) -> str:
+    """"sdpa" (PyTorch's fused kernels) on anything but a CPU; there "matmul" (see attention)."""
+    return "matmul" if device_type == "cpu" else "sdpa"
+
+
+def attention_bias(plan: AttentionPlan, attention_mask: torch.Tensor | None,
+                   packing: "Packing | None", dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of `plan` (None when it has none), in `dtype`. A large finite negative
+    (not -inf, not a bool mask) keeps a row that is all padding finite instead of NaN. It is
+    built from tensors already on the device: no host sync."""
+    if plan.mask is None:
+        return None
+    if plan.mask == "padding":  # broadcasts over heads and queries: no query sees a padded key
+        keep = attention_mask[:, None, None, :].to(dtype)
+    else:  # a token sees the tokens of its own pair only
+        ids = packing.sequence_ids
+        keep = ((ids[:, None, :, None] == ids[:, None, None, :])
+                & (ids[:, None, None, :] > 0)).to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               dropout_p: float, training: bool) -> torch.Tensor:
     """softmax(q kᵀ / √d + bias) v with dropout on the probabilities; [B, heads, S, d] in and out.
+    bias None: no mask.
 
     CUDA (and anything not a CPU): F.scaled_dot_product_attention, flash / memory-efficient
     kernels with dropout inside. CPU: the same arithmetic written out, which at BERT's sequence
     lengths beats PyTorch's CPU SDPA with dropout (an unfused fallback) and without it.
     """
-    if q.device.type != "cpu":
+    if attention_kernel(q.device.type) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                               dropout_p=dropout_p if training else 0.0)
     batch, heads, queries, head_dim = q.shape
     keys = k.shape[2]
     # One baddbmm computes bias + (q kᵀ)/√d: the scaling and the bias add ride on the matmul
     # instead of each taking a pass over q or the scores. The bias broadcasts over queries
-    # (padding) or has a row per query (packed rows: each pair sees only itself).
-    rows = bias.shape[2]
-    scores = torch.baddbmm(bias.expand(batch, heads, rows, keys).reshape(batch * heads, rows, keys),
+    # (padding) or has a row per query (packed rows: each pair sees only itself). Without a
+    # bias, beta=0 ignores the (0-dim) input: the same numbers as adding a bias of zeros.
+    if bias is None:
+        bias, beta = q.new_zeros(()), 0.0
+    else:
+        rows, beta = bias.shape[2], 1.0
+        bias = bias.expand(batch, heads, rows, keys).reshape(batch * heads, rows, keys)
+    scores = torch.baddbmm(bias,
                            q.reshape(batch * heads, queries, head_dim),
                            k.reshape(batch * heads, keys, head_dim).transpose(1, 2),
-                           alpha=1.0 / math.sqrt(head_dim))
+                           beta=beta, alpha=1.0 / math.sqrt(head_dim))
     probs = torch.softmax(scores, dim=-1).view(batch, heads, queries, keys)
     return torch.matmul(dropout(probs, dropout_p, training), v)
 
@@ -134,6 +203,21 @@ class Packing:
     cls_positions: torch.Tensor  # [B, P] long, where each pair's [CLS] is (0 for empty slots)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose output has its input's dtype: under autocast the residual stream
+    stays in the autocast dtype on every device (see the module docstring).
+
+    CUDA autocast lists layer_norm among the ops it runs in fp32: it casts the input up and
+    returns fp32. Cast back here, a GPU computes what the CPU kernel computes for a bf16 input
+    and fp32 weights: normalised and scaled in fp32, rounded once to the input's dtype (as
+    Megatron's MixedFusedLayerNorm does). On a CPU, and without autocast, the cast is a no-op.
+    Under CUDA autocast the kernel keeps an fp32 copy of its input for backward (`bench
+    memory` counts it). Parameters and state dict are nn.LayerNorm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
 class Embeddings(nn.Module):
     """token + position + segment embeddings, then LayerNorm and dropout."""
 
@@ -142,7 +226,7 @@ class Embeddings(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
@@ -168,10 +252,10 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor,
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None,
                 queries: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, S, H], every position (keys and values). queries: [B, Q, H] the positions to
-        compute outputs for (None: all of x). Returns [B, Q, H]."""
+        compute outputs for (None: all of x). attn_bias None: no mask. Returns [B, Q, H]."""
         queries = x if queries is None else queries
         batch, hidden = x.shape[0], x.shape[2]
 
@@ -180,9 +264,9 @@ class SelfAttention(nn.Module):
 
         q = split_heads(self.query(queries))
         k, v = split_heads(self.key(x)), split_heads(self.value(x))
-        y = attention(q, k, v,
-                      attn_bias.to(q.dtype),  # no-op unless autocast made q lower precision
-                      self.attention_dropout, self.training)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)  # no-op unless autocast made q lower precision
+        y = attention(q, k, v, attn_bias, self.attention_dropout, self.training)
         y = y.transpose(1, 2).reshape(batch, queries.shape[1], hidden)
         return self.out(y)
 
@@ -209,17 +293,18 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn = SelfAttention(cfg)
-        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
-        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor,
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """positions: [B, Q] the positions whose outputs are wanted (None: all); attention
         still reads every position, everything else in the block is per position."""
         h = x if positions is None else gather_positions(x, positions)
-        if positions is not None and attn_bias.shape[2] > 1:  # a bias row per query: theirs
+        if positions is not None and attn_bias is not None and attn_bias.shape[2] > 1:
+            # a bias row per query: theirs
             attn_bias = torch.gather(attn_bias, 2, positions[:, None, :, None].expand(
                 -1, 1, -1, attn_bias.shape[3]))
         h = self.attn_norm(h + self.dropout(self.attn(x, attn_bias, h)))
@@ -245,7 +330,7 @@ class MaskedLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -294,7 +379,7 @@ class BertForPretraining(nn.Module):
         self,
         input_ids: torch.Tensor,  # [B, S] long
         token_type_ids: torch.Tensor,  # [B, S] long, 0 = sentence A, 1 = sentence B
-        attention_mask: torch.Tensor,  # [B, S], 1 = real token, 0 = padding
+        attention_mask: torch.Tensor | None,  # [B, S], 1 = real token, 0 = padding; None: none
         masked_positions: torch.Tensor | None = None,  # [B, K] long, positions to predict
         packing: "Packing | None" = None,  # several pairs per row (see Packing)
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,20 +392,13 @@ class BertForPretraining(nn.Module):
             # The residual stream in the autocast dtype (see the module docstring).
             x = x.to(torch.get_autocast_dtype(device_type))
 
-        # One additive bias shared by every layer, [B, 1, 1, S]: it broadcasts over heads and
-        # query positions, so no query attends to a padded key. A large finite negative (not
-        # -inf, not a bool mask) keeps a row that is all padding finite instead of NaN. It is
-        # built from tensors already on the device: no host sync.
-        if packing is None:
-            keep = attention_mask[:, None, None, :].to(x.dtype)
-            cls = None
-        else:
-            # Block-diagonal, [B, 1, S, S]: a token sees the tokens of its own pair only.
-            ids = packing.sequence_ids
-            keep = ((ids[:, None, :, None] == ids[:, None, None, :])
-                    & (ids[:, None, None, :] > 0)).to(x.dtype)
-            cls = packing.cls_positions
-        attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
+        # One additive mask shared by every layer, or none (see attention_plan). Whether the
+        # batch has padding came from the host (attention_mask None: none), never from
+        # looking at the mask on the device.
+        plan = attention_plan(device_type, padded=attention_mask is not None,
+                              packed=packing is not None)
+        attn_bias = attention_bias(plan, attention_mask, packing, x.dtype)
+        cls = None if packing is None else packing.cls_positions
 
         # The heads read [CLS] and the masked slots only: the last layer computes just those
         # (see the module docstring), so the transform and the vocabulary projection run on

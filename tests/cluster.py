@@ -173,12 +173,20 @@ class SshServer:
             shutil.rmtree("/run/sshd", ignore_errors=True)
 
 
-class SlurmCluster:
-    """One node (this host, 2 CPUs), one partition, no accounting, no cgroups."""
+# Character devices that stand in for GPUs in gres.conf: slurmd only checks that each File is
+# one (nothing constrains devices here), and Slurm then sets CUDA_VISIBLE_DEVICES for each task
+# as on a GPU node.
+FAKE_GPU_FILES = ("/dev/zero", "/dev/full", "/dev/null", "/dev/urandom")
 
-    def __init__(self, root: Path, cpus: int = 2):
+
+class SlurmCluster:
+    """One node (this host, 2 CPUs; `gpus` stand-in GPUs), one partition, no accounting, no
+    cgroups."""
+
+    def __init__(self, root: Path, cpus: int = 2, gpus: int = 0):
         self.root = root
         self.cpus = cpus
+        self.gpus = gpus
         self.node = socket.gethostname().split(".")[0]  # `hostname -s`
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket"
@@ -212,6 +220,7 @@ class SlurmCluster:
         ctld_port, slurmd_port = free_port(), free_port()
         srun_base = 40000 + (os.getpid() * 7) % 20000
         (r / "plugstack.conf").write_text("")
+        gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         # proctrack/linuxproc + task/none: no cgroups needed. cred_expire also sets how long a
         # requeued job waits before it may start again (default 120 s); sched/builtin with
         # sched_interval=1 starts it as soon as it may.
@@ -251,10 +260,14 @@ MinJobAge=3600
 KillWait=10
 InactiveLimit=0
 MailProg=/bin/true
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+GresTypes=gpu
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus}{gres} State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
         (r / "cgroup.conf").write_text("CgroupAutomount=no\n")
+        if self.gpus:
+            (r / "gres.conf").write_text("".join(f"Name=gpu File={f}\n"
+                                                 for f in FAKE_GPU_FILES[:self.gpus]))
         self._daemon([which("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld.out")
         _wait_for_port("127.0.0.1", ctld_port, 30, self.procs[-1], r / "log" / "slurmctld.log")
         self._daemon([which("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")

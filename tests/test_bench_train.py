@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from mlm_dist.bench import memory as memory_bench
-from mlm_dist.bench.memory import bench_memory, zero_prediction
+from mlm_dist.bench.memory import activation_prediction, bench_memory, zero_prediction
+from mlm_dist.bench.memory_rank import SavedTensorBytes
 from mlm_dist.bench.train import add_parser, bench_config, bench_train, phase_for
 from mlm_dist.bench.workload import synthetic_batch
 from mlm_dist.config import ModelConfig
 from mlm_dist.flops import model_flops_per_token, sparse_flops_per_token
+from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
+from autocast_rules import cuda_layer_norm_rule, layer_norm_rule_is_cudas
 from launch import REPO
 
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -126,6 +129,63 @@ def test_zero_formulas():
     assert zero_prediction(3, 1000, 4, "fp32")["total"] == (4 + 4 + 12) * 1000 / 4
 
 
+def saved_by_forward(cfg: ModelConfig, micro_batch: int, seq_len: int, k: int, precision: str):
+    """What one training forward of our model keeps for backward, as bench memory counts it."""
+    import torch
+
+    from mlm_dist.bench.workload import as_batch
+
+    torch.manual_seed(0)
+    model = BertForPretraining(cfg).train()
+    if precision == "low":
+        model = model.bfloat16()
+    batch = as_batch(synthetic_batch(cfg.vocab_size, micro_batch, seq_len, seed=1))
+    positions = torch.arange(1, k + 1).repeat(micro_batch, 1)
+    with SavedTensorBytes() as saved, torch.autocast("cpu", dtype=torch.bfloat16,
+                                                    enabled=precision == "autocast"):
+        model(batch.input_ids, batch.token_type_ids, batch.padding_mask, positions)
+    return saved.total
+
+
+@pytest.mark.parametrize("micro_batch, seq_len, k, dropout, precision", [
+    (3, 16, 4, 0.1, "autocast"), (1, 16, 3, 0.1, "autocast"), (2, 32, 5, 0.0, "fp32"),
+    (3, 16, 4, 0.1, "fp32"), (4, 16, 3, 0.1, "low")])
+def test_activation_formula_is_what_the_forward_keeps(micro_batch, seq_len, k, dropout, precision):
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4,
+                      intermediate_size=128, max_positions=64, dropout=dropout,
+                      attention_dropout=dropout)
+    predicted = activation_prediction(cfg, micro_batch, seq_len, k, precision=precision,
+                                      device_type="cpu")
+    assert saved_by_forward(cfg, micro_batch, seq_len, k, precision) == predicted["total"]
+    assert predicted["total"] == predicted["activations"] + predicted["weight_copies"]
+    assert (predicted["weight_copies"] > 0) == (precision == "autocast")
+    assert predicted["residual_stream"] == ("fp32" if precision == "fp32" else "16-bit")
+
+
+def test_activation_formula_under_cuda_autocasts_layer_norm_rule():
+    """On a GPU, autocast runs layer_norm in fp32: each keeps an fp32 copy of its input, and
+    nothing else changes, because the residual stream stays 16-bit (model.LayerNorm casts
+    back). Left fp32, the stream would be cast again by each of the q, k, v projections."""
+    assert layer_norm_rule_is_cudas()
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4,
+                      intermediate_size=128, max_positions=64)
+    with cuda_layer_norm_rule():
+        saved = saved_by_forward(cfg, 3, 16, 4, "autocast")
+    predicted = activation_prediction(cfg, 3, 16, 4, precision="autocast", device_type="cpu",
+                                      layer_norm_in_fp32=True)
+    assert saved == predicted["total"]
+    # BERT-base at seq 128, micro-batch 32 on a GPU: SDPA keeps no [S, S] tensor, so a layer
+    # keeps less than on a CPU, even with the fp32 LayerNorm inputs.
+    base = ModelConfig(vocab_size=30522)
+    cpu, cuda = (activation_prediction(base, 32, 128, 20, precision="autocast", device_type=d)
+                 for d in ("cpu", "cuda"))
+    assert cuda["residual_stream"] == "16-bit" and cuda["per_layer"] < cpu["per_layer"]
+    assert cuda["weight_copies"] == cpu["weight_copies"] > 0
+    zero3 = activation_prediction(base, 32, 128, 20, precision="autocast", device_type="cuda",
+                                  zero3_linear=True)
+    assert zero3["weight_copies"] == 0 and zero3["activations"] < cuda["activations"]
+
+
 def test_cli_registration():
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="bench_command", required=True)
@@ -152,6 +212,12 @@ def test_bench_memory_follows_zero_formulas():
             for key in ("params", "grads", "optimizer"):
                 assert rank[key] == pytest.approx(predicted[key], rel=0.1), (stage["stage"], key)
             assert rank["peak_rss"] > rank["baseline_rss"] > 0
+            # what the forward kept for backward under the engine: our formula, to the byte
+            activations = rank["activations"]
+            assert activations["measured"] == activations["predicted"]["total"], stage["stage"]
     zero0, zero3 = (s["ranks"][0] for s in report["stages"])
     # everything partitioned over 2 ranks (stage 3 adds an fp32 partition copy: 20Ψ/2 vs 16Ψ)
     assert zero3["total"] < 0.7 * zero0["total"]
+    # ZeRO-3's Linear keeps the weights, not autocast's copies of them
+    assert zero0["activations"]["predicted"]["weight_copies"] > 0
+    assert zero3["activations"]["predicted"]["weight_copies"] == 0

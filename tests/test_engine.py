@@ -9,7 +9,7 @@ import pytest
 from launch import REPO, env
 from mlm_dist.config import ConfigError, load_config, validate
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
-from mlm_dist.engine import deepspeed_config
+from mlm_dist.engine import REDUCE_BUCKET_ELEMENTS, deepspeed_config
 from mlm_dist.optim import learning_rate_factor
 
 
@@ -32,7 +32,8 @@ def test_extra_keys_merge_and_derived_keys_are_refused():
     c = cfg()
     c.deepspeed = {"zero_optimization": {"overlap_comm": True}, "communication_data_type": "fp32"}
     ds = deepspeed_config(c, world_size=2)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True,
+                                       "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
     assert ds["communication_data_type"] == "fp32"
     for bad, key in [({"train_batch_size": 64}, "deepspeed.train_batch_size"),
                      ({"zero_optimization": {"stage": 1}}, "deepspeed.zero_optimization.stage"),
@@ -40,6 +41,33 @@ def test_extra_keys_merge_and_derived_keys_are_refused():
         c.deepspeed = bad
         with pytest.raises(ConfigError, match=key):  # at load time, before any process starts
             validate(c)
+
+
+def test_no_throughput_timer_and_gradient_reduction_overlaps_backward():
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(cfg(f"train.zero_stage={stage}"), world_size=2)
+        assert ds["zero_optimization"] == {"stage": stage, "overlap_comm": True,
+                                           "reduce_bucket_size": 25_000_000}
+        # DeepSpeed's timer would synchronize the device at every forward and step()
+        assert ds["timers"] == {"throughput": {"enabled": False}}
+    assert deepspeed_config(cfg("train.zero_stage=0"), world_size=2)["zero_optimization"] == {
+        "stage": 0}  # no overlap there: DeepSpeed all-reduces after backward
+
+
+def test_overlap_bucket_and_timer_can_be_overridden_and_bad_values_are_refused():
+    ds = deepspeed_config(cfg("deepspeed.zero_optimization.overlap_comm=false",
+                              "deepspeed.zero_optimization.reduce_bucket_size=5.0e+8",
+                              "deepspeed.timers={throughput: {enabled: true}}"), world_size=2)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False,
+                                       "reduce_bucket_size": 5e8}
+    assert ds["timers"] == {"throughput": {"enabled": True}}
+    for bad, message in [("overlap_comm=maybe", "expected true/false, got 'maybe'"),
+                         ("reduce_bucket_size=5e8", "YAML reads 5e8 as a string"),
+                         ("reduce_bucket_size=0", "positive whole number"),
+                         ("reduce_bucket_size=2.5", "positive whole number")]:
+        with pytest.raises(ConfigError, match=f"deepspeed.zero_optimization.{bad.split('=')[0]}"
+                                              f": .*{message}"):
+            cfg(f"deepspeed.zero_optimization.{bad}")
 
 
 def test_world_size_that_does_not_divide_the_batch():
@@ -80,3 +108,31 @@ def test_gradients_are_fp32_at_every_zero_stage_under_bf16(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp32 = {"grads": ["torch.float32"], "reduce": "torch.float32", "weights": ["torch.float32"]}
     assert json.loads(out.read_text()) == {str(stage): fp32 for stage in range(4)}
+
+
+class _Accelerator:
+    """Stands in for DeepSpeed's accelerator of a device without fp16 or bf16 kernels: which
+    precisions a device has is the hardware's, and this machine's CPU may have both."""
+
+    def __init__(self, fp16: bool, bf16: bool):
+        self.fp16, self.bf16 = fp16, bf16
+
+    def device_name(self, index=None):
+        return "cpu"
+
+    def is_fp16_supported(self):
+        return self.fp16
+
+    def is_bf16_supported(self):
+        return self.bf16
+
+
+def test_a_precision_the_device_lacks_is_refused_naming_the_key():
+    from mlm_dist.engine import check_device_precision
+
+    check_device_precision("fp16", _Accelerator(fp16=True, bf16=False))
+    check_device_precision("fp32", _Accelerator(fp16=False, bf16=False))
+    with pytest.raises(ConfigError, match="train.precision: fp16 is not supported on cpu; use"):
+        check_device_precision("fp16", _Accelerator(fp16=False, bf16=True))
+    with pytest.raises(ConfigError, match="train.precision: bf16 is not supported on cpu; use"):
+        check_device_precision("bf16", _Accelerator(fp16=True, bf16=False))

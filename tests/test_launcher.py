@@ -84,7 +84,10 @@ def test_dry_run_shows_hostfile_environment_and_command(tmp_path, capsys, monkey
     argv, out_dir = run_main(tmp_path, "node-1 slots=8 # a\nnode-2 slots=8\n", "--nodes", "2",
                              "--gpus-per-node", "1", "--ssh-port", "2222", "--env", "MLM_X=100%")
     assert hostfile.main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # the CPU image sets DS_ACCELERATOR=cpu: said aloud, since GPU nodes would train on CPU
+    assert err == ("deepspeed_multinode: every rank gets DS_ACCELERATOR=cpu from this "
+                   "environment and trains on the CPU; unset it to train on GPUs\n")
     assert "node-1 slots=8\nnode-2 slots=8\n" in out
     env = dict(line.split("=", 1) for line in out.split(f"# {out_dir}/launch/deepspeed_env\n")[1]
                .split("# command")[0].splitlines())
@@ -192,8 +195,7 @@ def test_thin_script_runs_the_python_launcher(tmp_path):
 
 @pytest.fixture(scope="module")
 def ssh_server():
-    with running(SshServer, "mlm-sshd-", ("sshd", "ssh", "ssh-keygen", "pdsh"),
-                 "openssh-server pdsh") as server:
+    with running(SshServer, "mlm-sshd-", ("sshd", "ssh", "ssh-keygen", "pdsh")) as server:
         yield server
 
 

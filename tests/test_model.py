@@ -10,6 +10,8 @@ from mlm_dist.config import ModelConfig
 from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
 from mlm_dist.model import BertForPretraining, num_parameters, parameter_groups, pretraining_loss
 
+from autocast_rules import cuda_layer_norm_rule, layer_norm_rule_is_cudas
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -314,6 +316,31 @@ def test_autocast_keeps_the_residual_stream_in_bf16_and_stays_close_to_fp32():
             low, _ = model(input_ids, token_type_ids, attention_mask)
     assert seen == [torch.float32, torch.bfloat16]
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_residual_stream_stays_bf16_under_cuda_autocasts_layer_norm_rule():
+    """The residual stream is kept in the autocast dtype on a GPU too: LayerNorm's fp32 output
+    (CUDA autocast) is cast back, giving the CPU's numbers."""
+    assert layer_norm_rule_is_cudas()
+    cfg = tiny_config(dropout=0.0, attention_dropout=0.0)
+    model = perturbed_model(cfg).eval()
+    seen = []
+    for module in (*model.layers, model.mlm_head.norm):
+        module.register_forward_hook(
+            lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    input_ids, token_type_ids, attention_mask = batch(cfg)
+    positions = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_rule = model(input_ids, token_type_ids, attention_mask, positions)
+        del seen[:]
+        with cuda_layer_norm_rule():
+            plain = torch.nn.LayerNorm(cfg.hidden_size)(torch.ones(2, cfg.hidden_size).bfloat16())
+            assert plain.dtype == torch.float32  # the rule is on
+            cuda_rule = model(input_ids, token_type_ids, attention_mask, positions)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * (cfg.num_layers + 1)
+    for ours, theirs in zip(cuda_rule, cpu_rule):
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_no_host_sync_in_masking_forward_loss_and_backward():

@@ -101,6 +101,30 @@ def test_a_packed_row_holds_each_pair_in_berts_layout(tiny_shards):
     assert len(placed) > 4  # more pairs than rows: that is the point
 
 
+def test_moving_a_packed_batch_moves_the_tensors_it_holds(tiny_shards):
+    """Batch.pin_memory / Batch.to move the batch's own tensors, packing's included: what the
+    DataLoader pinned is what the step copies to the device (non_blocking). A copy in between
+    (dataclasses.astuple deep-copies) would be pageable memory, and the copy synchronous.
+    Pinning needs CUDA; moving to the device the batch is already on returns each tensor
+    itself, so the same objects and storages come out exactly when nothing was copied."""
+    rng = np.random.default_rng(1)
+    writer = PackedBatchWriter(2, 64, vocab_of(tiny_shards), pairs_per_row(64))
+    a, b = rng.integers(10, 500, 6), rng.integers(10, 500, 5)
+    while writer.fits(a, b):
+        writer.add(a, b, 0)
+    batch = writer.take()
+    assert (batch.packing.sequence_ids == 2).any()  # rows of several pairs
+    batch.reader, batch.position, batch.skipped = 3, (0, 2, 7), 1
+    moved = batch.to(torch.device("cpu"))
+    fields = ("input_ids", "token_type_ids", "attention_mask", "nsp_label", "word_starts")
+    for name in fields:
+        assert getattr(moved, name) is getattr(batch, name), name
+    for name in ("position_ids", "sequence_ids", "cls_positions"):
+        before, after = getattr(batch.packing, name), getattr(moved.packing, name)
+        assert after is before and after.data_ptr() == before.data_ptr(), name
+    assert (moved.padded, moved.reader, moved.position, moved.skipped) == (True, 3, (0, 2, 7), 1)
+
+
 def loader(shards, state=None, pack=True, micro=4, workers=0):
     return ResumableLoader(manifest_shards(shards), seq_len=64, micro_batch=micro, rank=0,
                            world_size=1, seed=3, vocab=vocab_of(shards), state=state,

@@ -1,15 +1,17 @@
 """`mlm-dist slurm`: the generated sbatch script, checked as text, run under bash with stand-ins
 for srun/scontrol, and submitted to a real one-node Slurm (munged, slurmctld, slurmd started by
-the tests): a 2-task training job, then a job interrupted by the warning signal, requeued and
-finished from its checkpoint."""
+the tests, with stand-in GPUs): a 2-task training job, then a job interrupted by the warning
+signal, requeued and finished from its checkpoint; and the GPUs and CPUs each task gets."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,37 @@ def test_gpu_script_asks_for_gpus_signal_and_requeue(tmp_path):
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
+def test_every_task_sees_its_node_gpus_or_only_its_own(tmp_path):
+    node = sbatch_directives(generate(tmp_path, "--nodes", "2", "--gpus-per-node", "8",
+                                      overrides=["schedule.phases.0.micro_batch=1"]))
+    assert "--gpus-per-node=8" in node and not [o for o in node if "gpus-per-task" in o]
+    bound = sbatch_directives(generate(tmp_path, "--nodes", "2", "--gpus-per-node", "8",
+                                       "--bind-gpus",
+                                       overrides=["schedule.phases.0.micro_batch=1"]))
+    for option in ["--ntasks-per-node=8", "--ntasks=16", "--gpus-per-task=1"]:
+        assert option in bound, (option, bound)
+    assert not [o for o in bound if o.startswith("--gpus-per-node")]
+
+
+@pytest.mark.parametrize("options, cpus_on_node, expected", [
+    ([], "48", "6"),  # the node's CPUs in the job, shared by its 8 ranks
+    ([], "4", "1"),  # fewer CPUs than ranks: still one each
+    (["--cpus-per-task", "3"], "48", "3"),  # the user's value
+])
+def test_each_rank_gets_its_share_of_the_node_cpus(tmp_path, options, cpus_on_node, expected):
+    """srun gives a task one CPU unless told, and Slurm 22.05-23.02 srun takes the number only
+    from SRUN_CPUS_PER_TASK."""
+    generate(tmp_path, "--nodes", "1", "--gpus-per-node", "8", *options,
+             overrides=["schedule.phases.0.micro_batch=1", "schedule.phases.0.global_batch=8"])
+    proc = run_with_fakes(tmp_path, tmp_path / "job.sbatch", SLURM_CPUS_ON_NODE=cpus_on_node)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    env = dict(line.split("=", 1) for line in
+               (tmp_path / "record" / "srun.env").read_text().splitlines() if "=" in line)
+    assert env["SRUN_CPUS_PER_TASK"] == expected
+    assert f", {expected} CPUs per rank" in out
 
 
 def test_cpu_ranks_request_no_gpus(tmp_path):
@@ -193,6 +226,8 @@ def test_warning_signal_is_forwarded_then_the_job_requeued(tmp_path):
                                                      "--time 5 (300 s)"),
     (["--env", "A B=1"], [], "--env 'A B': not a valid environment variable name"),
     (["--env", "NO_VALUE"], [], "--env 'NO_VALUE': expected KEY=VALUE"),
+    (["--bind-gpus"], [], "--bind-gpus gives each task one GPU, --cpu-ranks requests no GPUs"),
+    (["--cpus-per-task", "0"], [], "--cpus-per-task must be at least 1, got 0"),
     ([], ["checkpoint.resume=false"], "always passes checkpoint.resume=true"),
     (["--nodes", "3"], [], "is not divisible by micro_batch × ranks"),
     (["--config", "/no/such.yaml"], [], "--config /no/such.yaml does not exist"),
@@ -255,9 +290,9 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running(SlurmCluster, "mlm-slurm-",
-                 ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel"),
-                 "munge slurmctld slurmd slurm-client") as c:
+    with running(partial(SlurmCluster, gpus=2), "mlm-slurm-",
+                 ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel",
+                  "sinfo", "squeue")) as c:
         yield c
 
 
@@ -342,3 +377,32 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, uninterrupted,
     checkpoints = out_dir / "checkpoints"
     assert (checkpoints / f"step_{step:08d}" / "complete.json").is_file()
     assert (checkpoints / f"step_{STEPS:08d}" / "complete.json").is_file()
+
+
+@pytest.mark.parametrize("options, shown, cpus_per_task", [
+    (["--gpus-per-node", "2"], [["0", "1"], ["0", "1"]], "1"),  # every task sees the node's GPUs
+    (["--gpus-per-node", "2", "--bind-gpus"], [["0"], ["1"]], "1"),  # only its own
+    (["--gpus-per-node", "1", "--sbatch-opt=--exclusive"], [["0"]], "2"),  # the node's 2 CPUs
+])
+def test_each_task_takes_its_own_gpu_and_its_share_of_cpus(cluster, tmp_path, options, shown,
+                                                           cpus_per_task):
+    """A job as `mlm-dist slurm` writes it, on stand-in GPUs: every task computes the device a
+    rank would take (tests/slurm_device_probe.py). Each ends on another GPU of the node, and
+    srun gave it the CPUs the script meant."""
+    probe = f"{sys.executable} {REPO / 'tests' / 'slurm_device_probe.py'} {tmp_path}"
+    cmd = [sys.executable, "-m", "mlm_dist", "slurm", "--config", str(TINY), "--nodes", "1",
+           *options, "--python", probe, "--output", f"{tmp_path}/job-%j.out", "--time", "10",
+           "--signal-seconds", "60", "--out-script", str(tmp_path / "job.sbatch"), "--submit",
+           "data.shards=/shared/shards", *TINY_OVERRIDES]
+    job_id = re.search(r"submitted job (\d+)", cluster.run(*cmd, cwd=tmp_path).stdout).group(1)
+    log = tmp_path / f"job-{job_id}.out"
+    try:
+        cluster.wait(job_id, lambda j: j["JobState"] == "COMPLETED", timeout=120)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{job_log(cluster, log)}") from None
+    tasks = [json.loads((tmp_path / f"task{r}.json").read_text()) for r in range(len(shown))]
+    assert [t["shown"] for t in tasks] == shown
+    assert [t["local_rank"] for t in tasks] == list(range(len(shown)))
+    assert sorted(t["gpu"] for t in tasks) == [str(g) for g in range(len(shown))]  # one each
+    assert {t["cpus_per_task"] for t in tasks} == {cpus_per_task}
+    assert tasks[0]["train"] == ["-m", "mlm_dist", "train"]

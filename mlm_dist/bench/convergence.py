@@ -411,7 +411,7 @@ def convergence_command(args) -> None:
                              vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
                              max_documents=args.max_documents)
     (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, ensure_ascii=False))  # the corpus and plot paths as written
     if args.check and not result["targets_hold"]:
         sys.exit(1)
 

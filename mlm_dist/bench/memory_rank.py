@@ -20,6 +20,11 @@ They are taken in the last step between its two micro-batches (gradient accumula
 the first micro-batch's gradients are held (optimizer states exist from the steps before);
 `after_step` is the same count after the optimizer step. Peak RSS is the process's, at the end. Peak RSS includes the Python
 runtime, the libraries and activations, hence also the RSS before the model was built.
+
+  activations  what the forward of that first micro-batch keeps for backward: every tensor
+               autograd saves (SavedTensorBytes), each storage once, parameters not counted,
+               next to memory.activation_prediction for this device, precision and batch (not
+               with checkpoint_activations, whose layers keep only their inputs)
 """
 
 from __future__ import annotations
@@ -85,6 +90,61 @@ def _walk(obj, found: list, path: str, seen: set, depth: int = 0) -> None:
             _walk(v, found, f"{path}.{k}", seen, depth + 1)
 
 
+class SavedTensorBytes:
+    """While active: the bytes of the tensors autograd saves for backward, each storage once.
+    Parameters (and views of them, as Linear's transposed weight) are not counted: they are
+    held anyway; autocast's 16-bit copies of them are, as they live until backward."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t if t._base is None else t._base, torch.nn.Parameter):
+            ptr, nbytes = _storage(t)
+            self.storages.setdefault(ptr, nbytes)
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+class _CountingForward:
+    """The engine as train_step uses it, counting what the next forward saves for backward."""
+
+    def __init__(self, engine):
+        self.engine, self.count_next, self.saved = engine, False, None
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __call__(self, *inputs):
+        if not self.count_next:
+            return self.engine(*inputs)
+        self.count_next = False
+        with SavedTensorBytes() as saved:
+            out = self.engine(*inputs)
+        self.saved = saved.total
+        return out
+
+
+def precision_mode(cfg) -> str:
+    """memory.activation_prediction's precision for a run config."""
+    from mlm_dist.engine import autocast_bf16
+
+    if autocast_bf16(cfg):
+        return "autocast"
+    return "fp32" if cfg.train.precision == "fp32" else "low"
+
+
 def held_bytes(engine) -> dict:
     """Bytes this rank holds, by category (see the module docstring); each storage once."""
     module, wrapper = engine.module, engine.optimizer
@@ -148,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
+    from mlm_dist.bench.memory import activation_prediction
     from mlm_dist.bench.train import bench_config, phase_for
     from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
     from mlm_dist.config import ScheduleConfig
@@ -187,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,
                            seed=topo.rank)
-    batches = itertools.repeat(as_batch(rows, device))
+    batch = as_batch(rows, device)
+    batches = itertools.repeat(batch)
     masker = TokenMasker(synthetic_vocabulary(cfg.model.vocab_size), cfg.masking,
                          max_predictions=phase.max_predictions, seed=cfg.train.seed,
                          rank=topo.rank, device=device)
@@ -198,14 +260,24 @@ def main(argv: list[str] | None = None) -> None:
             held.update(held_bytes(engine))
 
     engine.train()
+    counting = _CountingForward(engine)
     for step in range(steps):
-        train_step(engine, batches, masker, step=step, accumulation=ACCUMULATION,
+        counting.count_next = step == steps - 1
+        train_step(counting, batches, masker, step=step, accumulation=ACCUMULATION,
                    record=lambda losses, batch, masked: last.update(losses),
                    after_backward=lambda micro: measure(step, micro))
     after_step = held_bytes(engine)
+    activations = {"measured": counting.saved, "predicted": None}
+    if not model.checkpoint_activations:
+        activations["predicted"] = activation_prediction(
+            cfg.model, phase.micro_batch, phase.seq_len, phase.max_predictions,
+            precision=precision_mode(cfg), device_type=device.type, padded=batch.padded,
+            zero3_linear=args.stage == 3 and extra["zero_optimization"].get(
+                "memory_efficient_linear", True))
     record = {"rank": topo.rank, "stage": args.stage, "world_size": world, "parameters": psi,
               **held, "after_step": after_step, "peak_rss": _peak_rss(),
-              "baseline_rss": baseline_rss, "seq_len": phase.seq_len,
+              "baseline_rss": baseline_rss, "activations": activations,
+              "seq_len": phase.seq_len,
               "micro_batch": phase.micro_batch, "precision": cfg.train.precision,
               "checkpoint_activations": model.checkpoint_activations,
               "optimizer_class": type(engine.optimizer).__name__,

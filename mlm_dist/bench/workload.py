@@ -77,7 +77,8 @@ def as_batch(rows: dict, device=None):
 
     t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
     return Batch(t["input_ids"], t["token_type_ids"], t["attention_mask"],
-                 t["next_sentence_label"], torch.ones_like(t["input_ids"], dtype=torch.bool))
+                 t["next_sentence_label"], torch.ones_like(t["input_ids"], dtype=torch.bool),
+                 padded=not rows["attention_mask"].all())  # on the host, as the loader does
 
 
 def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,10 +21,19 @@ class Batch:
     nsp_label: torch.Tensor  # long [B], or [B, P] packed (IGNORE_INDEX in empty slots)
     word_starts: torch.Tensor  # bool [B, S], True where a token begins a word (from the shards)
     packing: Packing | None = None  # several pairs a row (data.pack)
+    # Whether any row has padding, known where the batch is built: the model then needs no
+    # mask at all (see `padding_mask`), and nobody has to ask the device. True when unknown.
+    padded: bool = True
     # Bookkeeping for resume, not sent to the device.
     reader: int = 0
     position: tuple[int, int, int] = (0, 0, 0)
     skipped: int = 0  # documents this reader has skipped so far
+
+    @property
+    def padding_mask(self) -> torch.Tensor | None:
+        """The attention mask the model takes: None when no row has padding, so that attention
+        runs without a mask (on CUDA, PyTorch's SDPA can then pick FlashAttention)."""
+        return self.attention_mask if self.padded else None
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
         return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
@@ -33,10 +42,15 @@ class Batch:
         return self._apply(lambda t: t.pin_memory())
 
     def _apply(self, move) -> "Batch":
-        packing = self.packing and Packing(*(move(t) for t in astuple(self.packing)))
+        # Field by field, never dataclasses.astuple: it deep-copies tensors, so the copy sent
+        # to the device would be a pageable duplicate of what the DataLoader pinned, and the
+        # non_blocking host->device copy would run synchronously.
+        p = self.packing
+        packing = p and Packing(move(p.position_ids), move(p.sequence_ids),
+                                move(p.cls_positions))
         return Batch(move(self.input_ids), move(self.token_type_ids),
                      move(self.attention_mask), move(self.nsp_label), move(self.word_starts),
-                     packing, self.reader, self.position, self.skipped)
+                     packing, self.padded, self.reader, self.position, self.skipped)
 
 
 class BatchWriter:
@@ -84,9 +98,14 @@ class BatchWriter:
 
     def take(self) -> Batch:
         out = Batch(*(torch.from_numpy(x)
-                      for x in (self.ids, self.types, self.mask, self.labels, self.starts)))
+                      for x in (self.ids, self.types, self.mask, self.labels, self.starts)),
+                    padded=self.padded())
         self._new()
         return out
+
+    def padded(self) -> bool:
+        """Whether any row of the batch has padding (on the host, from the arrays)."""
+        return not self.mask.all()
 
     def take_partial(self) -> tuple[torch.Tensor, ...]:
         """The rows added so far in a full-shape batch, the rest filler rows that count for
@@ -151,6 +170,7 @@ class PackedBatchWriter:
         batch = Batch(*(torch.from_numpy(x) for x in (d.ids, d.types, d.mask)),
                       torch.from_numpy(self.labels), torch.from_numpy(d.starts),
                       Packing(*(torch.from_numpy(x) for x in (
-                          self.position_ids, self.sequence_ids, self.cls_positions))))
+                          self.position_ids, self.sequence_ids, self.cls_positions))),
+                      padded=d.padded())
         self._new()
         return batch

@@ -238,6 +238,7 @@ class Launch:
     hostfile_path: Path
     env_path: Path
     ranks: int
+    forwarded_accelerator: str | None = None  # DS_ACCELERATOR as every rank will get it
 
 
 def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
@@ -287,7 +288,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
                                 ssh_port=args.ssh_port, gpus_per_node=args.gpus_per_node,
                                 multi_node=multi_node, python=args.python)
     return Launch(command, render_hostfile(hosts), render_env_file(env), hostfile_path,
-                  env_path, ranks)
+                  env_path, ranks, env.get("DS_ACCELERATOR"))
 
 
 def build_parser(prog: str = "deepspeed_multinode") -> argparse.ArgumentParser:
@@ -327,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # LaunchError, ConfigError
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    if launch.forwarded_accelerator is not None:
+        # The CPU image sets it; on GPU nodes it would make every rank train on the CPU.
+        print(f"{parser.prog}: every rank gets DS_ACCELERATOR={launch.forwarded_accelerator} "
+              "from this environment" + (" and trains on the CPU; unset it to train on GPUs"
+                                         if launch.forwarded_accelerator == "cpu" else ""),
+              file=sys.stderr)
     if args.dry_run:
         print(f"# {launch.hostfile_path}\n{launch.hostfile_text}"
               f"# {launch.env_path}\n{launch.env_text}"

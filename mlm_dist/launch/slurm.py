@@ -3,6 +3,10 @@
 The script starts one task per GPU with `srun` (on a CPU-only cluster, `--cpu-ranks`: one task
 per rank, no GPUs requested); every task runs `mlm-dist train`, which reads its rank from
 SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS. MASTER_ADDR is the allocation's first host.
+GPUs: by default the job asks for --gpus-per-node and every task sees all of its node's GPUs,
+using the one of its local rank; with `--bind-gpus` it asks for --gpus-per-task=1 and Slurm
+shows each task only its own GPU (as a site that binds GPUs by default does). CPUs: each rank
+gets --cpus-per-task CPUs, by default its share of the node's CPUs in the allocation.
 
 Preemption and time limits: Slurm sends SIGUSR1 to the batch script some time before the limit
 (`--signal=B:USR1@<seconds>`); the script forwards it to the ranks (through srun), which agree
@@ -42,7 +46,8 @@ class SlurmJob:
     gpus_per_node: int
     overrides: list[str] = field(default_factory=list)
     cpu_ranks: bool = False  # CPU-only nodes: gpus_per_node is ranks per node, no GRES
-    cpus_per_task: int | None = None
+    bind_gpus: bool = False  # --gpus-per-task=1: each task sees only its own GPU
+    cpus_per_task: int | None = None  # None: the node's CPUs in the allocation / tasks per node
     job_name: str = "mlm-dist"
     partition: str | None = None
     account: str | None = None
@@ -106,6 +111,9 @@ def validate(job: SlurmJob) -> None:
         what = "ranks" if job.cpu_ranks else "GPUs"
         raise SlurmError(f"--gpus-per-node must be at least 1 ({what} per node), "
                          f"got {job.gpus_per_node}")
+    if job.bind_gpus and job.cpu_ranks:
+        raise SlurmError("--bind-gpus gives each task one GPU, --cpu-ranks requests no GPUs; "
+                         "drop one of them")
     if job.cpus_per_task is not None and job.cpus_per_task < 1:
         raise SlurmError(f"--cpus-per-task must be at least 1, got {job.cpus_per_task}")
     if not 1 <= job.signal_seconds <= 65535:
@@ -151,7 +159,10 @@ def sbatch_script(job: SlurmJob) -> str:
     q = shlex.quote
     directives = [("--job-name", job.job_name), ("--nodes", str(job.nodes)),
                   ("--ntasks-per-node", str(job.gpus_per_node))]
-    if not job.cpu_ranks:
+    if job.bind_gpus:
+        # Slurm binds each task to its GPU; some versions want the task count spelled out.
+        directives += [("--ntasks", str(job.nodes * job.gpus_per_node)), ("--gpus-per-task", "1")]
+    elif not job.cpu_ranks:
         directives.append(("--gpus-per-node", str(job.gpus_per_node)))
     if job.cpus_per_task is not None:
         directives.append(("--cpus-per-task", str(job.cpus_per_task)))
@@ -172,6 +183,7 @@ def sbatch_script(job: SlurmJob) -> str:
              "export PYTHONUNBUFFERED=1"]
     if job.cpu_ranks:
         lines.append("export DS_ACCELERATOR=cpu  # CPU ranks (gloo); no GPUs requested")
+    lines += cpus_per_task_lines(job)
     lines += [f"export {key}={q(value)}" for key, value in job.env.items()]
     port = (str(job.master_port) if job.master_port is not None
             else "${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}")
@@ -183,7 +195,8 @@ def sbatch_script(job: SlurmJob) -> str:
         f"MASTER_PORT={port}",
         "export MASTER_ADDR MASTER_PORT",
         'echo "mlm-dist: job $SLURM_JOB_ID, allocation $((${SLURM_RESTART_COUNT:-0} + 1)),'
-        ' nodes $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',
+        ' nodes $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT,'
+        ' $SRUN_CPUS_PER_TASK CPUs per rank"',
         "",
         f"# Slurm sends USR1 to this script {job.signal_seconds} s before the time limit (and",
         "# `scancel --signal=USR1 --batch` does the same by hand). srun passes it on to the",
@@ -228,6 +241,22 @@ def sbatch_script(job: SlurmJob) -> str:
     return "\n".join(lines)
 
 
+def cpus_per_task_lines(job: SlurmJob) -> list[str]:
+    """srun gives each task one CPU unless told otherwise, and Slurm 22.05 to 23.02 srun no
+    longer takes the job's --cpus-per-task but SRUN_CPUS_PER_TASK. One CPU would be shared by a
+    rank and its data loader's workers; so each rank gets --cpus-per-task, or its share of the
+    CPUs the allocation has on the (first) node, computed when the job runs."""
+    comment = ["# srun gives a task one CPU unless told otherwise, and Slurm 22.05-23.02 srun",
+               "# reads SRUN_CPUS_PER_TASK, not the job's --cpus-per-task."]
+    if job.cpus_per_task is not None:
+        return comment + [f"export SRUN_CPUS_PER_TASK={job.cpus_per_task}"]
+    return comment + [
+        f"# Each of the {job.gpus_per_node} ranks of a node gets its share of the node's CPUs "
+        "in this job.",
+        f"SRUN_CPUS_PER_TASK=$(( ${{SLURM_CPUS_ON_NODE:-1}} / {job.gpus_per_node} ))",
+        "export SRUN_CPUS_PER_TASK=$(( SRUN_CPUS_PER_TASK > 0 ? SRUN_CPUS_PER_TASK : 1 ))"]
+
+
 def write_script(text: str, path: Path) -> None:
     """Never overwrite a file this command did not write."""
     if path.exists():
@@ -254,7 +283,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     env = env_assignments(args.env)
     return SlurmJob(
         config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        overrides=list(args.overrides), cpu_ranks=args.cpu_ranks,
+        overrides=list(args.overrides), cpu_ranks=args.cpu_ranks, bind_gpus=args.bind_gpus,
         cpus_per_task=args.cpus_per_task, job_name=args.job_name, partition=args.partition,
         account=args.account, time=args.time, output=args.output,
         chdir=args.chdir if args.chdir is not None else str(Path.cwd()),
@@ -299,7 +328,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="one task (rank) per GPU; with --cpu-ranks: ranks per node")
     p.add_argument("--cpu-ranks", action="store_true",
                    help="CPU-only nodes: request no GPUs, export DS_ACCELERATOR=cpu")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs for each rank (data loader workers)")
+    p.add_argument("--bind-gpus", action="store_true",
+                   help="ask for --gpus-per-task=1: Slurm shows each task only its own GPU "
+                        "(default: --gpus-per-node, every task sees its node's GPUs and uses "
+                        "its local rank's)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPUs for each rank and its data loader workers (default: the node's "
+                        "CPUs in the allocation / ranks per node, when the job starts)")
     p.add_argument("--partition")
     p.add_argument("--time", help="time limit (Slurm format, e.g. 2-00:00:00)")
     p.add_argument("--account")

@@ -54,7 +54,8 @@ def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
 def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary, *,
              shards: str | None = None, rank: int = 0, world_size: int = 1,
              device: torch.device | str = "cpu") -> dict[str, float]:
-    """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`.
+    """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`,
+    attention_mask None when the batch has no padding (Batch.padding_mask).
     `shards`: another shard directory than the run's `data.shards` (same tokenizer)."""
     device = torch.device(device)
     masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
@@ -65,7 +66,7 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
         nsp_labels = batch.nsp_label
         masked = masker(batch.input_ids, step=g, word_starts=batch.word_starts)
         mlm_logits, nsp_logits = forward(masked.input_ids, batch.token_type_ids,
-                                         batch.attention_mask, masked.positions)
+                                         batch.padding_mask, masked.positions)
         out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
         nsp_count = (nsp_labels != IGNORE_INDEX).sum()
         return torch.stack([out["mlm_loss"] * out["mlm_count"],

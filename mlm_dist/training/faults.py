@@ -1,8 +1,10 @@
-"""Fault injection for testing the failure paths on real runs (crash mid-save, NaN loss).
+"""Fault injection for testing the failure paths on real runs (crash mid-save, NaN loss, a
+stuck rank).
 
 Set MLM_DIST_FAULTS to a comma-separated list of `kind@step[:rank]`, e.g.
     MLM_DIST_FAULTS=kill_during_save@10        every rank dies by SIGKILL inside the step-10 save
     MLM_DIST_FAULTS=nan_loss@5:1,nan_loss@6:1  rank 1's loss is NaN at steps 5 and 6
+    MLM_DIST_FAULTS=hang@3:1                   rank 1 stops making progress at step 3, alive
 Unset (always, outside tests) it costs one dictionary lookup per call.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def _parse(text: str) -> set[tuple[str, int, int | None]]:
@@ -43,3 +46,11 @@ def maybe_kill_during_save(step: int) -> None:
 
 def nan_loss(step: int) -> bool:
     return _active("nan_loss", step)
+
+
+def maybe_hang(step: int) -> None:
+    """A rank that is alive but makes no progress (a stuck filesystem, a hung device): the
+    others wait for it in their next collective."""
+    if _active("hang", step):
+        while True:
+            time.sleep(60)

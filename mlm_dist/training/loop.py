@@ -21,8 +21,8 @@ import torch.distributed as dist
 from mlm_dist.config import RunConfig, SequencePhase, dump_yaml, max_predictions
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.reader import BadDataError
-from mlm_dist.engine import (build_engine, environment_ranks, init_distributed, set_phase,
-                             to_universal)
+from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
+                             set_phase, to_universal)
 from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import BertForPretraining, num_parameters
@@ -47,7 +47,7 @@ class Trainer:
         run = preflight(cfg, world_size=environment_ranks()[2])
         self.cfg, self.tokenizer, self.accumulation = run.cfg, run.tokenizer, run.accumulation
         cfg = self.cfg
-        self.topo = topo = init_distributed()
+        self.topo = topo = init_distributed(cfg.train.collective_timeout_minutes)
         if topo.device.type == "cpu":
             from mlm_dist.training.allocator import tune_cpu_allocator
 
@@ -162,8 +162,9 @@ class Trainer:
         """Every N steps, every M minutes, at the end, or on a stop signal; True to stop."""
         step, c, total = self.state.step, self.cfg.checkpoint, self.cfg.schedule.total_steps
         stopping = timed = False
-        if step % c.sync_every == 0 or step == total:
-            # Signals and clocks differ between ranks; one all-reduce makes them agree.
+        if step % c.agrees_every(self.cfg.train.log_every) == 0 or step == total:
+            # Signals and clocks differ between ranks; one all-reduce makes them agree. Its
+            # host read waits for the device: by default only at log steps, which wait anyway.
             due = (c.every_minutes > 0 and self.rank0
                    and time.monotonic() - self.last_save_time >= 60 * c.every_minutes)
             flags = torch.tensor([self.stop.received is not None, due], dtype=torch.int32,
@@ -202,16 +203,20 @@ class Trainer:
 
     def announce(self, n_params: int) -> None:
         cfg, topo = self.cfg, self.topo
-        hosts = gather(socket.gethostname(), topo.world_size)
+        places = gather(f"{socket.gethostname()} {topo.device}", topo.world_size)
         if not self.rank0:
             return
+        hosts = {p.split()[0] for p in places}
+        device = f"device: {device_report(topo)}"
+        print(device, flush=True)
         print(f"model: {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks, "
               f"ZeRO {cfg.train.zero_stage}, {cfg.train.precision}, phases "
               + ", ".join(f"{p.seq_len} until step {p.until_step}" for p in cfg.schedule.phases),
               flush=True)
         self.logger.text("config", f"```\n{dump_yaml(cfg)}\n```")
-        self.logger.text("run", f"world size {topo.world_size} on {len(set(hosts))} host(s): "
-                         + ", ".join(f"rank {r}: {h}" for r, h in enumerate(hosts)))
+        self.logger.text("run", f"world size {topo.world_size} on {len(hosts)} host(s): "
+                         + ", ".join(f"rank {r}: {p}" for r, p in enumerate(places))
+                         + f"\n\nrank 0 {device}")
 
     def finish(self, *, stopped: bool) -> dict:
         summary = self.logger.close()

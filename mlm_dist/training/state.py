@@ -82,10 +82,14 @@ def gather(obj, world_size: int) -> list:
 
 
 def rng_state() -> dict:
+    """This rank's random streams: the host's, and the generator of its own GPU only (the
+    device init_distributed made current). The rank of a resumed run may see that GPU under
+    another index, or see fewer GPUs (srun binding one per task): the states of all the GPUs
+    visible now could not always go back. On a CPU rank the host's generator is the device's."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -93,5 +97,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    own = torch.cuda.current_device()
+    if "device" in state:
+        torch.cuda.set_rng_state(state["device"], own)
+    elif "cuda" in state and len(state["cuda"]) == torch.cuda.device_count():
+        # Checkpoints before the "device" key hold every visible GPU's state; their ranks used
+        # the GPU of their local rank, which is the current device again when the GPUs are
+        # shown the same way. Shown otherwise, which state was this rank's is unknown and none
+        # is restored: dropout then draws other numbers than an uninterrupted run would.
+        torch.cuda.set_rng_state(state["cuda"][own], own)

@@ -25,6 +25,7 @@ def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: i
     losses (tensors: nothing here waits for the device); `after_backward(micro)` runs between
     backward and the engine's step (the memory bench measures there)."""
     waited = 0.0
+    faults.maybe_hang(step)
     for micro in range(accumulation):
         # Our step decides where DeepSpeed's accumulation ends, not its run-global micro-step
         # counter, which phases with other accumulation and resumes would shift off our steps.
@@ -34,7 +35,7 @@ def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: i
         waited += time.perf_counter() - start
         masked = masker(batch.input_ids, step, micro, batch.word_starts)
         mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
-                                        batch.attention_mask, masked.positions, batch.packing)
+                                        batch.padding_mask, masked.positions, batch.packing)
         losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
         if faults.nan_loss(step):
             losses["loss"] = losses["loss"] * math.nan
