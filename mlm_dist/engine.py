@@ -196,17 +196,18 @@ def init_distributed(collective_timeout_minutes: float =
     # the deepspeed launcher and srun do not); without it a stuck peer can hold the job forever.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                               verbose=False,
-                               timeout=timedelta(minutes=collective_timeout_minutes))
+                               verbose=False)
+    set_collective_timeout(timedelta(minutes=collective_timeout_minutes))
     return Topology(rank, local_rank, world, local_world, device, choice.reason)
 
 
 def set_collective_timeout(timeout: timedelta) -> None:
-    """`timeout` for every process group of this rank. DeepSpeed reduces gradients over groups
-    of its own (a copy of the world group, made with dist.new_group), which torch creates with
-    its default timeout (30 minutes for gloo, 10 for NCCL) rather than the one the world group
-    was given: without this, a rank stuck before a gradient reduction would hold the others
-    for that long whatever train.collective_timeout_minutes says."""
+    """`timeout` for every process group of this rank: the world group once it exists, and
+    again after deepspeed.initialize for the groups DeepSpeed reduces gradients over (a copy of
+    the world group, made with dist.new_group), which torch creates with its default timeout
+    (30 minutes for gloo, 10 for NCCL) whatever the world group has: without this, a rank
+    stuck before a gradient reduction would hold the others that long whatever
+    train.collective_timeout_minutes says."""
     from torch.distributed import distributed_c10d
 
     for group in list(distributed_c10d._world.pg_map):

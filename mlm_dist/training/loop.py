@@ -36,7 +36,11 @@ from mlm_dist.training.step import train_step
 
 
 def train(cfg: RunConfig) -> dict:
-    return Trainer(cfg).train()
+    summary = Trainer(cfg).train()
+    # The process groups go down here, not in the interpreter's finalization, where gloo's
+    # threads can be torn down while joinable (std::terminate, SIGABRT after a good run).
+    dist.destroy_process_group()
+    return summary
 
 
 class Trainer:
