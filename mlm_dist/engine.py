@@ -110,6 +110,15 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from mlm_dist.model import parameter_groups  # noqa: E402
 from mlm_dist.optim import optimizer_and_schedule  # noqa: E402
 
+DEEPSPEED_VERSION = deepspeed.__version__
+
+
+def accelerator():
+    """DeepSpeed's accelerator: the object its engine synchronizes the device through (the
+    benches count those calls without importing DeepSpeed themselves)."""
+    return get_accelerator()
+
+
 # The first DeepSpeed with the `torch_autocast` section (bf16 autocast, fp32 gradients); an older
 # one ignores the section and trains in fp32.
 TORCH_AUTOCAST_SINCE = "0.17.2"

@@ -177,14 +177,13 @@ def failed_checks(report: dict) -> list[str]:
 
 
 def device_facts(device, reason: str) -> dict:
-    import deepspeed
     import torch
 
-    from mlm_dist.engine import Topology, device_report
+    from mlm_dist.engine import DEEPSPEED_VERSION, Topology, device_report
 
     facts = {"device": str(device), "reason": reason,
              "report": device_report(Topology(0, 0, 1, 1, device, reason)),
-             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+             "torch": torch.__version__, "deepspeed": DEEPSPEED_VERSION,
              "cuda": torch.version.cuda}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

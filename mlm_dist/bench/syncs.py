@@ -201,15 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)  # OUT, --config and the overrides in any order
 
-    from deepspeed.accelerator import get_accelerator
-
     from mlm_dist.config import load_config
+    from mlm_dist.engine import accelerator
     from mlm_dist.training import loop
 
     trainer = loop.Trainer(load_config(args.config, args.overrides))
     counter = SyncCounter()
     # Installed after set-up: what is counted is what the steps do.
-    counter.wrap(get_accelerator(), "synchronize", "synchronize")
+    counter.wrap(accelerator(), "synchronize", "synchronize")
     for name in HOST_READS:
         counter.wrap(torch.Tensor, name, f"Tensor.{name}")
     real_train_step = loop.train_step
