@@ -254,10 +254,7 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     lower-cases, strips accents and penalises some pieces by default, i.e. different ids.)
     """
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex
-    from tokenizers import Tokenizer as BackendTokenizer
-    from tokenizers import decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE, Unigram
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     ours = Tokenizer.load(tokenizer_dir)  # validates the special-token layout
@@ -272,52 +269,8 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
                          "(expected the defaults used by `mlm-dist tokenizer train`)")
 
     byte_fallback = trainer.byte_fallback
-    byte_pieces = {p.piece for p in proto.pieces if p.type == p.BYTE}  # <0x00>…<0xFF>
-    pieces = [(p.piece, p.score) for p in proto.pieces]
-    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        pieces = _unmatchable_byte_pieces(pieces, byte_pieces)
-        backend = BackendTokenizer(Unigram(pieces, unk_id=UNK_ID, byte_fallback=byte_fallback))
-    elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
-        from transformers.tokenization_utils_base import generate_merges
-
-        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-        # Byte pieces are never built by merging text, as in SentencePiece.
-        merges = generate_merges({p: i for p, i in vocab.items() if p not in byte_pieces})
-        backend = BackendTokenizer(BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
-                                       fuse_unk=True, byte_fallback=byte_fallback, dropout=None))
-    else:
-        raise ValueError(f"{ours.path}: SentencePiece model type {trainer.model_type} cannot be "
-                         "exported (unigram and bpe can)")
-
-    # SentencePiece normalises in this order: the precompiled character map (NFKC and friends),
-    # then drops leading/trailing spaces and collapses runs, then marks word starts with "▁"
-    # (add_dummy_prefix puts one in front of the first word). Only ASCII space counts as
-    # whitespace at that point, hence " " in the regexes rather than \s.
-    # The normaliser runs on each piece of text between added tokens ([MASK]) on its own, so it
-    # keeps a leading space: that space is what makes the text after a [MASK] start a new word,
-    # as in Tokenizer.encode(parse_mask=True). A leading space of the whole text becomes the
-    # "▁" that prepend_scheme="first" would otherwise add; "[MASK]." gets none. A trailing
-    # space is dropped, so "the [MASK]" leaves no lone "▁" in front of the [MASK].
-    # A Japanese/Chinese tokenizer drops the spaces next to CJK characters before SentencePiece
-    # reads the text (Tokenizer.encode): the same pattern, on the same raw text, comes first.
-    steps = [normalizers.Replace(Regex(CJK_SPACES_PATTERN), "")] if ours.cjk else []
-    if norm.precompiled_charsmap:
-        # SentencePiece applies its map at each position with the longest matching key, and
-        # keys of several characters compose, e.g. "ｶﾞ" (half-width katakana and sound mark)
-        # or "か" U+3099 (macOS's decomposed kana) into "ガ", "が". The tokenizers Precompiled
-        # looks up whole grapheme clusters instead: one of 6 UTF-8 bytes or more character by
-        # character (so "ｶﾞ" became "カ" U+3099, another character than SentencePiece's), a
-        # shorter one by its shortest matching key (so decomposed Vietnamese "ệ" lost its
-        # circumflex). Canonical composition (NFC) around the map gives its lookups single
-        # characters and composes what it leaves decomposed; on single characters NFC changes
-        # nothing of SentencePiece's result (checked for every code point), and NFKC in front
-        # would not do: SentencePiece keeps the full-width tilde "～" of Japanese text.
-        steps += [normalizers.NFC(), normalizers.Precompiled(norm.precompiled_charsmap),
-                  normalizers.NFC()]
-    # A run of spaces keeps its first one (not a new one in its place), which stays where the
-    # run began in the text: for the text's leading run that is offset 0, by which Metaspace's
-    # prepend_scheme="first" knows the text's first piece (_no_dummy_prefix_pre_tokenizer).
-    steps += [normalizers.Replace(Regex("(?<= ) +"), ""), normalizers.Replace(Regex(" $"), "")]
+    backend = _backend_model(proto, ours.path)
+    steps = _normalizer_steps(norm, cjk=ours.cjk)
     if norm.add_dummy_prefix:
         backend.normalizer = normalizers.Sequence(steps)
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
@@ -355,6 +308,70 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
         if tok.convert_tokens_to_ids(name) != i:  # cannot happen for a valid model; cheap to check
             raise ValueError(f"exported tokenizer maps {name} to {tok.convert_tokens_to_ids(name)}, not {i}")
     return tok
+
+
+def _backend_model(proto, path: Path):
+    """The tokenizers model (Unigram or BPE) with our pieces, scores and byte fallback."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers.models import BPE, Unigram
+
+    trainer = proto.trainer_spec
+    byte_fallback = trainer.byte_fallback
+    byte_pieces = {p.piece for p in proto.pieces if p.type == p.BYTE}  # <0x00>…<0xFF>
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        pieces = _unmatchable_byte_pieces(pieces, byte_pieces)
+        backend = BackendTokenizer(Unigram(pieces, unk_id=UNK_ID, byte_fallback=byte_fallback))
+    elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        from transformers.tokenization_utils_base import generate_merges
+
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        # Byte pieces are never built by merging text, as in SentencePiece.
+        merges = generate_merges({p: i for p, i in vocab.items() if p not in byte_pieces})
+        backend = BackendTokenizer(BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
+                                       fuse_unk=True, byte_fallback=byte_fallback, dropout=None))
+    else:
+        raise ValueError(f"{path}: SentencePiece model type {trainer.model_type} cannot be "
+                         "exported (unigram and bpe can)")
+    return backend
+
+
+def _normalizer_steps(norm, *, cjk: bool) -> list:
+    """SentencePiece's normalisation as tokenizers normalizers, up to the word-start marks
+    (which depend on the dummy prefix: hf_tokenizer adds them)."""
+    from tokenizers import Regex, normalizers
+
+    # SentencePiece normalises in this order: the precompiled character map (NFKC and friends),
+    # then drops leading/trailing spaces and collapses runs, then marks word starts with "▁"
+    # (add_dummy_prefix puts one in front of the first word). Only ASCII space counts as
+    # whitespace at that point, hence " " in the regexes rather than \s.
+    # The normaliser runs on each piece of text between added tokens ([MASK]) on its own, so it
+    # keeps a leading space: that space is what makes the text after a [MASK] start a new word,
+    # as in Tokenizer.encode(parse_mask=True). A leading space of the whole text becomes the
+    # "▁" that prepend_scheme="first" would otherwise add; "[MASK]." gets none. A trailing
+    # space is dropped, so "the [MASK]" leaves no lone "▁" in front of the [MASK].
+    # A Japanese/Chinese tokenizer drops the spaces next to CJK characters before SentencePiece
+    # reads the text (Tokenizer.encode): the same pattern, on the same raw text, comes first.
+    steps = [normalizers.Replace(Regex(CJK_SPACES_PATTERN), "")] if cjk else []
+    if norm.precompiled_charsmap:
+        # SentencePiece applies its map at each position with the longest matching key, and
+        # keys of several characters compose, e.g. "ｶﾞ" (half-width katakana and sound mark)
+        # or "か" U+3099 (macOS's decomposed kana) into "ガ", "が". The tokenizers Precompiled
+        # looks up whole grapheme clusters instead: one of 6 UTF-8 bytes or more character by
+        # character (so "ｶﾞ" became "カ" U+3099, another character than SentencePiece's), a
+        # shorter one by its shortest matching key (so decomposed Vietnamese "ệ" lost its
+        # circumflex). Canonical composition (NFC) around the map gives its lookups single
+        # characters and composes what it leaves decomposed; on single characters NFC changes
+        # nothing of SentencePiece's result (checked for every code point), and NFKC in front
+        # would not do: SentencePiece keeps the full-width tilde "～" of Japanese text.
+        steps += [normalizers.NFC(), normalizers.Precompiled(norm.precompiled_charsmap),
+                  normalizers.NFC()]
+    # A run of spaces keeps its first one (not a new one in its place), which stays where the
+    # run began in the text: for the text's leading run that is offset 0, by which Metaspace's
+    # prepend_scheme="first" knows the text's first piece (_no_dummy_prefix_pre_tokenizer).
+    steps += [normalizers.Replace(Regex("(?<= ) +"), ""), normalizers.Replace(Regex(" $"), "")]
+    return steps
 
 
 def _no_dummy_prefix_pre_tokenizer():
