@@ -3,10 +3,11 @@ micro-batches of one optimizer step with the run config built from argv, and rep
 the dtype the gradients are accumulated in, the dtype they are reduced in and the weights'."""
 
 import json
-import os
 import sys
 
 import torch
+
+from launch import leave_probe
 
 
 def main() -> None:
@@ -43,13 +44,7 @@ def main() -> None:
     if topo.rank == 0:
         with open(out, "w") as f:
             json.dump(found, f)
-    # Leave together, then skip the interpreter's finalization: with four engines' process
-    # groups and hooks alive, a rank now and then aborted while tearing them down ("terminate
-    # called without an active exception", about 1 launch in 5 under load, after the report
-    # was written). What this probe checks is in the report; see the session note.
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    leave_probe()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from launch import leave_probe
+
 
 def train(cfg, topo, stage: int) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
@@ -58,6 +60,7 @@ def main() -> None:
             found[(stage, name)] = train(cfg, topo, stage)
     if topo.rank == 0:
         torch.save(found, out)
+    leave_probe()
 
 
 if __name__ == "__main__":
