@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launch import REPO, env
+from mlm_dist.bench.syncs import NON_FINITE_CHECKS, reading_frame
 from mlm_dist.config import load_config
 from mlm_dist.engine import REDUCE_BUCKET_ELEMENTS
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
@@ -26,13 +27,6 @@ PROBE_OVERRIDES = [
     f"schedule.phases=[{{seq_len: 32, micro_batch: 4, global_batch: 16, until_step: {STEPS}}}]",
     f"train.log_every={LOG_EVERY}", "optim.warmup_steps=2",
 ]
-# The host reads a step may make, all to decide whether its gradients are finite: DeepSpeed's
-# ZeRO 1-3 optimizers in step() (ZeRO 1/2 read the norm again to clip it, once per parameter
-# group), optim.SkipsNonFiniteSteps at ZeRO 0. As ("file", "function") of the reading frame.
-NON_FINITE_CHECKS = {("deepspeed/runtime/utils.py", "is_invalid_grad_norm"),
-                     ("mlm_dist/optim.py", "step")}
-
-
 def launch(module: str, *args: str) -> None:
     port = free_port()
     try:
@@ -52,13 +46,6 @@ def probed(request, tiny_shards, tmp_path_factory) -> tuple[int, list[dict]]:
            f"out_dir={tmp / 'run'}", *PROBE_OVERRIDES, f"train.zero_stage={request.param}")
     return request.param, [json.loads(Path(f"{tmp}/counts.rank{r}.json").read_text())
                            for r in range(2)]
-
-
-def reading_frame(count_key: str) -> tuple[str, str]:
-    """("file", "function") that synced, from a probe key such as
-    "Tensor.item deepspeed/runtime/utils.py:233 is_invalid_grad_norm < ...: caller"."""
-    file_line, function = count_key.split(" < ")[0].split(" ")[1:3]
-    return file_line.rsplit(":", 1)[0], function
 
 
 def test_a_step_waits_for_the_device_only_to_skip_non_finite_gradients(probed):
