@@ -356,6 +356,14 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology,
     return engine
 
 
+def step_skipped(engine) -> bool | torch.Tensor:
+    """Whether the last optimizer step was skipped for non-finite gradients, without waiting
+    for the device: DeepSpeed's verdict (a Python bool it has already read) or, at ZeRO 0 with
+    fp32 weights where optim.SkipsNonFiniteSteps decides on the device, its 0/1 tensor."""
+    found_inf = getattr(engine.optimizer, "found_inf", None)
+    return not engine.was_step_applied() if found_inf is None else found_inf
+
+
 @dataclass(frozen=True)
 class Precision:
     """How an engine computes: torch autocast and its dtype, DeepSpeed's bf16 or fp16 mode

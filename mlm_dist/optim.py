@@ -53,6 +53,7 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # SkipsNonFiniteSteps sets it
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -60,46 +61,62 @@ class Lamb(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("Lamb does not support sparse gradients")
-            beta1, beta2 = group["betas"]
-            grads, exp_avgs, exp_avg_sqs = [], [], []
+            grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                # Step counts are 0-d tensors on the parameter's device, so that a skipped
+                # step can leave them alone without the host knowing; in the parameter's
+                # precision, fp32 at least, as the bias corrections made from them are (an
+                # int, as checkpoints written before held, or a CPU tensor, as
+                # load_state_dict gives back, is moved there once).
+                step, dtype = state["step"], torch.promote_types(p.dtype, torch.float32)
+                if not torch.is_tensor(step) or step.device != p.device:
+                    state["step"] = torch.as_tensor(step, dtype=dtype).to(p.device)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-            # One step count per group: all of its tensors started together (a tensor whose
-            # grad was None on some step would need its own; keep them separate then).
-            steps = {self.state[p]["step"] for p in params}
-            for step in sorted(steps):
-                index = [i for i, p in enumerate(params) if self.state[p]["step"] == step]
-                self._update([params[i] for i in index], [grads[i] for i in index],
-                             [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
-                             step=step, group=group, beta1=beta1, beta2=beta2)
+                steps.append(state["step"])
+            self._update(params, grads, exp_avgs, exp_avg_sqs, steps, group=group,
+                         found_inf=found_inf)
         return loss
 
     @staticmethod
-    def _update(params, grads, exp_avgs, exp_avg_sqs, *, step, group, beta1, beta2):
-        if group["bias_correction"]:
-            correction1 = 1.0 - beta1 ** step
-            correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        else:
-            correction1 = correction2_sqrt = 1.0
-        # Moments (in place): m = β1 m + (1-β1) g ; v = β2 v + (1-β2) g²
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
+    def _update(params, grads, exp_avgs, exp_avg_sqs, steps, *, group, found_inf):
+        """One LAMB step of one group; `found_inf` (a 0-d 0/1 tensor, or None) makes it leave
+        parameters, moments and step counts as they were, on the device."""
+        beta1, beta2 = group["betas"]
+        keep: float | torch.Tensor = 1.0
+        if found_inf is not None:
+            keep = 1.0 - found_inf
+            # A skipped step's gradients may hold inf/NaN, which survive multiplying by 0:
+            # select zeros instead, then every update below is scaled by `keep`.
+            grads = [torch.where(found_inf.bool(), 0.0, g) for g in grads]
+        torch._foreach_add_(steps, 1.0)
+        if found_inf is not None:
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+        # Moments (in place): m = β1 m + (1-β1) g ; v = β2 v + (1-β2) g²; a skipped step
+        # multiplies by 1 and adds its zeroed gradient.
+        torch._foreach_mul_(exp_avgs, 1.0 - (1.0 - beta1) * keep)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, 1.0 - (1.0 - beta2) * keep)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        # r = (m / c1) / (sqrt(v) / sqrt(c2) + eps)  ==  m̂ / (√v̂ + ε)
+        # r = (m / c1) / (sqrt(v) / sqrt(c2) + eps)  ==  m̂ / (√v̂ + ε), with c = 1 - β^t per
+        # tensor. A first step that was skipped leaves t = 0 and c = 0 over m = v = 0: the
+        # clamp keeps that update 0 rather than NaN, and `keep` then scales it away.
         denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, correction2_sqrt)
+        updates = list(exp_avgs)
+        if group["bias_correction"]:
+            correction1 = _bias_corrections(beta1, steps)
+            correction2_sqrt = torch._foreach_sqrt(_bias_corrections(beta2, steps))
+            torch._foreach_div_(denominators, correction2_sqrt)
         torch._foreach_add_(denominators, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denominators)
+        updates = torch._foreach_div(updates, denominators)
         del denominators
-        if correction1 != 1.0:
+        if group["bias_correction"]:
             torch._foreach_div_(updates, correction1)
         if group["weight_decay"]:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
@@ -110,39 +127,52 @@ class Lamb(torch.optim.Optimizer):
         usable = (weight_norms > 0) & (update_norms > 0)
         ratios = torch.where(usable, weight_norms / update_norms.clamp(min=1e-38),
                              torch.ones_like(weight_norms))
-        scales = (ratios * -group["lr"]).unbind()
+        scales = (ratios * (-group["lr"] * keep)).unbind()
         torch._foreach_mul_(updates, [s.to(u.dtype) for s, u in zip(scales, updates)])
         torch._foreach_add_(params, updates)
 
 
+def _bias_corrections(beta: float, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1 - β^t for each tensor's step count t, floored above 0 (see Lamb._update)."""
+    corrections = torch._foreach_pow(beta, steps)
+    torch._foreach_neg_(corrections)
+    torch._foreach_add_(corrections, 1.0)
+    return torch._foreach_clamp_min(corrections, 1e-12)
+
+
 class SkipsNonFiniteSteps:
-    """Mixin: step() leaves parameters and moments alone when any gradient is inf or NaN, and
-    says so in `self.overflow`, the attribute DeepSpeed's engine reads after each optimizer step
-    to count the step as skipped (`was_step_applied()` false) and hold the LR schedule back.
+    """Mixin: step() leaves parameters, moments and step counts alone when any gradient is inf
+    or NaN, decided on the device: `found_inf` (a 0-d float tensor, 1 when skipped) is the
+    argument torch's fused AdamW kernel takes for exactly this (AMP's GradScaler passes it
+    too) and Lamb._update honours; nothing waits for the device.
 
     DeepSpeed checks gradients itself under bf16 and fp16 and, via the gradient norm, in its
-    ZeRO 1-3 optimizers; at ZeRO stage 0 in fp32 it calls our step() directly and checks
-    nothing, so this is the guard there. The gradients were all-reduced before step(): every
-    rank sees the same ones and takes the same decision. Deciding costs one reduction and one
-    host read per step, the same price DeepSpeed's own check pays."""
+    ZeRO 1-3 optimizers; at ZeRO stage 0 with fp32 weights it calls our step() directly and
+    checks nothing, so this is the guard there. The gradients were all-reduced before step():
+    every rank sees the same ones and takes the same decision. DeepSpeed reads `overflow` as
+    a Python bool after the step; it stays False, since deciding in Python would wait for the
+    device every step. So DeepSpeed counts a step skipped here as taken and moves the LR
+    schedule on (its own check holds the schedule back instead); the divergence guard reads
+    `found_inf` through engine.step_skipped."""
 
     overflow = False
+    found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None]
-        # The max-abs norm is NaN/inf exactly when some element is; a 2-norm could overflow
-        # to inf on large but finite gradients.
-        self.overflow = bool(grads) and not bool(
-            torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
-        if self.overflow:
-            return None
+        if grads:
+            # The max-abs norm is NaN/inf exactly when some element is; a 2-norm could
+            # overflow to inf on large but finite gradients.
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+            self.found_inf = torch.isfinite(norm).logical_not().float()
         return super().step(closure)
 
 
 class GuardedAdamW(SkipsNonFiniteSteps, torch.optim.AdamW):
-    pass
+    """AdamW skipping non-finite steps: torch's fused kernel only (its others refuse
+    found_inf); build_optimizer asks for it wherever a guard is wanted."""
 
 
 class GuardedLamb(SkipsNonFiniteSteps, Lamb):
@@ -170,7 +200,12 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float,
     device has it: the same update as the per-tensor loop, faster on CPU and GPU alike.
     `skip_non_finite` adds SkipsNonFiniteSteps, for where nothing else guards the step."""
     if name == "adamw":
-        kwargs = {"fused": True} if fused and fused_adamw_available(device) else {}
+        fused = fused and fused_adamw_available(device)
+        if skip_non_finite and not fused:
+            raise ValueError(f"optim.name=adamw: the non-finite guard at train.zero_stage=0 "
+                             f"needs torch's fused AdamW, which {device} lacks; use "
+                             "train.zero_stage=1 (DeepSpeed's own check)")
+        kwargs = {"fused": True} if fused else {}
         adamw = GuardedAdamW if skip_non_finite else torch.optim.AdamW
         return adamw(param_groups, lr=lr, betas=betas, eps=eps,
                                  weight_decay=weight_decay, **kwargs)

@@ -136,22 +136,35 @@ def test_build_optimizer():
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_guarded_optimizer_skips_a_non_finite_step_and_takes_the_next(name, bad):
+def test_guarded_optimizer_skips_a_non_finite_step_on_the_device(name, bad):
+    """A skipped step changes nothing (weights, moments, step counts), so skip-then-step
+    equals the step alone; and it is decided without a host read: DeepSpeed's `overflow`
+    stays False, the verdict is the 0-d `found_inf` the divergence guard counts."""
+    def build(model, skip_non_finite):
+        return build_optimizer([{"params": list(model.parameters())}], name=name, lr=1e-2,
+                               betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                               skip_non_finite=skip_non_finite)
+
+    def set_grads(model, bias_1):
+        model.weight.grad = torch.full_like(model.weight, 0.5)
+        model.bias.grad = torch.tensor([1.0, bias_1])
+
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    guarded = build_optimizer([{"params": list(model.parameters())}], name=name, lr=1e-2,
-                              betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                              skip_non_finite=True)
+    model, twin = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    twin.load_state_dict(model.state_dict())
+    guarded, plain = build(model, True), build(twin, False)
     before = copy.deepcopy(model.state_dict())
-    model.weight.grad = torch.ones_like(model.weight)
-    model.bias.grad = torch.ones_like(model.bias)
-    model.bias.grad[1] = bad
+    set_grads(model, bad)
     guarded.step()
-    assert guarded.overflow  # what DeepSpeed's engine reads to count a skipped step
+    assert not guarded.overflow and guarded.found_inf.item() == 1.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not guarded.state  # no moment or step count was touched either
-    model.bias.grad[1] = 1.0
-    guarded.step()
-    assert not guarded.overflow
+    for state in guarded.state.values():  # created, but as a fresh optimizer has it
+        assert state["step"].item() == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    for m, o in ((model, guarded), (twin, plain)):
+        set_grads(m, 1.0)
+        o.step()
+    assert guarded.found_inf.item() == 0.0
     assert not torch.equal(before["weight"], model.weight)
-    assert torch.isfinite(model.weight).all()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

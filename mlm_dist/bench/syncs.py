@@ -17,8 +17,8 @@ first caller outside torch and this module, and its caller, so a count says who 
 
 The counters are patched onto this process only, after set-up: the accelerator object DeepSpeed
 hands out, torch.Tensor's host-read methods and the warnings machinery. `summary` judges a
-report: a step that neither logs, evaluates nor saves may wait only to decide whether its
-gradients are finite (NON_FINITE_CHECKS).
+report: a step that neither logs, evaluates nor saves may wait only where DeepSpeed decides
+whether its gradients are finite (NON_FINITE_CHECKS).
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"
 # Frames of the warnings machinery between a warning and the code that caused it.
 _WARNINGS_FILES = {Path(warnings.__file__).name, "_py_warnings.py"}
 
-# The host reads a step may make, all to decide whether its gradients are finite, so that a
-# non-finite step is skipped on every rank: DeepSpeed's ZeRO 1-3 optimizers in step() (ZeRO 1/2
-# read the norm again to clip it, once per parameter group), optim.SkipsNonFiniteSteps at
-# ZeRO 0. As ("file", "function") of the reading frame.
-NON_FINITE_CHECKS = {("deepspeed/runtime/utils.py", "is_invalid_grad_norm"),
-                     ("mlm_dist/optim.py", "step")}
+# The host reads a step may make, all DeepSpeed's, to decide whether its gradients are finite
+# so that a non-finite step is skipped on every rank: its ZeRO 1-3 optimizers in step() (ZeRO
+# 1/2 read the norm again to clip it, once per parameter group). Ours decides on the device
+# (optim.SkipsNonFiniteSteps at ZeRO 0) and reads nothing. As ("file", "function") of the
+# reading frame.
+NON_FINITE_CHECKS = {("deepspeed/runtime/utils.py", "is_invalid_grad_norm")}
 
 
 class SyncCounter:

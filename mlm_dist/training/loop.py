@@ -22,7 +22,7 @@ from mlm_dist.config import RunConfig, SequencePhase, dump_yaml, max_predictions
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
-                             set_phase, to_universal)
+                             set_phase, step_skipped, to_universal)
 from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import BertForPretraining, num_parameters
@@ -77,7 +77,7 @@ class Trainer:
         self.engine = build_engine(model, cfg, topo, load_universal=self.universal)
         self.shards = manifest_shards(cfg.data.shards)
         self.vocab = self.tokenizer.vocabulary
-        self.stop, self.guard = StopSignals(), DivergenceGuard(cfg.train)
+        self.stop, self.guard = StopSignals(), DivergenceGuard(cfg.train, self.engine.device)
         self.logger = MetricLogger(self.run_dir / "tensorboard" if self.rank0 else None, cfg,
                                    topo, n_params)
         self.announce(n_params)
@@ -118,13 +118,16 @@ class Trainer:
     # ---- the cadences, in the order the loop calls them
 
     def maybe_roll_back(self) -> bool:
-        """The divergence guard: True when the weights went back to the last checkpoint."""
-        applied = self.engine.was_step_applied()
-        if not applied:
-            self.logger.skipped_step()
-        saved = not applied and checkpoint.latest_complete(
-            self.run_dir / checkpoint.CHECKPOINTS) is not None
-        if not self.guard.should_roll_back(applied, self.state.step, can_roll_back=saved):
+        """The divergence guard: True when the weights went back to the last checkpoint. It
+        counts every step on the device and judges only where the loop waits anyway."""
+        self.guard.record(step_skipped(self.engine))
+        if not self.waits_for_the_device(self.state.step):
+            return False
+        rolled_back = self.guard.should_roll_back(
+            self.state.step, can_roll_back=lambda: checkpoint.latest_complete(
+                self.run_dir / checkpoint.CHECKPOINTS) is not None)
+        self.logger.skipped_steps = self.guard.skipped
+        if not rolled_back:
             return False
         # Weights and optimizer go back; the data stream moves on, so the batches that
         # diverged are not replayed.
@@ -133,6 +136,14 @@ class Trainer:
             print(f"rolled back to step {self.state.step} after {self.guard.limit} skipped "
                   "steps", flush=True)
         return True
+
+    def waits_for_the_device(self, step: int) -> bool:
+        """A step that logs, evaluates, saves or agrees on signals: it reads from the device
+        anyway, so one more small read there costs nothing."""
+        t, c, every = self.cfg.train, self.cfg.checkpoint, self.cfg.eval.every
+        return (step == self.cfg.schedule.total_steps or step % t.log_every == 0
+                or step % c.agrees_every(t.log_every) == 0 or bool(c.every and step % c.every == 0)
+                or bool(every and step % every == 0))
 
     def maybe_log(self, phase: SequencePhase, batches: ResumableLoader) -> None:
         step, cfg = self.state.step, self.cfg

@@ -45,7 +45,7 @@ class MetricLogger:
         self.last_time = time.perf_counter()
         self.history: list[dict] = []
         self.n_params = n_params
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # optimizer steps skipped so far (DivergenceGuard counts them)
         # MFU's denominator: one device's peak for the run's dtype; on a CPU measured once here
         # with a 2048³ matmul (a fraction of a second), on a known GPU from a table.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision,
@@ -72,9 +72,6 @@ class MetricLogger:
         self.sums = values if self.sums is None else self.sums + values
         self.micro_steps += 1
         self.tokens += attention_mask.numel()
-
-    def skipped_step(self) -> None:
-        self.skipped_steps += 1
 
     def log(self, step: int, record: dict) -> None:
         """Write a record of scalars (evaluation results, for one) as they are."""
