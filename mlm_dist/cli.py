@@ -29,13 +29,14 @@ def _tokenizer_train(args) -> None:
     from mlm_dist.tokenizer import corpus_language, sentences_of, train_tokenizer
 
     files = resolve_inputs(args.input)  # every input problem surfaces before training starts
-    check_readable(files)
+    check_readable(files, args.text_field)
     # JSONL is split into sentences in --lang, as `prepare` splits it ("auto": per document).
     reader = CorpusReader(files, report=lambda line: print(line, file=sys.stderr, flush=True),
-                          lang=args.lang)
+                          lang=args.lang, text_field=args.text_field)
     lang = reader.lang
     if lang == AUTO:  # one more pass over the corpus: the tokenizer serves all of it
-        lang = corpus_language(CorpusReader(files, lang=AUTO).documents())
+        lang = corpus_language(CorpusReader(files, lang=AUTO,
+                                            text_field=args.text_field).documents())
         print(f"--lang auto: training for {lang} text", file=sys.stderr, flush=True)
     tok = train_tokenizer(sentences_of(d.sentences for d in reader.documents()), args.out,
                           args.vocab_size, model_type=args.model_type, seed=args.seed,
@@ -49,7 +50,8 @@ def _tokenizer_train(args) -> None:
 # and their defaults; they default to None on the command line so a stray one is noticed.
 _PREPARE_BUILD_DEFAULTS = {"tokenizer": None, "out": None, "docs_per_shard": 2000,
                            "valid_fraction": 0.02, "seed": 0, "num_partitions": 1,
-                           "partition_index": None, "lang": "en", "shuffle_mb": 512}
+                           "partition_index": None, "lang": "en", "shuffle_mb": 512,
+                           "text_field": "text"}
 
 
 def _prepare(args) -> None:
@@ -67,12 +69,15 @@ def _prepare(args) -> None:
                               num_partitions=args.num_partitions,
                               partition_index=args.partition_index or 0,
                               progress=not args.quiet, lang=args.lang,
-                              shuffle_mb=args.shuffle_mb)
+                              shuffle_mb=args.shuffle_mb, text_field=args.text_field)
     _print_totals(manifest)
     info = manifest.prepare
     if info.invalid_utf8:
         print(f"invalid UTF-8: {info.invalid_utf8} sequences replaced in {info.invalid_utf8_files} "
               "files (named above)")
+    if info.missing_text:
+        print(f"without the field {info.text_field!r}: {info.missing_text} records skipped in "
+              f"{info.missing_text_files} files (named above)")
     if info.partition is not None:
         print(f"partition {info.partition} of {info.num_partitions} done; when all are, run "
               f"`mlm-dist prepare --merge {args.out}`")
@@ -212,8 +217,8 @@ def _add_tokenizer(sub) -> None:
         dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train a SentencePiece tokenizer with BERT's specials")
     t.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files, directories (their .txt .jsonl .txt.gz .jsonl.gz files) or glob "
-                        "patterns (quote them: expanded by mlm-dist)")
+                   help="files, directories or glob patterns, as for `prepare --input` (quote "
+                        "patterns: expanded by mlm-dist)")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="directory to write tokenizer.model into")
     t.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
@@ -235,6 +240,8 @@ def _add_tokenizer(sub) -> None:
                         "text without spaces between words (no lone ▁ before each sentence or "
                         "around Latin words); auto decides from the corpus (one more pass "
                         "over it); JSONL is split into sentences in it (default: en)")
+    t.add_argument("--text-field", default="text", metavar="NAME",
+                   help="as for `prepare --text-field` (default: text)")
     t.set_defaults(func=_tokenizer_train)
 
 
@@ -257,8 +264,9 @@ def _add_prepare(sub) -> None:
                "writes train-pIIIII-NNNNNN.tar and manifest.pIIIII-of-PPPPP.json.")
     mode = pr.add_mutually_exclusive_group(required=True)
     mode.add_argument("--input", nargs="+", metavar="PATH",
-                      help="text or .jsonl files (optionally .gz), directories (their .txt .jsonl "
-                           ".txt.gz .jsonl.gz files, recursively) or glob patterns (quote them)")
+                      help=".txt, .jsonl, .parquet files, .gz/.bz2/.zst-compressed text and JSON "
+                           "lines, Wikipedia CirrusSearch dumps; directories (their files with "
+                           "those suffixes, recursively) or glob patterns (quote them)")
     mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest")
     mode.add_argument("--merge", metavar="DIR", help="merge the partition manifests of DIR")
     pr.add_argument("--tokenizer", metavar="DIR", help="directory holding tokenizer.model")
@@ -282,6 +290,10 @@ def _add_prepare(sub) -> None:
                     help="documents reach the shards through a shuffle buffer of this size, so "
                          "a shard is a sample of the corpus, not one region of it (default 512; "
                          "0: keep the corpus order)")
+    pr.add_argument("--text-field", metavar="NAME",
+                    help="the field of a JSON line or the column of a Parquet row that holds "
+                         "the document's text (default text); dotted for nested objects and "
+                         "struct columns: meta.body")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 

@@ -34,8 +34,9 @@ def test_directory_is_recursed_sorted_and_takes_known_suffixes(tmp_path):
                  ".git/x.txt", "data.parquet"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert resolve_inputs([tmp_path]) == [tmp_path / n for n in
-                                         ("a.txt.gz", "b/a.jsonl.gz", "b/z.txt", "c.jsonl")]
+    assert resolve_inputs([tmp_path]) == [tmp_path / n for n in ("a.txt.gz", "b/a.jsonl.gz",
+                                                                 "b/z.txt", "c.jsonl",
+                                                                 "data.parquet")]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.md").write_text("x")

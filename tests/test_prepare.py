@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from corpus_files import cirrus_dump, compressed, write_parquet
 from mlm_dist.data.corpus import iter_documents, split_sentences
 from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.cli import main
@@ -332,17 +333,31 @@ def test_stdlib_corpus_is_deterministic_real_text(tmp_path):
 
 # ----------------------------------------------------------------------------- inputs, workers
 
+# Every format `prepare` reads, each written by its own library (tests/corpus_files.py); file k
+# of write_corpus_files has kind k % len(CORPUS_KINDS).
+CORPUS_KINDS = ("txt", "jsonl", "txt.gz", "jsonl.gz", "parquet", "jsonl.zst", "txt.zst",
+                "cirrussearch-content.json.bz2")
+
+
 def write_corpus_files(directory, corpus, files=5):
-    """tiny_corpus's documents dealt over `files` files of every format (txt, jsonl, gz)."""
+    """tiny_corpus's documents dealt over `files` files of the kinds of CORPUS_KINDS."""
     documents = list(iter_documents([corpus]))
     directory.mkdir()
     for k in range(files):
         part = documents[k::files]
-        kind = ("txt", "jsonl", "txt.gz", "jsonl.gz")[k % 4]
-        text = ("".join(json.dumps({"text": " ".join(doc)}) + "\n" for doc in part)
-                if "jsonl" in kind else "".join("\n".join(doc) + "\n\n" for doc in part))
-        data = gzip.compress(text.encode(), mtime=0) if kind.endswith("gz") else text.encode()
-        (directory / f"part{k}.{kind}").write_bytes(data)
+        kind = CORPUS_KINDS[k % len(CORPUS_KINDS)]
+        path = directory / f"part{k}.{kind}"
+        texts = [" ".join(doc) for doc in part]
+        if kind == "parquet":
+            write_parquet(path, {"id": list(range(len(texts))), "text": texts}, row_group_size=7)
+            continue
+        if kind.startswith("cirrussearch"):
+            data = cirrus_dump([{"text": text} for text in texts])
+        elif "json" in kind:
+            data = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+        else:
+            data = "".join("\n".join(doc) + "\n\n" for doc in part).encode()
+        path.write_bytes(compressed(kind, data))
     return directory
 
 
@@ -378,11 +393,14 @@ def test_invalid_utf8_is_counted_reported_and_recorded(tmp_path, capsys, tiny_to
 def test_one_and_two_workers_write_identical_shards(tmp_path, monkeypatch, tiny_corpus, tiny_tokenizer):
     # Small batches, so that many are in flight at once and order really is at stake.
     monkeypatch.setattr(encoding, "SENTENCES_PER_BATCH", 16)
-    inputs = [write_corpus_files(tmp_path / "corpus", tiny_corpus)]
+    inputs = [write_corpus_files(tmp_path / "corpus", tiny_corpus, files=len(CORPUS_KINDS))]
     runs = {n: prepare_shards(inputs, tiny_tokenizer.path.parent, tmp_path / f"w{n}",
                               docs_per_shard=20, valid_fraction=0.1, workers=n) for n in (1, 2)}
     assert runs[1] == runs[2]
     assert len(runs[1].splits["train"]) > 3
+    # Every document of every kind of file reached the shards.
+    assert sum(runs[1].totals(split)["documents"] for split in runs[1].splits) == len(
+        list(iter_documents([tiny_corpus])))
     assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
     assert [s.sha256 for s in runs[2].splits["train"]] == [
         file_sha256(tmp_path / "w2" / s.path) for s in runs[2].splits["train"]]

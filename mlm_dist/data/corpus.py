@@ -1,38 +1,30 @@
 """Reading raw corpora into documents of sentences.
 
-Two formats, chosen by file name:
-  *.jsonl, *.jsonl.gz      one JSON object per line with a "text" field; one document per line,
-                           split into sentences by data/sentences.py in the reader's language
-                           ("en", "ja", "zh", …, or "auto": detected per document)
-  anything else            plain text: one sentence per line, a blank line between documents
-                           (*.txt, *.txt.gz and any other name; *.gz is read through gzip)
+The formats are data/formats.py's: plain text (one sentence per line, a blank line between
+documents), JSON lines and Parquet (a document per record, its text in one field, split into
+sentences by data/sentences.py in the reader's language: "en", "ja", "zh", …, or "auto",
+detected per document), Wikipedia's CirrusSearch dumps; gzip, bzip2 or zstd-compressed.
 
 Inputs are files, directories (every file with a known suffix below them, sorted) and glob
 patterns (expanded here with the glob module, sorted, never by a shell). Bytes that are not
-UTF-8 are replaced by U+FFFD and counted per file, so a damaged corpus is reported, not hidden.
+UTF-8 are replaced by U+FFFD and records without the text field are skipped, both counted per
+file, so a damaged corpus is reported, not hidden.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
 import os
 import re
-import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+from mlm_dist.data.formats import (KNOWN_SUFFIXES, TEXT_FIELD, FileCounts, check_file,
+                                   check_text_field, read_texts)
 from mlm_dist.data.sentences import AUTO, check_language, detect_language, split_sentences
 
-KNOWN_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # what a directory contributes
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_GZIP_MAGIC = b"\x1f\x8b"
-_ENCODED_REPLACEMENT = "\ufffd".encode()
-# JSON can spell unpaired surrogates ("\ud800"), which no UTF-8 encoder (SentencePiece's
-# included) accepts; they are invalid text like bad bytes are, and are replaced and counted too.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------- naming inputs
@@ -97,18 +89,12 @@ def _files_below(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.parts)
 
 
-def check_readable(files: Iterable[Path]):
-    """Open each file once, so a permission problem or a mislabelled .gz stops the run up front."""
+def check_readable(files: Iterable[Path], text_field: str = TEXT_FIELD):
+    """Open each file once, so a permission problem, a mislabelled .gz or a --text-field that a
+    file does not have stops the run up front (formats.check_file)."""
+    check_text_field(text_field)
     for path in files:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(2)
-        except OSError as e:
-            raise ValueError(f"input {path} cannot be read ({e.strerror or e}); fix its "
-                             "permissions or leave it out") from None
-        if path.name.endswith(".gz") and head and head != _GZIP_MAGIC:
-            raise ValueError(f"input {path} is named .gz but is not gzip-compressed; rename it "
-                             "without .gz, or compress it")
+        check_file(path, text_field)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -166,33 +152,35 @@ class Document(NamedTuple):
 
 
 class CorpusReader:
-    """Streams the documents of `files`, counting invalid UTF-8 per file.
+    """Streams the documents of `files`, counting invalid UTF-8 and records without text per file.
 
     `file_indices` are the files' places in the whole input list when this reader gets only
     some of them (one partition); they make a document's identity independent of partitioning.
-    `report` is called with a line such as "x.txt: 3 invalid UTF-8 sequences replaced" as soon
-    as a file with invalid text has been read. `lang` is the language JSONL documents are split
-    into sentences in ("auto": detected per document); plain text is one sentence a line already.
+    `report` is called with a line such as "x.txt: 3 invalid UTF-8 sequences replaced" or
+    "x.jsonl: 2 records without the field 'text' skipped" as soon as such a file has been read.
+    `lang` is the language JSONL and Parquet documents are split into sentences in ("auto":
+    detected per document); plain text is one sentence a line already. `text_field` names the
+    field (dotted for nested objects) that holds a JSON-lines or Parquet document's text.
     """
 
     def __init__(self, files: list[Path], file_indices: list[int] | None = None,
-                 report: Callable[[str], None] | None = None, lang: str = "en"):
+                 report: Callable[[str], None] | None = None, lang: str = "en",
+                 text_field: str = TEXT_FIELD):
         self.lang = check_language(lang)  # an unknown code stops here, before any file is read
+        self.text_field = check_text_field(text_field)
         self.files = files
         self.file_indices = list(range(len(files))) if file_indices is None else file_indices
         self.report = report
         self.invalid_utf8: dict[Path, int] = {}  # only files that had any
+        self.missing_text: dict[Path, int] = {}  # only files that had any
         self.files_opened = 0  # for progress reports
 
     def documents(self) -> Iterator[Document]:
         for file_index, path in zip(self.file_indices, self.files):
             self.files_opened += 1
-            invalid = [0]  # the file's readers add to it as they go
-            lines = _decoded_lines(path, invalid)
-            read = (_jsonl_documents(path, lines, invalid) if _is_jsonl(path)
-                    else _text_documents(lines))
+            counts = FileCounts()  # the file's readers add to it as they go
             index = 0
-            for text, sentences in read:
+            for text, sentences in read_texts(path, counts, self.text_field):
                 # Under "auto" each document's language is detected once, for its sentence
                 # splitting (JSONL) and for its word segmentation (data/words.py).
                 lang = detect_language(text) if self.lang == AUTO else self.lang
@@ -200,16 +188,28 @@ class CorpusReader:
                 if sentences:
                     yield Document(file_index, index, sentences, lang)
                     index += 1
-            if invalid[0]:
-                self.invalid_utf8[path] = invalid[0]
-                if self.report is not None:
-                    self.report(invalid_utf8_message(path, invalid[0]))
+            self._tally(path, counts)
+
+    def _tally(self, path: Path, counts: FileCounts):
+        """Keep and report what reading `path` replaced or skipped."""
+        if counts.invalid_utf8:
+            self.invalid_utf8[path] = counts.invalid_utf8
+            self._report(invalid_utf8_message(path, counts.invalid_utf8))
+        if counts.missing_text:
+            self.missing_text[path] = counts.missing_text
+            self._report(missing_text_message(path, counts.missing_text, self.text_field))
+
+    def _report(self, line: str):
+        if self.report is not None:
+            self.report(line)
 
 
-def iter_documents(inputs: Iterable[str | Path], lang: str = "en") -> Iterator[list[str]]:
-    """Yield each document (a list of sentences) of each input, in order; JSONL documents are
-    split into sentences in `lang` (see CorpusReader)."""
-    for document in CorpusReader(resolve_inputs(inputs), lang=lang).documents():
+def iter_documents(inputs: Iterable[str | Path], lang: str = "en",
+                   text_field: str = TEXT_FIELD) -> Iterator[list[str]]:
+    """Yield each document (a list of sentences) of each input, in order; JSONL and Parquet
+    documents are split into sentences in `lang` (see CorpusReader)."""
+    reader = CorpusReader(resolve_inputs(inputs), lang=lang, text_field=text_field)
+    for document in reader.documents():
         yield document.sentences
 
 
@@ -217,63 +217,6 @@ def invalid_utf8_message(path: Path, count: int) -> str:
     return f"{path}: {count} invalid UTF-8 sequence{'s' if count != 1 else ''} replaced"
 
 
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz"))
-
-
-def _decoded_lines(path: Path, invalid: list[int]) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line; invalid UTF-8 replaced and added to invalid[0].
-
-    Read as bytes and decoded line by line, because a text-mode file replaces bad bytes
-    without telling anyone how many there were.
-    """
-    opened = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-    with opened as f:
-        try:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    yield lineno, raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = raw.decode("utf-8", errors="replace")
-                    # Each invalid sequence became one U+FFFD; U+FFFDs that were validly
-                    # encoded in the file already are not ours to count.
-                    invalid[0] += text.count("\ufffd") - raw.count(_ENCODED_REPLACEMENT)
-                    yield lineno, text
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise ValueError(f"input {path} is a damaged gzip file ({e}); compress or download "
-                             "it again") from None
-
-
-def _text_documents(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[str, list[str]]]:
-    """(the start of its text, for language detection; its sentences) of each document."""
-    doc: list[str] = []
-    for _, physical_line in lines:
-        # Lines end in \n, \r\n or a lone \r (old Mac files), as in Python's text mode.
-        for line in physical_line.rstrip("\r\n").split("\r"):
-            line = line.strip()
-            if line:
-                doc.append(line)
-            elif doc:
-                yield " ".join(doc[:50]), doc
-                doc = []
-    if doc:
-        yield " ".join(doc[:50]), doc
-
-
-def _jsonl_documents(path: Path, lines: Iterator[tuple[int, str]],
-                     invalid: list[int]) -> Iterator[tuple[str, None]]:
-    """(text, None) of each document: the reader splits it, once it knows the language."""
-    for lineno, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
-                             "each line of a .jsonl file must be one object") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f'{path}:{lineno}: expected an object with a "text" string')
-        text, surrogates = _SURROGATE.subn("\ufffd", text)
-        invalid[0] += surrogates
-        yield text, None  # split by the reader, in the document's language
+def missing_text_message(path: Path, count: int, text_field: str) -> str:
+    return (f"{path}: {count} record{'s' if count != 1 else ''} without the field "
+            f"{text_field!r} skipped")

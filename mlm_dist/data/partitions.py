@@ -141,7 +141,10 @@ def merge_partitions(directory: str | Path) -> Manifest:
                           invalid_utf8=sum(i.invalid_utf8 for i in infos),
                           invalid_utf8_files=sum(i.invalid_utf8_files for i in infos),
                           num_partitions=count, lang=first.prepare.lang,
-                          shuffle_mb=first.prepare.shuffle_mb))
+                          shuffle_mb=first.prepare.shuffle_mb,
+                          text_field=first.prepare.text_field,
+                          missing_text=sum(i.missing_text for i in infos),
+                          missing_text_files=sum(i.missing_text_files for i in infos)))
     if merged.totals("train")["documents"] == 0:
         raise ValueError(f"no partition of {root} has any train document: the inputs have no "
                          "text; nothing to merge")
@@ -170,7 +173,9 @@ def _check_partitions_agree(root: Path, parts: list[tuple[Path, Manifest]], coun
                  "use the same --shuffle-mb"),
                 ("valid fraction", info.valid_fraction, first.prepare.valid_fraction,
                  "use the same --valid-fraction"),
-                ("language", info.lang, first.prepare.lang, "use the same --lang")):
+                ("language", info.lang, first.prepare.lang, "use the same --lang"),
+                ("text field", info.text_field, first.prepare.text_field,
+                 "use the same --text-field")):
             if mine != theirs:
                 raise ValueError(f"{path.name} and {first_path.name} in {root} differ in {what} "
                                  f"({mine} vs {theirs}): {fix}; re-run the partitions that differ")

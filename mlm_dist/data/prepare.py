@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
 from mlm_dist.data.encoding import DocumentEncoder, EncodedDocument, document_batches
+from mlm_dist.data.formats import TEXT_FIELD
 from mlm_dist.data.partitions import (check_out_dir, check_partition, inputs_sha256,
                                       partial_manifest_name, partition_file_indices, shard_prefix)
 from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, PrepareInfo, ShardInfo, TokenizerInfo,
@@ -52,6 +53,7 @@ def prepare_shards(
     progress: bool = False,
     lang: str = "en",
     shuffle_mb: int = 512,
+    text_field: str = TEXT_FIELD,
 ) -> Manifest:
     """Tokenize `inputs` into train/valid shards in `out_dir`; return the manifest (it has the stats).
 
@@ -59,8 +61,9 @@ def prepare_shards(
     goes to valid with probability `valid_fraction`, by a draw seeded with `seed` and the
     document's identity (its file's place in the input list, its place in the file), so the
     split of a document does not depend on the number of workers or partitions.
-    `lang` ("en", "ja", "zh", …, or "auto": per document) chooses how JSONL text is split into
-    sentences and how word boundaries are found (data/words.py).
+    `lang` ("en", "ja", "zh", …, or "auto": per document) chooses how JSONL and Parquet text is
+    split into sentences and how word boundaries are found (data/words.py). `text_field` names
+    the field of a JSON-lines or Parquet record that holds its text (dotted for nested ones).
     Documents reach the shards through a shuffle buffer of `shuffle_mb` MB (shuffled_documents).
     """
     out = Path(out_dir)
@@ -71,7 +74,7 @@ def prepare_shards(
     all_files = resolve_inputs(inputs)
     file_indices = partition_file_indices(len(all_files), num_partitions, partition_index)
     files = [all_files[k] for k in file_indices]
-    check_readable(files)
+    check_readable(files, text_field)
     check_out_dir(out, num_partitions, partition_index)
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -83,7 +86,7 @@ def prepare_shards(
     bar = tqdm(desc="prepare", unit=" docs", file=sys.stderr, dynamic_ncols=True,
                disable=None if progress else True)  # None: only when stderr is a terminal
     reader = CorpusReader(files, file_indices, report=lambda line: bar.write(line, file=sys.stderr),
-                          lang=lang)
+                          lang=lang, text_field=text_field)
     try:
         batches = ordered_map(DocumentEncoder(Path(tokenizer.path).parent, dtype),
                               document_batches(reader.documents()), workers)
@@ -98,9 +101,10 @@ def prepare_shards(
         for writer in writers.values():
             writer.close()
         if partition is None and not writers["train"].shards:
-            raise ValueError(f"no document in {_named(files)} has any text; inputs must be text "
-                             "(one sentence a line, blank line between documents) or .jsonl "
-                             '({"text": ...} per line), optionally .gz')
+            raise ValueError(f"no document in {_named(files)} has any text"
+                             + _missing_text_hint(reader) + "; inputs must be text (one "
+                             "sentence a line, blank line between documents), JSON lines or "
+                             "Parquet with a text field (--text-field), optionally compressed")
         manifest = Manifest(
             tokenizer=TokenizerInfo(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
                                     path=str(Path(tokenizer.path).resolve().parent)),
@@ -111,7 +115,9 @@ def prepare_shards(
                                 invalid_utf8=sum(reader.invalid_utf8.values()),
                                 invalid_utf8_files=len(reader.invalid_utf8),
                                 num_partitions=num_partitions, partition=partition,
-                                lang=lang, shuffle_mb=shuffle_mb),
+                                lang=lang, shuffle_mb=shuffle_mb, text_field=text_field,
+                                missing_text=sum(reader.missing_text.values()),
+                                missing_text_files=len(reader.missing_text)),
         )
         manifest.save(out, MANIFEST_FILE if partition is None
                       else partial_manifest_name(partition, num_partitions))
@@ -134,6 +140,11 @@ def _check_options(docs_per_shard: int, valid_fraction: float, seed: int, shuffl
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def _missing_text_hint(reader: CorpusReader) -> str:
+    missing = sum(reader.missing_text.values())
+    return (f" ({missing} records have no field {reader.text_field!r})" if missing else "")
 
 
 def _named(files: list[Path]) -> str:

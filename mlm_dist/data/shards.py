@@ -240,6 +240,9 @@ class PrepareInfo:
     partition: int | None = None  # set only in a partial manifest: the partition it covers
     lang: str = "en"  # `prepare --lang`: sentence splitting and word segmentation
     shuffle_mb: int | None = None  # `prepare --shuffle-mb` (None: made before it existed)
+    text_field: str = "text"  # `prepare --text-field`: where JSON lines and Parquet keep text
+    missing_text: int = 0  # records (JSON lines, Parquet rows) without that field, skipped
+    missing_text_files: int = 0  # how many of the files had any
 
 
 @dataclass
@@ -358,6 +361,10 @@ def _prepare_from_json(entry) -> PrepareInfo:
     return PrepareInfo(
         **{k: _typed(entry[k], int, f"prepare.{k}")
            for k in ("files", "seed", "invalid_utf8", "invalid_utf8_files", "num_partitions")},
+        # absent from manifests written before `prepare --text-field` existed
+        **{k: _typed(entry.get(k, 0), int, f"prepare.{k}")
+           for k in ("missing_text", "missing_text_files")},
+        text_field=_typed(entry.get("text_field", "text"), str, "prepare.text_field"),
         inputs_sha256=_typed(entry["inputs_sha256"], str, "prepare.inputs_sha256"),
         valid_fraction=float(fraction),
         partition=None if partition is None else _typed(partition, int, "prepare.partition"),
