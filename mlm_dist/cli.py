@@ -151,12 +151,15 @@ def _train(args) -> None:
 
 
 def _export_hf(args) -> None:
+    from mlm_dist.objectives import objective_for
     from mlm_dist.training.checkpoint import load_checkpoint
-    from mlm_dist.interop.huggingface import export_hf
 
     model, cfg, tokenizer_dir = load_checkpoint(args.checkpoint)
-    export_hf(model.state_dict(), cfg.model, tokenizer_dir, args.out)
-    print(f"wrote Hugging Face BertForPreTraining + tokenizer to {args.out}")
+    objective = objective_for(cfg)
+    hf_class = args.hf_class or objective.hf_class
+    objective.export(model.state_dict(), cfg.model, tokenizer_dir, args.out, hf_class)
+    print(f"wrote Hugging Face {hf_class} + tokenizer to {args.out} "
+          f"(objective {objective.name})")
 
 
 def _fill_mask(args) -> None:
@@ -306,9 +309,13 @@ def _add_train(sub) -> None:
 
 
 def _add_export_hf(sub) -> None:
-    ex = sub.add_parser("export-hf", help="write a Hugging Face BertForPreTraining folder")
+    ex = sub.add_parser("export-hf", help="write a Hugging Face folder (BertForPreTraining, or "
+                        "BertForMaskedLM for objective.name=mlm)")
     ex.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--hf-class", choices=("BertForPreTraining", "BertForMaskedLM"),
+                    default="", help="the transformers class to write (default: the "
+                    "objective's; BertForPreTraining from an mlm run gets a fresh NSP head)")
     ex.set_defaults(func=_export_hf)
 
 

@@ -44,6 +44,18 @@ class ModelConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the model learns to predict: one module per objective in mlm_dist/objectives."""
+
+    # bert: MLM + next-sentence prediction on sentence pairs (BERT; the default).
+    # mlm: MLM only, on rows filled with contiguous text (RoBERTa's FULL-SENTENCES).
+    # sop: MLM + sentence-order prediction on pairs of consecutive segments (ALBERT).
+    name: Literal["bert", "mlm", "sop"] = "bert"
+    # sop: the chance that a pair's two segments are swapped (ALBERT: 1/2).
+    swap_prob: float = 0.5
+
+
+@dataclass
 class DataConfig:
     # Directory written by `mlm-dist prepare` (holds manifest.json and the tar shards).
     shards: str = ""
@@ -51,10 +63,12 @@ class DataConfig:
     tokenizer: str = ""
     num_workers: int = 1
     shuffle_buffer: int = 256  # documents a reader shuffles at a time
-    # Documents whose NSP pairs are interleaved at a time, so that a micro-batch mixes many
-    # documents even when each is a book (memory: these documents and their pairs, per reader).
+    # Documents whose examples (pairs, rows) are interleaved at a time, so that a micro-batch
+    # mixes many documents even when each is a book (memory: these documents and their
+    # examples, per reader).
     open_documents: int = 256
-    # The chance that a pair gets a shorter target length, so the model also sees short inputs.
+    # The chance that a pair gets a shorter target length, so the model also sees short inputs
+    # (bert, sop; mlm's rows are always full, as RoBERTa's).
     short_seq_prob: float = 0.1
     # Documents that may be lost to bad data (missing/corrupt shards, undecodable samples),
     # summed over all ranks, before the run stops with an error.
@@ -169,8 +183,8 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # optimizer steps between evaluations; 0 = never during training
-    # One deterministic pass over the validation split, cut after this many NSP pairs
-    # (0 = the whole split). A big corpus's 1-2 % valid split can take longer than the steps
+    # One deterministic pass over the validation split, cut after this many examples (the
+    # objective's pairs or rows; 0 = the whole split). A big corpus's 1-2 % valid split can take longer than the steps
     # between evaluations; the first 10,000 pairs give the loss to about ±0.01.
     max_pairs: int = 10_000
     seed: int = 0  # the validation pairs and masks: the same at every evaluation
@@ -180,6 +194,7 @@ class EvalConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -354,7 +369,7 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
     _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
              f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}")
-    _require(m.type_vocab_size >= 2, "model.type_vocab_size", "NSP needs at least 2 segment types")
+    _validate_objective(cfg)
     for name in ("dropout", "attention_dropout"):
         _require(0.0 <= getattr(m, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 
@@ -429,6 +444,19 @@ def validate(cfg: RunConfig) -> None:
              "is required: the directory written by `mlm-dist prepare`")
     _require(bool(cfg.out_dir), "out_dir", "is required")
     _validate_deepspeed_extras(cfg.deepspeed)
+
+
+def _validate_objective(cfg: RunConfig) -> None:
+    o = cfg.objective
+    pairs = o.name in ("bert", "sop")  # [CLS] A [SEP] B [SEP]: segment types 0 and 1
+    _require(not pairs or cfg.model.type_vocab_size >= 2, "model.type_vocab_size",
+             f"objective.name={o.name} needs at least 2 segment types (sentence A and B)")
+    _require(0.0 < o.swap_prob < 1.0, "objective.swap_prob", "must be in (0, 1)")
+    _require(o.swap_prob == 0.5 or o.name == "sop", "objective.swap_prob",
+             f"only objective.name=sop swaps segments (it is {o.name}); remove the key")
+    _require(not (cfg.data.pack and o.name == "mlm"), "data.pack",
+             "objective.name=mlm fills every row with contiguous text already; packing is for "
+             "pairs (bert, sop): set data.pack=false")
 
 
 # Keys of the DeepSpeed JSON we derive from our own config (engine.deepspeed_config); setting

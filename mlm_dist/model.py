@@ -1,4 +1,6 @@
-"""BERT for pretraining (MLM + NSP) in plain torch.
+"""BERT's networks for pretraining in plain torch: the encoder, and on it the heads of
+`BertForPreTraining` (MLM + the pair classifier) or of `BertForMaskedLM` (MLM only). Which
+one a run trains, and on what, is its objective's choice (mlm_dist/objectives).
 
 The network is the original BERT, computed exactly as Hugging Face's `BertForPreTraining`
 does it (post-LayerNorm residual blocks, exact-erf GELU, learned absolute positions, segment
@@ -319,7 +321,7 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class MaskedLMHead(nn.Module):
     """transform (dense, GELU, LayerNorm), then a projection onto the vocabulary.
 
-    The projection's weight *is* the token embedding matrix (set by BertForPretraining), with
+    The projection's weight *is* the token embedding matrix (tied by the network), with
     its own output bias (on the Linear: bias and matmul are one addmm). The weight is shared by
     assigning the same Parameter to a Linear module rather than calling F.linear on the
     embedding's weight from here: parameter-partitioning wrappers gather a module's parameters
@@ -337,8 +339,12 @@ class MaskedLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.transform(h))))
 
 
-class BertForPretraining(nn.Module):
-    """checkpoint_activations: recompute each encoder layer during backward instead of keeping
+class Encoder(nn.Module):
+    """The BERT encoder (embeddings and post-LN layers) that every objective's network is
+    built on; the networks below add their heads. `encode` computes the last layer only at the
+    positions the heads read (see the module docstring).
+
+    checkpoint_activations: recompute each encoder layer during backward instead of keeping
     its activations (None: the config's `checkpoint_activations`, default off)."""
 
     def __init__(self, cfg: ModelConfig, checkpoint_activations: bool | None = None):
@@ -355,12 +361,6 @@ class BertForPretraining(nn.Module):
         self.checkpoint_activations = checkpoint_activations
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # tanh(W h_[CLS] + b)
-        self.nsp_head = nn.Linear(cfg.hidden_size, 2)  # logits for (is next, is random)
-        self.mlm_head = MaskedLMHead(cfg)
-        # Tied, as in BERT: the matrix that reads tokens in also scores them out.
-        self.mlm_head.decoder.weight = self.embeddings.tokens.weight
-        self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         # BERT's init: every matrix N(0, init_std), biases 0, LayerNorm the identity.
@@ -375,16 +375,11 @@ class BertForPretraining(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [B, S] long
-        token_type_ids: torch.Tensor,  # [B, S] long, 0 = sentence A, 1 = sentence B
-        attention_mask: torch.Tensor | None,  # [B, S], 1 = real token, 0 = padding; None: none
-        masked_positions: torch.Tensor | None = None,  # [B, K] long, positions to predict
-        packing: "Packing | None" = None,  # several pairs per row (see Packing)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits
-        [B, 2], or [B, P, 2] with packing: one per pair)."""
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None, packing: "Packing | None",
+               read: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's output at `read` ([B, R] positions: [B, R, H]), or at every
+        position when `read` is None ([B, S, H])."""
         x = self.embeddings(input_ids, token_type_ids,
                             None if packing is None else packing.position_ids)
         device_type = x.device.type
@@ -398,16 +393,6 @@ class BertForPretraining(nn.Module):
         plan = attention_plan(device_type, padded=attention_mask is not None,
                               packed=packing is not None)
         attn_bias = attention_bias(plan, attention_mask, packing, x.dtype)
-        cls = None if packing is None else packing.cls_positions
-
-        # The heads read [CLS] and the masked slots only: the last layer computes just those
-        # (see the module docstring), so the transform and the vocabulary projection run on
-        # B*K rows instead of B*S too.
-        read = None
-        if masked_positions is not None:
-            if cls is None:
-                cls = torch.zeros_like(masked_positions[:, :1])  # [CLS] opens the row
-            read = torch.cat([cls, masked_positions], 1)
 
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -416,6 +401,48 @@ class BertForPretraining(nn.Module):
                 x = checkpoint(layer, x, attn_bias, positions, use_reentrant=False)
             else:
                 x = layer(x, attn_bias, positions)
+        return x
+
+
+class BertForPretraining(Encoder):
+    """BERT with both its pretraining heads, as Hugging Face's `BertForPreTraining`: the MLM
+    head and a tanh pooler on [CLS] feeding a two-way classifier of the pair. The `bert`
+    objective trains that classifier on next-sentence prediction, `sop` on sentence order
+    (ALBERT); Hugging Face calls it `cls.seq_relationship`, for either."""
+
+    # The parameters of these modules may be freshly initialised when a Hugging Face folder
+    # lacks them (interop.huggingface.load_pretrained); everything else must be loaded.
+    HEADS = ("pooler", "nsp_head", "mlm_head")
+
+    def __init__(self, cfg: ModelConfig, checkpoint_activations: bool | None = None):
+        super().__init__(cfg, checkpoint_activations)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # tanh(W h_[CLS] + b)
+        self.nsp_head = nn.Linear(cfg.hidden_size, 2)  # logits for (is next, is random)
+        self.mlm_head = MaskedLMHead(cfg)
+        # Tied, as in BERT: the matrix that reads tokens in also scores them out.
+        self.mlm_head.decoder.weight = self.embeddings.tokens.weight
+        self.apply(self._init_weights)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] long
+        token_type_ids: torch.Tensor,  # [B, S] long, 0 = sentence A, 1 = sentence B
+        attention_mask: torch.Tensor | None,  # [B, S], 1 = real token, 0 = padding; None: none
+        masked_positions: torch.Tensor | None = None,  # [B, K] long, positions to predict
+        packing: "Packing | None" = None,  # several pairs per row (see Packing)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mlm_logits [B, K, V] or [B, S, V] if masked_positions is None, nsp_logits
+        [B, 2], or [B, P, 2] with packing: one per pair)."""
+        cls = None if packing is None else packing.cls_positions
+        # The heads read [CLS] and the masked slots only: the last layer computes just those
+        # (see the module docstring), so the transform and the vocabulary projection run on
+        # B*K rows instead of B*S too.
+        read = None
+        if masked_positions is not None:
+            if cls is None:
+                cls = torch.zeros_like(masked_positions[:, :1])  # [CLS] opens the row
+            read = torch.cat([cls, masked_positions], 1)
+        x = self.encode(input_ids, token_type_ids, attention_mask, packing, read)
 
         if read is None:  # every position was computed
             pairs = (x[:, :1] if packing is None
@@ -426,6 +453,54 @@ class BertForPretraining(nn.Module):
         nsp_logits = self.nsp_head(torch.tanh(self.pooler(pairs)))
         return mlm_logits, (nsp_logits[:, 0] if packing is None else nsp_logits)
 
+    def token_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, S, V]: the MLM head at every position (fill-mask)."""
+        return self(input_ids, token_type_ids, attention_mask)[0]
+
+
+class BertForMaskedLM(Encoder):
+    """BERT with the MLM head only, as Hugging Face's `BertForMaskedLM` (no pooler, no pair
+    classifier): the network of the `mlm` objective (RoBERTa's recipe on BERT's architecture)."""
+
+    HEADS = ("mlm_head",)
+
+    def __init__(self, cfg: ModelConfig, checkpoint_activations: bool | None = None):
+        super().__init__(cfg, checkpoint_activations)
+        self.mlm_head = MaskedLMHead(cfg)
+        self.mlm_head.decoder.weight = self.embeddings.tokens.weight  # tied, as in BERT
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None,
+                masked_positions: torch.Tensor | None = None,
+                packing: "Packing | None" = None) -> torch.Tensor:
+        """mlm_logits [B, K, V] at `masked_positions`, or [B, S, V] when it is None. Only the
+        masked slots are read, so the last layer computes just those."""
+        x = self.encode(input_ids, token_type_ids, attention_mask, packing, masked_positions)
+        return self.mlm_head(x)
+
+    def token_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, S, V]: the MLM head at every position (fill-mask)."""
+        return self(input_ids, token_type_ids, attention_mask)
+
+
+def masked_lm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean MLM cross entropy over the labelled positions, its accuracy and count (0-dim
+    tensors), in float32 (log-softmax over a 30k vocabulary in bf16 loses most of its
+    precision). A micro-batch with no labelled position gives loss 0, never NaN."""
+    mlm_logits = mlm_logits.float().flatten(0, -2)
+    mlm_labels = mlm_labels.flatten()
+    mlm_valid = mlm_labels != IGNORE_INDEX
+    mlm_count = mlm_valid.sum()
+    mlm_denominator = mlm_count.clamp(min=1)
+    mlm_loss = F.cross_entropy(mlm_logits, mlm_labels, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / mlm_denominator
+    mlm_correct = ((mlm_logits.argmax(-1) == mlm_labels) & mlm_valid).sum()
+    return {"mlm_loss": mlm_loss, "mlm_acc": mlm_correct / mlm_denominator,
+            "mlm_count": mlm_count}
+
 
 def pretraining_loss(
     mlm_logits: torch.Tensor,  # [B, K, V] (or [B, S, V])
@@ -433,25 +508,16 @@ def pretraining_loss(
     nsp_logits: torch.Tensor,  # [B, 2] ([B, P, 2]: a packed row's pairs)
     nsp_labels: torch.Tensor,  # [B] ([B, P]), 0 = B follows A, 1 = random (IGNORE_INDEX allowed)
 ) -> dict[str, torch.Tensor]:
-    """Loss = mean MLM cross entropy + mean NSP cross entropy, plus metrics, all 0-dim tensors.
+    """Loss = mean MLM cross entropy + mean cross entropy of the pair classifier (NSP, or
+    sentence order: the labels say which), plus metrics, all 0-dim tensors.
 
     Nothing here calls .item(): the training loop decides when to pay for a host sync.
-    Cross entropy runs in float32 because log-softmax over a 30k vocabulary in bf16 loses
-    most of its precision. Sums are divided by clamped counts so that a micro-batch with no
-    labelled position gives loss 0 (and zero gradient), never NaN.
+    Sums are divided by clamped counts so that a micro-batch with no labelled position gives
+    loss 0 (and zero gradient), never NaN.
     """
-    mlm_logits = mlm_logits.float().flatten(0, -2)
-    mlm_labels = mlm_labels.flatten()
+    mlm = masked_lm_loss(mlm_logits, mlm_labels)
     nsp_logits = nsp_logits.float().flatten(0, -2)  # [B, 2], or [B, P, 2] packed
     nsp_labels = nsp_labels.flatten()
-
-    mlm_valid = mlm_labels != IGNORE_INDEX
-    mlm_count = mlm_valid.sum()
-    mlm_denominator = mlm_count.clamp(min=1)
-    mlm_loss = F.cross_entropy(mlm_logits, mlm_labels, ignore_index=IGNORE_INDEX,
-                               reduction="sum") / mlm_denominator
-    mlm_correct = ((mlm_logits.argmax(-1) == mlm_labels) & mlm_valid).sum()
-
     nsp_valid = nsp_labels != IGNORE_INDEX
     nsp_denominator = nsp_valid.sum().clamp(min=1)
     nsp_loss = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=IGNORE_INDEX,
@@ -459,12 +525,12 @@ def pretraining_loss(
     nsp_correct = ((nsp_logits.argmax(-1) == nsp_labels) & nsp_valid).sum()
 
     return {
-        "loss": mlm_loss + nsp_loss,
-        "mlm_loss": mlm_loss,
+        "loss": mlm["mlm_loss"] + nsp_loss,
+        "mlm_loss": mlm["mlm_loss"],
         "nsp_loss": nsp_loss,
-        "mlm_acc": mlm_correct / mlm_denominator,
+        "mlm_acc": mlm["mlm_acc"],
         "nsp_acc": nsp_correct / nsp_denominator,
-        "mlm_count": mlm_count,
+        "mlm_count": mlm["mlm_count"],
     }
 
 

@@ -12,10 +12,11 @@ import torch
 
 from mlm_dist.bench.steps import TorchEngine
 from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
-from mlm_dist.config import MaskingConfig, ModelConfig
+from mlm_dist.config import MaskingConfig, ModelConfig, ObjectiveConfig
 from mlm_dist.data.batches import BatchWriter, PackedBatchWriter
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import AttentionPlan, BertForPretraining, attention_plan
+from mlm_dist.objectives.bert import Bert
 from mlm_dist.training.step import train_step
 
 VOCAB = synthetic_vocabulary(100)
@@ -103,7 +104,8 @@ def test_the_step_hands_the_model_a_mask_only_for_a_padded_batch():
     writer.add(*pair(2, 3), label=0)
     padded = writer.take_partial()
     losses = []
-    train_step(engine, itertools.cycle([full, padded]), masker, step=0, accumulation=2,
+    train_step(engine, itertools.cycle([full, padded]), masker, Bert(ObjectiveConfig()), step=0,
+               accumulation=2,
                record=lambda out, batch, masked: losses.append(out["loss"]))
     assert seen[0] is None
     assert seen[1] is not None and torch.equal(seen[1], padded.attention_mask)

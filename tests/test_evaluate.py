@@ -51,7 +51,7 @@ def test_masks_follow_the_runs_masking_settings(tiny_shards, tiny_tokenizer):
     vocab = tiny_tokenizer.vocabulary
     seen = []
 
-    def forward(input_ids, token_type_ids, attention_mask, positions):
+    def forward(input_ids, token_type_ids, attention_mask, positions, packing):
         seen.append((input_ids, positions))
         batch, k = positions.shape
         return torch.zeros(batch, k, vocab.size), torch.zeros(batch, 2)

@@ -36,7 +36,7 @@ def test_packed_rows_have_bert_layout_and_labels_are_balanced():
         writer.add(a, b, label)
     b = writer.take()
     ids, types, mask, nsp, starts = (t.numpy() for t in (
-        b.input_ids, b.token_type_ids, b.attention_mask, b.nsp_label, b.word_starts))
+        b.input_ids, b.token_type_ids, b.attention_mask, b.example_label, b.word_starts))
     for row, (a, b, label, _) in enumerate(pairs):
         n = len(a) + len(b) + 3
         assert len(a) > 0 and len(b) > 0 and n <= seq_len

@@ -79,7 +79,7 @@ def test_a_packed_row_holds_each_pair_in_berts_layout(tiny_shards):
     pos, pair, cls = (t.numpy() for t in (batch.packing.position_ids,
                                           batch.packing.sequence_ids,
                                           batch.packing.cls_positions))
-    labels = batch.nsp_label.numpy()
+    labels = batch.example_label.numpy()
     found = []
     for r in range(4):
         for slot in range(pairs_per_row(64)):
@@ -116,7 +116,7 @@ def test_moving_a_packed_batch_moves_the_tensors_it_holds(tiny_shards):
     assert (batch.packing.sequence_ids == 2).any()  # rows of several pairs
     batch.reader, batch.position, batch.skipped = 3, (0, 2, 7), 1
     moved = batch.to(torch.device("cpu"))
-    fields = ("input_ids", "token_type_ids", "attention_mask", "nsp_label", "word_starts")
+    fields = ("input_ids", "token_type_ids", "attention_mask", "example_label", "word_starts")
     for name in fields:
         assert getattr(moved, name) is getattr(batch, name), name
     for name in ("position_ids", "sequence_ids", "cls_positions"):
@@ -139,7 +139,7 @@ def test_packed_batches_resume_exactly(tiny_shards, workers):
     resumed = list(itertools.islice(loader(tiny_shards, state=first.state_dict(),
                                            workers=workers), 12))
     for a, b in zip(resumed, full[8:]):
-        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.nsp_label, b.nsp_label)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.example_label, b.example_label)
         assert torch.equal(a.packing.sequence_ids, b.packing.sequence_ids)
 
 
@@ -156,9 +156,9 @@ def test_packing_fills_rows_and_keeps_the_pairs_and_the_mask_rate(tiny_shards):
     assert fill(packed) > fill(dense) + 0.02  # the tiny corpus has long pairs: little to gain
     # Pairs stay in stream order: packed labels (row-major, slot order) are a rearrangement of
     # the dense ones, batch by batch, with the same count of each label over the same pairs.
-    packed_pairs = sum(int((b.nsp_label != IGNORE_INDEX).sum()) for b in packed)
-    dense_labels = torch.cat([b.nsp_label for b in dense])[:packed_pairs]
-    packed_labels = torch.cat([b.nsp_label[b.nsp_label != IGNORE_INDEX] for b in packed])
+    packed_pairs = sum(int((b.example_label != IGNORE_INDEX).sum()) for b in packed)
+    dense_labels = torch.cat([b.example_label for b in dense])[:packed_pairs]
+    packed_labels = torch.cat([b.example_label[b.example_label != IGNORE_INDEX] for b in packed])
     assert sorted(packed_labels.tolist()) == sorted(dense_labels.tolist())
     vocab = vocab_of(tiny_shards)
     masker = TokenMasker(vocab, MaskingConfig(), max_predictions=10, seed=0, rank=0,

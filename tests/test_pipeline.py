@@ -63,7 +63,7 @@ def test_every_document_once_per_epoch_whatever_the_reader_count(sizes, readers)
 def test_batches_have_fixed_shape_and_bert_layout(tiny_shards):
     for b in take(loader(tiny_shards, seq_len=64, micro=8), 20):
         assert b.input_ids.shape == b.token_type_ids.shape == b.attention_mask.shape == (8, 64)
-        assert b.input_ids.dtype == torch.long and b.nsp_label.shape == (8,)
+        assert b.input_ids.dtype == torch.long and b.example_label.shape == (8,)
         assert (b.input_ids[:, 0] == CLS_ID).all()
         assert ((b.input_ids == SEP_ID).sum(1) == 2).all()
 
@@ -92,7 +92,7 @@ def test_resume_continues_with_the_exact_next_batches(tiny_shards, workers, cons
     state = first.state_dict()
     resumed = take(loader(tiny_shards, workers=workers, state=state), 12)
     assert same(ids(resumed), ids(full[consumed:]))
-    assert [b.nsp_label.tolist() for b in resumed] == [b.nsp_label.tolist()
+    assert [b.example_label.tolist() for b in resumed] == [b.example_label.tolist()
                                                        for b in full[consumed:]]
 
 

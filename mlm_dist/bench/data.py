@@ -3,8 +3,9 @@ the batches hold.
 
 One reader runs in this process (what each dataloader worker does), reading the train shards
 from their start; the figure is sequences per second per worker, to compare with what one
-accelerator consumes. Beside it: the fill (real tokens / positions) and the distinct documents
-per micro-batch (how well pairs of different documents are mixed; the micro-batch size at most).
+accelerator consumes. Beside it: the fill (real tokens / positions, one example a row: the
+objective's, `--objective`) and the distinct documents per micro-batch (how well examples of
+different documents are mixed; the micro-batch size at most).
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ from __future__ import annotations
 import json
 import time
 
-from mlm_dist.config import DataConfig
+from mlm_dist.config import DataConfig, ObjectiveConfig
 
 
 def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
-                 micro_batch: int = 32, batches: int = 200, seed: int = 0) -> dict:
+                 micro_batch: int = 32, batches: int = 200, seed: int = 0,
+                 objective: str = "bert") -> dict:
     """One reader's figures at `seq_len`: see the module's docstring. `vocab`: the shards'
-    tokenizer.Vocabulary."""
-    from mlm_dist.data.batches import BatchWriter
+    tokenizer.Vocabulary; `objective`: whose examples (objective.name)."""
+    from mlm_dist.data.batches import BatchWriter, example_length
     from mlm_dist.data.pipeline import ReaderStream, manifest_shards
+    from mlm_dist.objectives import objective_for
 
     shards = manifest_shards(shards_dir)
-    stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data)
+    builder = objective_for(ObjectiveConfig(name=objective)).example_builder
+    stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data,
+                          examples_of=builder, vocab=vocab)
     writer = BatchWriter(micro_batch, seq_len, vocab)
     made = real_tokens = distinct = 0
     documents: set = set()
     start = time.perf_counter()
     for pair, (epoch, unit, _) in stream.examples():
-        real_tokens += len(pair.a) + len(pair.b) + 3
+        real_tokens += example_length(pair.a, pair.b)
         documents.add((epoch, unit, pair.document))
         if writer.add(pair.a, pair.b, pair.label):
             writer.take()
@@ -40,7 +45,8 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
                 break
     elapsed = time.perf_counter() - start
     sequences = made * micro_batch
-    return {"seq_len": seq_len, "micro_batch": micro_batch, "sequences": sequences,
+    return {"objective": objective, "seq_len": seq_len, "micro_batch": micro_batch,
+            "sequences": sequences,
             "seconds": round(elapsed, 3),
             "sequences_per_s_per_worker": round(sequences / elapsed),
             "fill": round(real_tokens / (sequences * seq_len), 3),
@@ -58,7 +64,8 @@ def data_command(args) -> None:
     vocab = Tokenizer.load(tokenizer).vocabulary
     data = DataConfig(shards=args.shards, open_documents=args.open_documents)
     loader = [bench_loader(args.shards, vocab, data, seq_len=seq_len,
-                           micro_batch=args.micro_batch, batches=args.batches)
+                           micro_batch=args.micro_batch, batches=args.batches,
+                           objective=args.objective)
               for seq_len in args.seq_len]
     masking = bench_masking(tokenizer, batch=args.mask_batch, seq_len=args.mask_seq_len,
                             repeats=args.repeats)
@@ -76,6 +83,8 @@ def add_parser(bench_subparsers) -> None:
     d.add_argument("--batches", type=int, default=200)
     d.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
                    help="documents whose pairs are interleaved (data.open_documents)")
+    d.add_argument("--objective", choices=("bert", "mlm", "sop"), default="bert",
+                   help="whose examples the loader builds (objective.name)")
     d.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
                    "(default: the shards' tokenizer)")
     d.add_argument("--mask-batch", type=int, default=256)

@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     from mlm_dist.config import ScheduleConfig
     from mlm_dist.engine import build_engine, check_precision, init_distributed
     from mlm_dist.masking import TokenMasker
-    from mlm_dist.model import BertForPretraining, num_parameters
+    from mlm_dist.model import num_parameters
+    from mlm_dist.objectives import objective_for
     from mlm_dist.training.step import train_step
 
     baseline_rss = _rss_now()  # interpreter + torch + deepspeed, before any model exists
@@ -229,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     phase = dataclasses.replace(phase, global_batch=phase.micro_batch * world * ACCUMULATION,
                                 until_step=steps, warmup_steps=0)
     torch.manual_seed(cfg.train.seed)
-    model = BertForPretraining(cfg.model, checkpoint_activations=args.checkpoint_activations
-                               or None)
+    objective = objective_for(cfg)
+    model = objective.build_model(cfg.model,
+                                  checkpoint_activations=args.checkpoint_activations or None)
     psi = num_parameters(model)
     bucket = max(10_240, psi // 16) // 1024 * 1024  # a multiple of the NCCL alignment
     zero = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     counting = _CountingForward(engine)
     for step in range(steps):
         counting.count_next = step == steps - 1
-        train_step(counting, batches, masker, step=step, accumulation=ACCUMULATION,
+        train_step(counting, batches, masker, objective, step=step, accumulation=ACCUMULATION,
                    record=lambda losses, batch, masked: last.update(losses),
                    after_backward=lambda micro: measure(step, micro))
     after_step = held_bytes(engine)

@@ -79,11 +79,14 @@ class OursStep:
         import torch
 
         from mlm_dist.masking import TokenMasker
-        from mlm_dist.model import BertForPretraining, parameter_groups
+        from mlm_dist.model import parameter_groups
+        from mlm_dist.objectives import objective_for
         from mlm_dist.optim import build_optimizer
 
         torch.manual_seed(cfg.train.seed)
-        model = BertForPretraining(cfg.model, checkpoint_activations=checkpoint_activations or None)
+        self.objective = objective_for(cfg)
+        model = self.objective.build_model(cfg.model,
+                                           checkpoint_activations=checkpoint_activations or None)
         model.to(device).train()
         o = cfg.optim
         optimizer = build_optimizer(parameter_groups(model, o.weight_decay), name=o.name,
@@ -99,7 +102,8 @@ class OursStep:
     def __call__(self, step: int) -> None:
         from mlm_dist.training.step import train_step
 
-        train_step(self.engine, self.batches, self.masker, step=step, accumulation=1)
+        train_step(self.engine, self.batches, self.masker, self.objective, step=step,
+                   accumulation=1)
 
 
 class HFStep:

@@ -122,14 +122,14 @@ def shards_vocabulary(shards: str, vocab_size: int):
 def hf_examples(batch) -> list[dict]:
     """The pairs of a Batch, one example each (a packed row gives several)."""
     if batch.packing is None:
-        spans = [(row, 0, int(n), int(batch.nsp_label[row]))
+        spans = [(row, 0, int(n), int(batch.example_label[row]))
                  for row, n in enumerate(batch.attention_mask.sum(1).tolist())]
     else:
         p = batch.packing
         spans = [(row, int(p.cls_positions[row, slot]),
-                  int((p.sequence_ids[row] == slot + 1).sum()), int(batch.nsp_label[row, slot]))
+                  int((p.sequence_ids[row] == slot + 1).sum()), int(batch.example_label[row, slot]))
                  for row in range(len(batch.input_ids)) for slot in range(p.cls_positions.shape[1])
-                 if batch.nsp_label[row, slot] != IGNORE]
+                 if batch.example_label[row, slot] != IGNORE]
     return [{"input_ids": batch.input_ids[row, start:start + n].tolist(),
              "token_type_ids": batch.token_type_ids[row, start:start + n].tolist(),
              "attention_mask": [1] * n, "next_sentence_label": label}

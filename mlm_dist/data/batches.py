@@ -1,5 +1,6 @@
-"""NSP pairs into fixed-shape batches: one pair a row (BatchWriter), or several (PackedBatchWriter,
-`data.pack`); and the Batch the training step and evaluation take."""
+"""Examples (data/examples.py: pairs, or single segments) into fixed-shape batches: one a row
+(BatchWriter), or several (PackedBatchWriter, `data.pack`); and the Batch the training step and
+evaluation take."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ class Batch:
     input_ids: torch.Tensor  # long [B, S]
     token_type_ids: torch.Tensor  # long [B, S]
     attention_mask: torch.Tensor  # long [B, S], 1 = real token
-    nsp_label: torch.Tensor  # long [B], or [B, P] packed (IGNORE_INDEX in empty slots)
+    # The objective's label of each example (NSP: is B random; SOP: swapped; mlm: 0): long [B],
+    # or [B, P] packed. IGNORE_INDEX marks filler rows and empty slots: no example there.
+    example_label: torch.Tensor
     word_starts: torch.Tensor  # bool [B, S], True where a token begins a word (from the shards)
     packing: Packing | None = None  # several pairs a row (data.pack)
     # Whether any row has padding, known where the batch is built: the model then needs no
@@ -49,13 +52,19 @@ class Batch:
         packing = p and Packing(move(p.position_ids), move(p.sequence_ids),
                                 move(p.cls_positions))
         return Batch(move(self.input_ids), move(self.token_type_ids),
-                     move(self.attention_mask), move(self.nsp_label), move(self.word_starts),
+                     move(self.attention_mask), move(self.example_label), move(self.word_starts),
                      packing, self.padded, self.reader, self.position, self.skipped)
 
 
+def example_length(a: np.ndarray, b: np.ndarray | None) -> int:
+    """Tokens of the example written: the segments, [CLS] and a [SEP] after each."""
+    return len(a) + 2 if b is None else len(a) + len(b) + 3
+
+
 class BatchWriter:
-    """Packs [CLS] A [SEP] B [SEP] rows straight into preallocated batch arrays; the segments'
-    tokens carry their word-start flags (shards.WORD_START), which go to their own array."""
+    """Packs [CLS] A [SEP] B [SEP] rows (or [CLS] A [SEP] when B is None) straight into
+    preallocated batch arrays; the segments' tokens carry their word-start flags
+    (shards.WORD_START), which go to their own array."""
 
     def __init__(self, micro_batch: int, seq_len: int, vocab: Vocabulary):
         self.micro_batch, self.seq_len = micro_batch, seq_len
@@ -71,30 +80,35 @@ class BatchWriter:
         self.starts = np.zeros(shape, dtype=bool)
         self.rows = 0
 
-    def fits(self, a: np.ndarray, b: np.ndarray) -> bool:
-        """Whether the pair has room in this batch."""
+    def fits(self, a: np.ndarray, b: np.ndarray | None) -> bool:
+        """Whether the example has room in this batch."""
         return self.rows < self.micro_batch
 
-    def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
-        """Add one pair; True when the batch is full."""
+    def add(self, a: np.ndarray, b: np.ndarray | None, label: int) -> bool:
+        """Add one example; True when the batch is full."""
         self.write(self.rows, a, b, label, 0)
         self.rows += 1
         return self.rows == self.micro_batch
 
-    def write(self, r: int, a: np.ndarray, b: np.ndarray, label: int, start: int) -> None:
-        """[CLS] a [SEP] b [SEP] into row `r` from column `start`."""
-        la, lb, s = len(a), len(b), start
+    def write(self, r: int, a: np.ndarray, b: np.ndarray | None, label: int,
+              start: int) -> None:
+        """[CLS] a [SEP] b [SEP] (b None: [CLS] a [SEP]) into row `r` from column `start`."""
+        la, s = len(a), start
         ids = self.ids[r]
         ids[s] = self.cls_id
         ids[s + 1:s + 1 + la] = token_ids(a)
         ids[s + 1 + la] = self.sep_id
+        self.starts[r, s + 1:s + 1 + la] = word_starts(a)
+        self.labels[r] = label
+        if b is None:
+            self.mask[r, s:s + 2 + la] = 1
+            return
+        lb = len(b)
         ids[s + 2 + la:s + 2 + la + lb] = token_ids(b)
         ids[s + 2 + la + lb] = self.sep_id
-        self.starts[r, s + 1:s + 1 + la] = word_starts(a)
         self.starts[r, s + 2 + la:s + 2 + la + lb] = word_starts(b)
         self.types[r, s + 2 + la:s + 3 + la + lb] = 1
         self.mask[r, s:s + 3 + la + lb] = 1
-        self.labels[r] = label
 
     def take(self) -> Batch:
         out = Batch(*(torch.from_numpy(x)
@@ -109,8 +123,8 @@ class BatchWriter:
 
     def take_partial(self) -> tuple[torch.Tensor, ...]:
         """The rows added so far in a full-shape batch, the rest filler rows that count for
-        nothing: `[CLS] [SEP] [SEP]` (no token to mask, attention never empty) with NSP label
-        IGNORE_INDEX. For a pass that must end exactly where the data ends (evaluation)."""
+        nothing: `[CLS] [SEP] [SEP]` (no token to mask, attention never empty) with example
+        label IGNORE_INDEX. For a pass that must end exactly where the data ends (evaluation)."""
         for r in range(self.rows, self.micro_batch):
             self.ids[r, :3] = (self.cls_id, self.sep_id, self.sep_id)
             self.mask[r, :3] = 1
@@ -122,7 +136,8 @@ class BatchWriter:
 class PackedBatchWriter:
     """Several [CLS] A [SEP] B [SEP] pairs a row, as Graphcore's packed BERT packs them: each
     pair's positions restart at 0, its tokens carry its slot number (attention stays inside a
-    pair, model.Packing) and its [CLS] gets an NSP slot of its own, `pairs` slots a row.
+    pair, model.Packing) and its [CLS] gets a slot of its own for the pair classifier (NSP,
+    SOP), `pairs` slots a row.
 
     Pairs are placed in stream order, each into the first row with room (first fit); the first
     pair that fits in no row closes the batch and opens the next. So a batch is a run of the
@@ -147,13 +162,13 @@ class PackedBatchWriter:
         room = (self.used + length <= self.seq_len) & (self.count < self.pairs)
         return int(np.argmax(room)) if room.any() else -1
 
-    def fits(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return self._row_for(len(a) + len(b) + 3) >= 0
+    def fits(self, a: np.ndarray, b: np.ndarray | None) -> bool:
+        return self._row_for(example_length(a, b)) >= 0
 
-    def add(self, a: np.ndarray, b: np.ndarray, label: int) -> bool:
-        """Add a pair that fits (see `fits`); returns False: only a pair that fits nowhere
+    def add(self, a: np.ndarray, b: np.ndarray | None, label: int) -> bool:
+        """Add an example that fits (see `fits`); returns False: only one that fits nowhere
         closes a batch."""
-        length = len(a) + len(b) + 3
+        length = example_length(a, b)
         r = self._row_for(length)
         start, slot = int(self.used[r]), int(self.count[r])
         self.dense.write(r, a, b, label, start)

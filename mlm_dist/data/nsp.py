@@ -6,30 +6,17 @@ sentence boundary into segment A and segment B. With probability 1/2, B is repla
 another document (label 1 = random, 0 = actual next, as in Hugging Face's `next_sentence_label`).
 Pairs are built at whatever seq_len the current phase asks for, so shards never depend on it.
 
-Google shuffles all instances of the corpus, so a batch holds pairs of many documents. Emitting
-one document's pairs back to back instead puts a whole batch inside one book: the gradient then
-follows one text at a time, and NSP's random B (another document) is trivially told from the
-actual next. A stream cannot hold the corpus, so it interleaves: `open_documents` documents are
-open at once, each hands out its pairs in random order, and pairs come from them in random
-rounds, weighted by the pairs each has left, so they all run out at about the same time: like a
-global shuffle of their pairs, with consecutive pairs from distinct documents.
+Pairs are interleaved across open documents (data/examples.py), so a batch mixes documents.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 
-Document = list  # list of 1-D int arrays, one per sentence
-
-
-class Pair(NamedTuple):
-    a: np.ndarray
-    b: np.ndarray
-    label: int
-    document: int  # which document of the stream A comes from (0, 1, ...: for statistics)
+from mlm_dist.data.examples import InterleavingBuilder, OpenDocument, Pair
 
 IS_NEXT, IS_RANDOM = 0, 1
 
@@ -54,15 +41,7 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int,
     return a[front_a:la - (cut_a - front_a)], b[front_b:lb - (cut_b - front_b)]
 
 
-class _OpenDocument:
-    """A document whose pairs are being handed out, and the pairs it has left."""
-
-    def __init__(self, index: int, sentences: Document):
-        self.index, self.sentences = index, sentences
-        self.pairs: list[Pair] = []
-
-
-class NspPairBuilder:
+class NspPairBuilder(InterleavingBuilder):
     """Turns a stream of documents into NSP pairs that fit `seq_len` tokens with [CLS] and two
     [SEP]s, interleaved across `open_documents` documents (1 = one document after the other).
 
@@ -72,49 +51,15 @@ class NspPairBuilder:
 
     def __init__(self, seq_len: int, rng: np.random.Generator, *, short_seq_prob: float = 0.1,
                  open_documents: int = 1, other_docs: int = 64):
+        super().__init__(rng, open_documents)
         self.max_tokens = seq_len - 3  # [CLS] A [SEP] B [SEP]
-        self.rng = rng
         self.short_seq_prob = short_seq_prob
-        self.open_documents = open_documents
-        self.recent: deque[_OpenDocument] = deque(maxlen=max(other_docs, open_documents))
+        self.recent: deque[OpenDocument] = deque(maxlen=max(other_docs, open_documents))
 
-    def __call__(self, documents: Iterable[Document]) -> Iterator[Pair]:
-        rng = self.rng
-        incoming = (doc for doc in ([s for s in d if len(s)] for d in documents) if doc)
-        pool: list[_OpenDocument] = []
-        opened = 0
-        while True:
-            opening = []
-            while len(pool) + len(opening) < self.open_documents:
-                sentences = next(incoming, None)
-                if sentences is None:
-                    break
-                opening.append(_OpenDocument(opened, sentences))
-                opened += 1
-            self.recent.extend(opening)
-            # A document's pairs are built when it opens, once all the documents opening with
-            # it can give random Bs, and handed out in random order. In document order, all
-            # open documents would advance together, and a stretch of steps would see the
-            # same region of every book (the model would learn that region, not the corpus).
-            for doc in opening:
-                doc.pairs = list(self._pairs(doc))
-                rng.shuffle(doc.pairs)
-            pool += [doc for doc in opening if doc.pairs]
-            if not pool:
-                if not opening:
-                    return
-                continue
-            # One round: a quarter of the open documents, drawn without replacement with
-            # probabilities that grow with the pairs they have left (Gumbel top-k), each gives
-            # one pair. Consecutive pairs thus come from distinct documents, and long documents
-            # are drawn more often, so the open documents run out at about the same time.
-            weights = np.log([len(d.pairs) for d in pool])
-            keys = weights - np.log(-np.log(rng.random(len(pool))))
-            for i in np.argsort(-keys, kind="stable")[:max(1, len(pool) // 4)]:
-                yield pool[i].pairs.pop()
-            pool = [doc for doc in pool if doc.pairs]
+    def _opened(self, opening: list[OpenDocument]) -> None:
+        self.recent.extend(opening)
 
-    def _pairs(self, doc: _OpenDocument) -> Iterator[Pair]:
+    def _pairs(self, doc: OpenDocument) -> Iterator[Pair]:
         rng, max_tokens, sentences = self.rng, self.max_tokens, doc.sentences
         target = self._target_length()
         chunk: list = []
@@ -169,10 +114,10 @@ class NspPairBuilder:
             return int(self.rng.integers(2, self.max_tokens + 1))
         return self.max_tokens
 
-    def _has_other(self, doc: _OpenDocument) -> bool:
+    def _has_other(self, doc: OpenDocument) -> bool:
         return len(self.recent) > 1 or (len(self.recent) == 1 and self.recent[0] is not doc)
 
-    def _random_segment(self, target: int, doc: _OpenDocument) -> np.ndarray:
+    def _random_segment(self, target: int, doc: OpenDocument) -> np.ndarray:
         other = doc
         while other is doc:  # _has_other(doc) holds, so this ends
             other = self.recent[int(self.rng.integers(len(self.recent)))]
@@ -185,3 +130,10 @@ class NspPairBuilder:
             if length >= target:
                 break
         return np.concatenate(taken)
+
+
+def nsp_pairs(seq_len: int, rng: np.random.Generator, data, vocab) -> NspPairBuilder:
+    """The `bert` objective's example builder (data.examples.ExampleBuilder): NSP pairs with
+    the run's data settings (`data`: config.DataConfig)."""
+    return NspPairBuilder(seq_len, rng, short_seq_prob=data.short_seq_prob,
+                          open_documents=data.open_documents)

@@ -7,11 +7,14 @@ seeded permutation of the shards: whole shards when there are at least R of them
 shards. Each reader's stream is infinite (epoch after epoch), so every rank always has a next
 batch: training is counted in steps and nothing ever waits at an epoch boundary.
 
-Mixing. Inside a work unit the documents are shuffled and their NSP pairs interleaved across
-`data.open_documents` documents at a time (nsp.py), so a micro-batch holds pairs of many
-documents even when each document is a book.
+Examples. What a row holds is the objective's choice: its example builder (data/examples.py;
+NSP pairs by default, the `bert` objective's) turns a unit's documents into examples.
 
-Determinism. Inside a work unit everything random (document shuffle, NSP pairing) is seeded by
+Mixing. Inside a work unit the documents are shuffled and their examples interleaved across
+`data.open_documents` documents at a time (examples.py), so a micro-batch holds examples of
+many documents even when each document is a book.
+
+Determinism. Inside a work unit everything random (document shuffle, pairing) is seeded by
 (seed, epoch, reader, unit), and nothing is carried from one unit to the next. So a reader's
 position is three integers, (epoch, unit, examples already emitted from it), and restoring it
 skips whole shards unread and regenerates only the current unit. Each batch carries the
@@ -31,7 +34,8 @@ import torch
 
 from mlm_dist.config import DataConfig, pairs_per_row
 from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter
-from mlm_dist.data.nsp import NspPairBuilder, Pair
+from mlm_dist.data.examples import ExampleBuilder, Pair
+from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Vocabulary
@@ -101,7 +105,8 @@ def work_units(shards: list[Shard], epoch: int, seed: int, *, reader: int, reade
 
 @dataclass
 class ReaderStream:
-    """One reader's infinite stream of NSP examples, startable at any saved position."""
+    """One reader's infinite stream of examples, startable at any saved position. `vocab`:
+    the shards' (a builder may write special tokens: full rows separate documents by [SEP])."""
 
     shards: list[Shard]
     reader: int
@@ -111,6 +116,8 @@ class ReaderStream:
     data: DataConfig
     consumed: Consumed | None = None
     skips: SkipCounter = field(default_factory=SkipCounter)
+    examples_of: ExampleBuilder = nsp_pairs
+    vocab: Vocabulary | None = None
 
     def examples(self, start: tuple[int, int, int] = (0, 0, 0),
                  epochs: int | None = None) -> Iterator[tuple[Pair, tuple[int, int, int]]]:
@@ -134,8 +141,7 @@ class ReaderStream:
         documents = (document for shard in unit.shards
                      for document in read_documents(shard.path, shard.documents, unit.modulus,
                                                     unit.remainder, self.skips))
-        builder = NspPairBuilder(self.seq_len, rng, short_seq_prob=self.data.short_seq_prob,
-                                 open_documents=self.data.open_documents)
+        builder = self.examples_of(self.seq_len, rng, self.data, self.vocab)
         return builder(shuffled(documents, self.data.shuffle_buffer, rng))
 
 
@@ -158,7 +164,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
                  world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
                  positions: dict[int, tuple[int, int, int]], worker_offset: int,
-                 consumed: Consumed | None):
+                 consumed: Consumed | None, examples_of: ExampleBuilder = nsp_pairs):
         self.shards = shards
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
@@ -167,6 +173,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self.positions = positions
         self.worker_offset = worker_offset
         self.consumed = consumed
+        self.examples_of = examples_of
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -176,13 +183,14 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         role = (worker + self.worker_offset) % self.workers
         reader = self.rank * self.workers + role
         stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
-                              self.seed, self.data, self.consumed)
+                              self.seed, self.data, self.consumed,
+                              examples_of=self.examples_of, vocab=self.vocab)
         writer = (PackedBatchWriter(self.micro_batch, self.seq_len, self.vocab,
                                     pairs_per_row(self.seq_len)) if self.data.pack
                   else BatchWriter(self.micro_batch, self.seq_len, self.vocab))
-        previous = None  # where the stream stands after the last pair in the writer
+        previous = None  # where the stream stands after the last example in the writer
         for pair, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
-            if not writer.fits(pair.a, pair.b):  # a packed batch is done: this pair opens the next
+            if not writer.fits(pair.a, pair.b):  # a packed batch is done: this one opens the next
                 yield self._stamped(writer.take(), reader, previous, stream)
             if writer.add(pair.a, pair.b, pair.label):
                 yield self._stamped(writer.take(), reader, position, stream)
@@ -211,8 +219,10 @@ class ResumableLoader:
 
     def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
                  world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
-                 pin_memory: bool = False, state: dict | None = None):
-        """vocab: of the tokenizer the shards were made with."""
+                 pin_memory: bool = False, state: dict | None = None,
+                 examples_of: ExampleBuilder = nsp_pairs):
+        """vocab: of the tokenizer the shards were made with; examples_of: the objective's
+        example builder (Objective.example_builder)."""
         num_workers = data.num_workers
         readers = world_size * max(1, num_workers)
         if not shards:
@@ -235,7 +245,7 @@ class ResumableLoader:
                                    world_size=world_size, seed=seed, data=data, vocab=vocab,
                                    positions=self.positions,
                                    worker_offset=self.batches % max(1, num_workers),
-                                   consumed=self.consumed)
+                                   consumed=self.consumed, examples_of=examples_of)
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,

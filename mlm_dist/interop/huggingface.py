@@ -1,4 +1,5 @@
-"""Our state dict <-> Hugging Face `BertForPreTraining`, and export of a loadable HF folder.
+"""Our state dicts <-> Hugging Face `BertForPreTraining` / `BertForMaskedLM`, and export of a
+loadable HF folder of either class; a HF BERT folder as the start of a run (`model.init_from`).
 
 Imported only by export / import code paths, so training never pays for importing transformers.
 
@@ -67,6 +68,14 @@ PARAMETER_NAMES: list[tuple[str, str]] = [
     ("mlm_head.decoder.weight", "cls.predictions.decoder.weight"),
     ("mlm_head.decoder.bias", "cls.predictions.bias"),
 ]
+
+# The rows of the pooler and the pair classifier: `BertForMaskedLM` (and our network of the same
+# name) has neither; the rest of the table is what both classes hold.
+PAIR_MODULES = ("pooler.", "nsp_head.")
+MASKED_LM_NAMES = [(ours, hf) for ours, hf in PARAMETER_NAMES if not ours.startswith(PAIR_MODULES)]
+HF_CLASSES = {"BertForPreTraining": PARAMETER_NAMES, "BertForMaskedLM": MASKED_LM_NAMES}
+# Our modules that are heads on the encoder: a HF folder may lack them (load_pretrained).
+HEAD_MODULES = PAIR_MODULES + ("mlm_head.",)
 
 # Tied entries: a second name for the same tensor. A state dict may carry them or not (HF's
 # save_pretrained drops them, so may checkpoint consolidators); conversion fills a missing one
@@ -150,17 +159,22 @@ def _convert(sd: dict, table, side: str, layer_pattern: str, target_names: list[
     return out
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our `BertForPretraining` names -> `transformers.BertForPreTraining` names (tensors shared)."""
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor],
+                     names: list[tuple[str, str]] = PARAMETER_NAMES) -> dict[str, torch.Tensor]:
+    """Our `BertForPretraining` names -> `transformers.BertForPreTraining` names (tensors
+    shared); with `names=MASKED_LM_NAMES`, our `BertForMaskedLM` -> theirs."""
     sd = _fill_tied({_strip_wrappers(k): v for k, v in state_dict.items()}, OUR_TIED, "mlm_dist")
     hf_sd = _convert(sd, _OURS_TO_HF, "mlm_dist", r"bert\.encoder\.layer\.(\d+)\.",
-                     [hf for _, hf in PARAMETER_NAMES])
+                     [hf for _, hf in names])
     hf_sd["cls.predictions.decoder.bias"] = hf_sd["cls.predictions.bias"]
     return hf_sd
 
 
-def from_hf_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor],
+                       heads_optional: bool = False) -> dict[str, torch.Tensor]:
     """`transformers.BertForPreTraining.state_dict()` names -> ours (inverse of to_hf_state_dict).
+    `heads_optional`: only the encoder must be there (a `BertForMaskedLM` or `BertModel`, or
+    a BERT without `cls.seq_relationship`: load_pretrained initialises what is missing).
 
     For starting from a published checkpoint, load it with
     `BertForPreTraining.from_pretrained(...)` first (which also renames legacy gamma/beta
@@ -171,8 +185,9 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]
     sd = _fill_tied(sd, HF_TIED, "Hugging Face")
     sd.pop("cls.predictions.decoder.bias", None)  # the same tensor as cls.predictions.bias (checked)
-    return _convert(sd, _HF_TO_OURS, "Hugging Face", r"layers\.(\d+)\.",
-                    [ours for ours, _ in PARAMETER_NAMES])
+    required = [ours for ours, _ in PARAMETER_NAMES
+                if not (heads_optional and ours.startswith(HEAD_MODULES))]
+    return _convert(sd, _HF_TO_OURS, "Hugging Face", r"layers\.(\d+)\.", required)
 
 
 def hf_bert_config(cfg: ModelConfig):
@@ -222,8 +237,9 @@ def pretrained_model_config(hf_dir: str | Path, cfg: ModelConfig) -> ModelConfig
 
 
 def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Our state dict from a Hugging Face BertForPreTraining (or BertForMaskedLM/BertModel
-    with heads missing: then the mapping names what is missing) folder's weights."""
+    """Our state dict from a Hugging Face BertForPreTraining folder's weights, or of any BERT
+    folder with heads missing (BertForMaskedLM, BertModel, a BERT without an NSP head): the
+    encoder must be complete, the heads it has are converted."""
     d = Path(hf_dir)
     if (d / "model.safetensors").is_file():
         from safetensors.torch import load_file
@@ -233,16 +249,44 @@ def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise FileNotFoundError(f"model.init_from: no model.safetensors or pytorch_model.bin "
                                 f"in {d}")
-    return from_hf_state_dict({k: v.float() for k, v in hf_sd.items()})
+    if not any(k.startswith(("bert.", "cls.")) for k in hf_sd):
+        hf_sd = {f"bert.{k}": v for k, v in hf_sd.items()}  # a BertModel's names have no prefix
+    try:
+        return from_hf_state_dict({k: v.float() for k, v in hf_sd.items()}, heads_optional=True)
+    except KeyError as e:
+        raise ValueError(f"model.init_from: {d} is not a BERT this run can continue: "
+                         f"{e.args[0]}") from None
 
 
-def load_pretrained(cfg: ModelConfig):
-    """Our model with `cfg.init_from`'s weights (`cfg` as resolve_data made it: the folder's
-    shape). Strict: a missing head or a shape mismatch is an error, never a random weight."""
+def load_pretrained(cfg: ModelConfig, objective=None, say=print):
+    """The network of `objective` (default: bert's) with `cfg.init_from`'s weights (`cfg` as
+    resolve_data made it: the folder's shape).
+
+    Heads the folder lacks (HFL's RoBERTa-wwm has no `cls.seq_relationship`; a
+    `BertForMaskedLM` has no pooler either; a `BertModel` no MLM head) start from our own
+    initialisation, and `say` (None: silent) names them in one line; heads the objective does
+    not use (an NSP head continued with `mlm`) are left out, named too. Anything else missing
+    or of another shape is an error naming the tensors, never a random weight."""
     from mlm_dist.model import BertForPretraining
 
-    model = BertForPretraining(cfg)
-    model.load_state_dict(pretrained_state_dict(cfg.init_from), strict=True)
+    model = objective.build_model(cfg) if objective is not None else BertForPretraining(cfg)
+    theirs = pretrained_state_dict(cfg.init_from)
+    own = model.state_dict()
+    fresh = sorted(k for k in own if k not in theirs)
+    unused = sorted(k for k in theirs if k not in own)
+    not_heads = [k for k in fresh if not k.startswith(HEAD_MODULES)]
+    if not_heads:  # the mapping requires the encoder: only a model of another shape gets here
+        raise ValueError(f"model.init_from: {cfg.init_from} lacks {not_heads[:8]}")
+    wrong = [f"{k} {tuple(theirs[k].shape)} (need {tuple(own[k].shape)})"
+             for k in own if k in theirs and theirs[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"model.init_from: {cfg.init_from} has tensors of another shape than "
+                         f"its config.json describes: {wrong[:8]}")
+    model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
+    if say is not None and fresh:
+        say(f"model.init_from: {cfg.init_from} has no {', '.join(fresh)}: freshly initialised")
+    if say is not None and unused:
+        say(f"model.init_from: not used by this objective: {', '.join(unused)}")
     return model
 
 
@@ -426,15 +470,24 @@ def _name_tokenizer_class(config_file: Path, name: str) -> None:
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
-              tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a folder that `BertForPreTraining.from_pretrained` and `AutoTokenizer.from_pretrained` load.
+              tokenizer_dir: str | Path, out_dir: str | Path,
+              hf_class: str = "BertForPreTraining") -> Path:
+    """Write a folder that `<hf_class>.from_pretrained` and `AutoTokenizer.from_pretrained` load.
+
+    `hf_class`: "BertForPreTraining" or "BertForMaskedLM" (HF_CLASSES). A network without the
+    pair classifier (the `mlm` objective's) exported as `BertForPreTraining` gets a pooler and
+    NSP head freshly initialised by transformers (seeded: every export of the same weights is
+    the same folder), for tools that want that class; a network with them exported as
+    `BertForMaskedLM` leaves them out.
 
     Contents: config.json, model.safetensors (fp32), tokenizer.json + tokenizer_config.json, and
     a copy of our tokenizer.model. Everything is written to a temporary sibling directory that is
     renamed into place at the end, so a failed export leaves nothing half-written behind.
     """
-    from transformers import BertForPreTraining
+    import transformers
 
+    if hf_class not in HF_CLASSES:
+        raise ValueError(f"hf_class {hf_class!r}: export writes one of {sorted(HF_CLASSES)}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"export target {out} already exists and is not empty; "
@@ -444,12 +497,26 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
         raise ValueError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
                          f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
 
-    hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in to_hf_state_dict(state_dict).items()}
+    state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    has_pair = any(k.startswith(PAIR_MODULES) for k in state_dict)
+    if hf_class == "BertForMaskedLM":
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PAIR_MODULES)}
+    names = HF_CLASSES[hf_class] if has_pair else MASKED_LM_NAMES
+    hf_sd = {k: v.detach().to("cpu", torch.float32)
+             for k, v in to_hf_state_dict(state_dict, names).items()}
     config = hf_bert_config(cfg)
     config.pad_token_id = ours.pad_id
-    model = BertForPreTraining(config)
-    # strict=True: any shape or name mismatch is an error here, never a random weight later.
-    model.load_state_dict(hf_sd, strict=True)
+    config.architectures = [hf_class]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the fresh pooler and NSP head, if any: the same every export
+        model = getattr(transformers, hf_class)(config)
+    # Any shape or name mismatch is an error here, never a random weight later; the one
+    # exception is the fresh pooler and NSP head asked for above.
+    fresh = {hf for ours_name, hf in PARAMETER_NAMES if ours_name.startswith(PAIR_MODULES)}
+    missing, unexpected = model.load_state_dict(hf_sd, strict=False)
+    if unexpected or set(missing) - fresh:
+        raise ValueError(f"export to {hf_class}: missing {sorted(set(missing) - fresh)}, "
+                         f"unexpected {sorted(unexpected)}")
     # A model continued from a Hugging Face BERT keeps that BERT's WordPiece tokenizer files.
     wordpiece = not hasattr(ours, "sp")
     tokenizer = None if wordpiece else hf_tokenizer(ours.path, model_max_length=cfg.max_positions)

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+import torch.nn as nn
 
 from mlm_dist.config import RunConfig, dump_yaml, load_config
-from mlm_dist.model import BertForPretraining
 from mlm_dist.training import faults
 
 CHECKPOINTS = "checkpoints"
@@ -244,14 +244,16 @@ def checkpoint_config(root: Path, tag: str) -> RunConfig:
     return load_config(root / tag / RUN_CONFIG)
 
 
-def load_checkpoint(path: str | Path) -> tuple[BertForPretraining, RunConfig, Path]:
-    """A checkpoint on one process, its shards consolidated: (fp32 model in eval mode, the
-    run's config, directory holding the tokenizer)."""
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, RunConfig, Path]:
+    """A checkpoint on one process, its shards consolidated: (fp32 model of the run's
+    objective in eval mode, the run's config, directory holding the tokenizer)."""
     from mlm_dist.engine import consolidated_state_dict  # imports deepspeed: only when needed
 
     root, tag = locate(path)
     cfg = checkpoint_config(root, tag)
-    model = BertForPretraining(cfg.model)
+    from mlm_dist.objectives import objective_for
+
+    model = objective_for(cfg).build_model(cfg.model)
     state = consolidated_state_dict(str(root), tag, model)
     state.setdefault("mlm_head.decoder.weight", state["embeddings.tokens.weight"])  # tied
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,12 +1,13 @@
-"""Validation: MLM loss, perplexity, MLM accuracy and NSP accuracy on the validation shards.
+"""Validation: the objective's figures (MLM loss, perplexity, MLM accuracy; NSP or SOP loss and
+accuracy: objectives/) on the validation shards, and the mask rate.
 
 One deterministic pass: the validation split is read once, from its start, by a single reader
 with its own seed (`eval.seed`), and cut into global micro-batches 0, 1, 2, ... Batch g is
 scored by rank g mod ranks and masked with a generator seeded by (eval seed, g), with the run's
 masking settings (rate, 80/10/10, whole words). So every evaluation of the same weights sees the
-same pairs and the same masks, on 1 rank or on 8, and the per-batch sums are added up in batch
-order on every rank: the numbers do not depend on the number of ranks. `eval.max_pairs` caps the
-pass at the split's first pairs (0 = the whole split).
+same examples and the same masks, on 1 rank or on 8, and the per-batch sums are added up in
+batch order on every rank: the numbers do not depend on the number of ranks. `eval.max_pairs`
+caps the pass at the split's first examples (0 = the whole split).
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ from mlm_dist.data.batches import Batch, BatchWriter
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker
-from mlm_dist.model import IGNORE_INDEX, pretraining_loss
+from mlm_dist.model import IGNORE_INDEX
+from mlm_dist.objectives import objective_for
 from mlm_dist.tokenizer import Vocabulary
-
-# Per batch: mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, nsp count, eligible
-_SUMS = 7
 
 
 def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
                        shards: str) -> Iterator[Batch]:
-    """Each global micro-batch of the pass, one pair a row whatever `data.pack` (so the figures
-    do not depend on it); the last one is filled up with rows that count for nothing."""
+    """Each global micro-batch of the pass, one example a row whatever `data.pack` (so the
+    figures do not depend on it); the last one is filled up with rows that count for nothing."""
     stream = ReaderStream(manifest_shards(shards, "valid"), reader=0, readers=1,
-                          seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data)
+                          seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data,
+                          examples_of=objective_for(cfg).example_builder, vocab=vocab)
     writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
     cap = cfg.eval.max_pairs or math.inf
     pairs = 0
@@ -54,25 +54,25 @@ def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
 def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary, *,
              shards: str | None = None, rank: int = 0, world_size: int = 1,
              device: torch.device | str = "cpu") -> dict[str, float]:
-    """`forward(input_ids, token_type_ids, attention_mask, positions) -> (mlm, nsp) logits`,
-    attention_mask None when the batch has no padding (Batch.padding_mask).
-    `shards`: another shard directory than the run's `data.shards` (same tokenizer)."""
+    """`forward`: the model of the run's objective (or anything called as it is: see the
+    objective's `losses`); attention_mask None when the batch has no padding
+    (Batch.padding_mask). `shards`: another shard directory than the run's `data.shards`
+    (same tokenizer)."""
     device = torch.device(device)
+    objective = objective_for(cfg)
     masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
                          seed=cfg.eval.seed, rank=0, device=device)
+    names: list[str] = []  # of the per-batch sums, in their order
 
     def score(batch: Batch, g: int) -> torch.Tensor:
         batch = batch.to(device)
-        nsp_labels = batch.nsp_label
         masked = masker(batch.input_ids, step=g, word_starts=batch.word_starts)
-        mlm_logits, nsp_logits = forward(masked.input_ids, batch.token_type_ids,
-                                         batch.padding_mask, masked.positions)
-        out = pretraining_loss(mlm_logits, masked.labels, nsp_logits, nsp_labels)
-        nsp_count = (nsp_labels != IGNORE_INDEX).sum()
-        return torch.stack([out["mlm_loss"] * out["mlm_count"],
-                            out["mlm_acc"] * out["mlm_count"], out["mlm_count"],
-                            out["nsp_loss"] * nsp_count, out["nsp_acc"] * nsp_count, nsp_count,
-                            masked.eligible]).double()
+        terms = {**objective.eval_terms(objective.losses(forward, batch, masked), batch),
+                 "predicted": (masked.labels != IGNORE_INDEX).sum(),
+                 "eligible": masked.eligible,
+                 "examples": (batch.example_label != IGNORE_INDEX).sum()}
+        names[:] = terms
+        return torch.stack(list(terms.values())).double()
 
     # Every rank builds the whole stream (cheap next to the forward passes) and scores batch g
     # when g % ranks == rank, holding one batch at a time.
@@ -82,32 +82,27 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
         if g % world_size == rank:
             rows.append(score(batch, g))
     if not total:
-        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no NSP pairs; "
-                         "re-run `mlm-dist prepare` with a larger --valid-fraction")
+        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no "
+                         f"examples at seq_len {phase.seq_len}; re-run `mlm-dist prepare` with a "
+                         "larger --valid-fraction")
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each):
     # a rank short of one scores batch 0 again and throws the result away.
     per_rank = math.ceil(total / world_size)
     while len(rows) < per_rank:
         score(first, 0)
-        rows.append(torch.zeros(_SUMS, dtype=torch.float64, device=device))
+        rows.append(torch.zeros(len(names), dtype=torch.float64, device=device))
     sums = torch.stack(rows)
     if world_size > 1:
         gathered = [torch.empty_like(sums) for _ in range(world_size)]
         dist.all_gather(gathered, sums)
         # [rank, i] holds batch i * world_size + rank: back into batch order before adding up.
-        sums = torch.stack(gathered, dim=1).reshape(-1, _SUMS)
-    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, sequences, eligible = (
-        float(v) for v in torch.cumsum(sums.cpu(), dim=0)[-1])
-    mlm_loss = mlm_loss_sum / max(1.0, mlm_count)
+        sums = torch.stack(gathered, dim=1).reshape(-1, len(names))
+    s = dict(zip(names, (float(v) for v in torch.cumsum(sums.cpu(), dim=0)[-1])))
     return {
-        "val/mlm_loss": mlm_loss,
-        "val/perplexity": math.exp(min(mlm_loss, 50.0)),
-        "val/mlm_acc": mlm_correct / max(1.0, mlm_count),
-        "val/nsp_loss": nsp_loss_sum / max(1.0, sequences),
-        "val/nsp_acc": nsp_correct / max(1.0, sequences),
-        "val/mask_rate": mlm_count / max(1.0, eligible),
-        "val/sequences": sequences,
-        "val/predictions": mlm_count,
+        **objective.eval_record(s),
+        "val/mask_rate": s["predicted"] / max(1.0, s["eligible"]),
+        "val/sequences": s["examples"],
+        "val/predictions": s["predicted"],
     }
 
 

@@ -5,7 +5,8 @@
        -> for each optimizer step: train_step (mask on device, forward, backward, step),
           then each cadence: divergence guard, log, evaluation, checkpoint and stop signals.
 
-The loop knows nothing of attention; the model knows nothing of ranks.
+The loop knows nothing of attention nor of what the objective predicts (mlm_dist/objectives);
+the model knows nothing of ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from mlm_dist.engine import (build_engine, device_report, environment_ranks, ini
                              set_phase, step_skipped, to_universal)
 from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
-from mlm_dist.model import BertForPretraining, num_parameters
+from mlm_dist.model import num_parameters
+from mlm_dist.objectives import objective_for
 from mlm_dist.training.preflight import preflight
 from mlm_dist.training import checkpoint
 from mlm_dist.training.evaluate import evaluate
@@ -62,13 +64,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
+        self.objective = objective_for(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         if cfg.model.init_from:
             from mlm_dist.interop.huggingface import load_pretrained
 
-            model = load_pretrained(cfg.model)
+            model = load_pretrained(cfg.model, self.objective,
+                                    say=print if self.rank0 else None)
         else:
-            model = BertForPretraining(cfg.model)
+            model = self.objective.build_model(cfg.model)
         n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
         # A checkpoint written by another number of ranks is loaded in DeepSpeed's universal form.
         newest = checkpoint.latest_complete(self.run_dir / checkpoint.CHECKPOINTS)
@@ -101,7 +105,8 @@ class Trainer:
                                   device=engine.device)
             with closing(loader) as batches:  # its workers stop, whatever ends the phase
                 while state.step < phase.until_step:
-                    self.data_wait += train_step(engine, batches, masker, step=state.step,
+                    self.data_wait += train_step(engine, batches, masker, self.objective,
+                                                 step=state.step,
                                                  accumulation=self.accumulation[index],
                                                  record=self.logger.accumulate)
                     state.step += 1

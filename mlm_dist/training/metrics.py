@@ -1,5 +1,8 @@
 """Training metrics: summed on the device every micro-step, reduced across ranks only at the
 logging cadence (the one place the step waits for the host), written to TensorBoard by rank 0.
+
+What is summed is named: the objective's terms (objectives/base.py) and the generic ones here;
+the objective turns its sums into its metrics, this module the rest.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mlm_dist.data.nsp import IS_RANDOM
 from mlm_dist.flops import device_peak_flops
 from mlm_dist.model import IGNORE_INDEX
+from mlm_dist.objectives import objective_for
 
-# Sums kept on the device, in this order.
-_SUMS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "mlm_correct", "mlm_count", "eligible",
-         "sequences", "random_pairs", "real_tokens", "skipped", "data_wait_frac")
+# Sums of every run beside the objective's terms (objectives/base.py names them), and the two
+# each rank adds at a flush.
+GENERIC_TERMS = ("loss", "predicted", "eligible", "examples", "real_tokens")
+FLUSH_TERMS = ("skipped", "data_wait_frac")
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -32,6 +36,8 @@ def peak_memory_bytes(device: torch.device) -> float:
 class MetricLogger:
     def __init__(self, tensorboard_dir: Path | None, cfg, topo, n_params: int):
         self.cfg, self.topo = cfg, topo
+        self.objective = objective_for(cfg)
+        self.names: list[str] = []  # of the sums, in their order on the device
         self.writer = None
         self.jsonl = None
         if tensorboard_dir is not None:
@@ -60,15 +66,17 @@ class MetricLogger:
     def accumulate(self, losses: dict, batch, masked) -> None:
         """One micro-batch (train_step's `record`): its losses, its Batch and MaskedBatch, whose
         `eligible` counts the tokens the masker could have chosen. Nothing waits for the device."""
-        attention_mask, eligible = batch.attention_mask, masked.eligible
-        values = torch.stack([
-            losses["loss"].detach().float(), losses["mlm_loss"].detach().float(),
-            losses["nsp_loss"].detach().float(), losses["nsp_acc"].float(),
-            (losses["mlm_acc"] * losses["mlm_count"]).float(), losses["mlm_count"].float(),
-            eligible.float(), (batch.nsp_label != IGNORE_INDEX).sum().float(),  # pairs
-            (batch.nsp_label == IS_RANDOM).sum().float(),
-            attention_mask.sum().float(),  # not padding: what the pairs put into the rows
-        ])
+        attention_mask = batch.attention_mask
+        terms = {
+            "loss": losses["loss"].detach().float(),
+            "predicted": (masked.labels != IGNORE_INDEX).sum().float(),
+            "eligible": masked.eligible.float(),
+            "examples": (batch.example_label != IGNORE_INDEX).sum().float(),
+            "real_tokens": attention_mask.sum().float(),  # what the examples put into the rows
+            **self.objective.train_terms(losses, batch),
+        }
+        values = torch.stack(list(terms.values()))
+        self.names = list(terms)
         self.sums = values if self.sums is None else self.sums + values
         self.micro_steps += 1
         self.tokens += attention_mask.numel()
@@ -99,31 +107,26 @@ class MetricLogger:
                                     peak_memory_bytes(self.topo.device)])
         dist.all_reduce(sums)  # the cadence's host syncs: these two reductions
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        s = dict(zip(_SUMS, sums.tolist()))
+        s = dict(zip(self.names + list(FLUSH_TERMS), sums.tolist()))
         tps_max, neg_tps_min, wait_max, memory_max = extremes.tolist()
         n = self.micro_steps * self.topo.world_size
         if grad_norm is not None and not isinstance(grad_norm, float):
             grad_norm = float(grad_norm)
+        own = self.objective.train_record(s, n)
         record = {
             "step": step,
             "train/loss": s["loss"] / n,
-            "train/mlm_loss": s["mlm_loss"] / n,
-            "train/nsp_loss": s["nsp_loss"] / n,
-            "train/mlm_acc": s["mlm_correct"] / max(1.0, s["mlm_count"]),
-            "train/nsp_acc": s["nsp_acc"] / n,
+            **own,
             "train/lr": lr,
             "train/grad_norm": grad_norm if grad_norm is not None else math.nan,
             "train/seq_len": seq_len,
             "train/skipped_steps": self.skipped_steps,
             # the effective rate: predicted tokens / tokens that could have been chosen
-            "data/mask_rate": s["mlm_count"] / max(1.0, s["eligible"]),
-            # NSP balance: the share of pairs whose B is random (1/2 and more: as in BERT, a
-            # one-sentence chunk always gets a random B, so short documents raise it)
-            "data/nsp_random": s["random_pairs"] / max(1.0, s["sequences"]),
+            "data/mask_rate": s["predicted"] / max(1.0, s["eligible"]),
             "perf/tokens_per_s": self.tokens * self.topo.world_size / elapsed,
             "perf/tokens_per_s_rank_min": -neg_tps_min,
             "perf/tokens_per_s_rank_max": tps_max,
-            "perf/samples_per_s": s["sequences"] / elapsed,
+            "perf/samples_per_s": s["examples"] / elapsed,
             "perf/real_tokens_per_s": s["real_tokens"] / elapsed,
             "perf/mfu": (self.tokens / elapsed) * flops_per_token / self.peak_flops,
             "perf/step_time_ms": 1000 * elapsed / max(1, steps),
@@ -140,9 +143,9 @@ class MetricLogger:
                 if tag != "step":
                     self.writer.add_scalar(tag, value, step)
             self.writer.flush()
-            print(f"step {step:>7} | loss {record['train/loss']:.4f} "
-                  f"(mlm {record['train/mlm_loss']:.4f}, nsp {record['train/nsp_loss']:.4f}) | "
-                  f"mlm acc {record['train/mlm_acc']:.3f} | nsp acc {record['train/nsp_acc']:.3f} | "
+            shown = " | ".join(f"{tag.split('/', 1)[1].replace('_', ' ')} {value:.4f}"
+                               for tag, value in own.items() if tag.startswith("train/"))
+            print(f"step {step:>7} | loss {record['train/loss']:.4f} | {shown} | "
                   f"lr {lr:.2e} | {record['perf/tokens_per_s']:,.0f} tok/s", flush=True)
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()

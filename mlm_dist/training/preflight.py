@@ -17,10 +17,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlm_dist.config import RunConfig, load_config, validate_topology
+from mlm_dist.config import ConfigError, RunConfig, load_config, validate_topology
 from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Tokenizer
-from mlm_dist.training.checkpoint import CHECKPOINTS, latest_complete
+from mlm_dist.training.checkpoint import CHECKPOINTS, RUN_CONFIG, latest_complete
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ def check_run_dir(cfg: RunConfig) -> None:
         # Never train over an existing run: its checkpoints would be mixed with ours.
         raise FileExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
                               "checkpoint.resume=true to continue it, or choose another out_dir")
+    newest = cfg.checkpoint.resume and latest_complete(Path(cfg.out_dir) / CHECKPOINTS)
+    if newest:
+        # Another objective's network has other heads: the checkpoint would not load.
+        saved = load_config(newest / RUN_CONFIG).objective.name
+        if saved != cfg.objective.name:
+            raise ConfigError(f"objective.name: {cfg.out_dir} was trained with {saved}, this run "
+                              f"asks for {cfg.objective.name}; resume with objective.name={saved}"
+                              ", or start another out_dir from it with model.init_from (after "
+                              "`mlm-dist export-hf`)")
 
 
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:

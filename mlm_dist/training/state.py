@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from mlm_dist.config import RunConfig
 from mlm_dist.data.pipeline import ResumableLoader, Shard, carry_to_next_unit, regroup
+from mlm_dist.objectives import objective_for
 from mlm_dist.tokenizer import Vocabulary
 
 
@@ -32,7 +33,7 @@ class TrainState:
     def loader(self, cfg: RunConfig, shards: list[Shard], phase_index: int, *, rank: int,
                world_size: int, vocab: Vocabulary, device: torch.device) -> ResumableLoader:
         """This rank's loader for a phase, from the saved position: exactly there within the
-        phase it was saved in; at each reader's next work unit in a later phase, whose pairs
+        phase it was saved in; at each reader's next work unit in a later phase, whose examples
         (another sequence length) are made differently."""
         state = None
         if self.position is not None:
@@ -43,7 +44,7 @@ class TrainState:
         return ResumableLoader(shards, seq_len=phase.seq_len, micro_batch=phase.micro_batch,
                                rank=rank, world_size=world_size, seed=cfg.train.seed,
                                data=cfg.data, vocab=vocab, pin_memory=device.type == "cuda",
-                               state=state)
+                               state=state, examples_of=objective_for(cfg).example_builder)
 
     def remember(self, phase_index: int, loader: ResumableLoader) -> None:
         """Keep `loader`'s position: the next phase's loader (or a rolled-back one) starts

@@ -2,7 +2,8 @@
 
 The training loop and every benchmark call `train_step`, so what a bench times or measures is
 the step training runs. `engine` is a DeepSpeed engine, or anything with its four calls (the
-train bench wraps a plain model and optimizer).
+train bench wraps a plain model and optimizer). What the forward pass predicts and how its loss
+is made is the objective's (mlm_dist/objectives).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Callable, Iterator
 
 from mlm_dist.data.batches import Batch
 from mlm_dist.masking import TokenMasker
-from mlm_dist.model import pretraining_loss
+from mlm_dist.objectives import Objective
 from mlm_dist.training import faults
 
 
-def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: int,
-               accumulation: int, record: Callable | None = None,
+def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, objective: Objective, *,
+               step: int, accumulation: int, record: Callable | None = None,
                after_backward: Callable[[int], None] | None = None) -> float:
     """Run `accumulation` micro-batches of `batches` into one optimizer step; return the
     seconds spent waiting for data. `record(losses, batch, masked)` sees each micro-batch's
@@ -34,9 +35,7 @@ def train_step(engine, batches: Iterator[Batch], masker: TokenMasker, *, step: i
         batch = next(batches).to(engine.device)
         waited += time.perf_counter() - start
         masked = masker(batch.input_ids, step, micro, batch.word_starts)
-        mlm_logits, nsp_logits = engine(masked.input_ids, batch.token_type_ids,
-                                        batch.padding_mask, masked.positions, batch.packing)
-        losses = pretraining_loss(mlm_logits, masked.labels, nsp_logits, batch.nsp_label)
+        losses = objective.losses(engine, batch, masked)
         if faults.nan_loss(step):
             losses["loss"] = losses["loss"] * math.nan
         engine.backward(losses["loss"])
