@@ -259,7 +259,8 @@ def _add_prepare(sub) -> None:
     mode.add_argument("--input", nargs="+", metavar="PATH",
                       help="text or .jsonl files (optionally .gz), directories (their .txt .jsonl "
                            ".txt.gz .jsonl.gz files, recursively) or glob patterns (quote them)")
-    mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest")
+    mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR (or of a URL: "
+                      "https://, s3://, gs://, 'pipe:CMD {}') against its manifest")
     mode.add_argument("--merge", metavar="DIR", help="merge the partition manifests of DIR")
     pr.add_argument("--tokenizer", metavar="DIR", help="directory holding tokenizer.model")
     pr.add_argument("--out", metavar="DIR", help="directory for the shards (never overwritten)")
