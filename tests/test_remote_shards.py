@@ -77,8 +77,14 @@ def test_http_gives_the_directorys_documents_and_batches(tiny_shards, served):
         skips = SkipCounter()
         assert documents(b.path, b.documents, skips=skips) == documents(a.path, a.documents)
         assert skips.documents == 0
-    # 2 workers per rank, each its own fsspec client in its own process
-    assert same(batches(url), batches(tiny_shards))
+    # 2 workers per rank, each its own fsspec client in its own process; resumed mid-stream
+    full = batches(url)
+    assert same(full, batches(tiny_shards))
+    first = loader(url)
+    list(itertools.islice(first, 5))
+    state = first.state_dict()
+    first.close()
+    assert same(batches(url, n=7, state=state), full[5:])
 
 
 def test_pipe_command_gives_the_directorys_batches(tiny_shards):

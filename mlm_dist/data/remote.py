@@ -5,8 +5,8 @@ A shard location (`data.shards`) is a directory or one of these; manifest.json i
 location, and each shard at the location joined with the manifest's relative path. URLs are
 opened through fsspec (HTTP with aiohttp, S3 with s3fs, GCS with gcsfs: `pip install
 'mlm-dist[remote]'` brings the first two), which reads a file in blocks of BLOCK_BYTES by range
-requests: a shard is read sequentially, never stored whole, and memory stays at about two
-blocks per reader. `pipe:CMD` runs CMD in a shell through WebDataset's Pipe with `{}` replaced
+requests: a shard is read sequentially, never stored whole, and memory stays at one block
+per reader. `pipe:CMD` runs CMD in a shell through WebDataset's Pipe with `{}` replaced
 by the file's relative path (`pipe:aws s3 cp s3://bucket/prefix/{} -`), for any tool that can
 write a file to its standard output.
 
@@ -22,6 +22,7 @@ instead of hanging a worker; reader.py retries it from the last whole sample.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
 import select
@@ -40,7 +41,7 @@ from mlm_dist.config import ConfigError, DataConfig
 log = logging.getLogger("mlm_dist.data")
 
 PIPE = "pipe:"
-BLOCK_BYTES = 4 << 20  # one range request; a reader holds about two
+BLOCK_BYTES = 4 << 20  # one range request, and what a reader holds of a shard at a time
 # What each URL scheme needs beyond fsspec: the module fsspec imports for it, and the install.
 LIBRARIES = {"http": ("aiohttp", "pip install 'mlm-dist[remote]'"),
              "https": ("aiohttp", "pip install 'mlm-dist[remote]'"),
@@ -122,8 +123,8 @@ def read_file(location: str, relative: str, settings: StreamSettings = StreamSet
 
     def attempt() -> bytes:
         if url.startswith(PIPE):
-            with PipeStream(url, 0, settings.timeout) as stream:
-                data = stream.read(-1)
+            with PipeStream(url, settings.timeout) as stream:
+                data = stream.readall()
                 stream.finish()
                 return data
         fs, path = _filesystem(url, settings)
@@ -156,15 +157,23 @@ def open_stream(url: str, offset: int, settings: StreamSettings) -> BinaryIO:
     """A read-only stream of a shard, `offset` bytes in: seeked by a range request for a URL,
     read and dropped for a pipe (whose command starts from the beginning again)."""
     if url.startswith(PIPE):
-        return PipeStream(url, offset, settings.timeout)
-    fs, path = _filesystem(url, settings)
-    stream = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
-    if offset:
-        if stream.seekable():
-            stream.seek(offset)
-        else:  # a server that gives no size gets one streaming GET: skip up to the offset
+        raw = PipeStream(url, settings.timeout)
+    else:
+        fs, path = _filesystem(url, settings)
+        # No cache of fsspec's own: the buffer below asks for a whole block at a time, and
+        # answers the tar reader's many small reads in C (fsspec's read costs ~10 µs a call).
+        raw = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="none")
+    try:
+        seeked = offset > 0 and _seek(raw, offset)
+        stream = io.BufferedReader(raw, buffer_size=BLOCK_BYTES)
+        if offset and not seeked:
+            # A pipe starts again from the beginning, as does a server that gives no size
+            # (one streaming GET): read up to the offset and drop it.
             _drop(stream, offset)
-    return stream
+        return stream
+    except BaseException:
+        raw.close()
+        raise
 
 
 def _with_retries(attempt, url: str, settings: StreamSettings):
@@ -271,6 +280,18 @@ def _filesystem(url: str, settings: StreamSettings):
     return fsspec.core.url_to_fs(url, **options)
 
 
+def _seek(raw, offset: int) -> bool:
+    """Whether `raw` now stands at `offset`. fsspec's streaming HTTP file (a server that gives
+    no size) calls itself seekable and refuses to seek."""
+    if not raw.seekable():
+        return False
+    try:
+        raw.seek(offset)
+    except (ValueError, io.UnsupportedOperation):
+        return False
+    return True
+
+
 def _drop(stream, count: int) -> None:
     while count > 0:
         chunk = stream.read(min(count, BLOCK_BYTES))
@@ -279,41 +300,31 @@ def _drop(stream, count: int) -> None:
         count -= len(chunk)
 
 
-class PipeStream:
-    """The output of a `pipe:` command as a read-only stream with a timeout on every read.
+class PipeStream(io.RawIOBase):
+    """The output of a `pipe:` command as a raw read-only stream with a timeout on every read.
 
     WebDataset's Pipe runs the command; it is made unbuffered so that select() sees every byte
     still to come, and in a session of its own so that closing early ends the whole command
     (a shell pipeline included), never waits on a stalled one."""
 
-    def __init__(self, url: str, offset: int, timeout: float):
+    def __init__(self, url: str, timeout: float):
         from webdataset.gopen import Pipe
 
+        super().__init__()
         self.url, self.timeout = url, timeout
         self.pipe = Pipe(url[len(PIPE):], mode="rb", shell=True, bufsize=0,
                          start_new_session=True, ignore_status=[141])  # 141: SIGPIPE on close
         self.fd = self.pipe.stream.fileno()
-        if offset:
-            try:
-                _drop(self, offset)
-            except BaseException:
-                self.close()
-                raise
 
-    def read(self, n: int = -1) -> bytes:
-        """Up to n bytes (all to the end for n < 0); fewer only at the end of the output."""
-        chunks, remaining = [], n if n >= 0 else sys.maxsize
-        while remaining > 0:
-            ready, _, _ = select.select([self.fd], [], [], self.timeout)
-            if not ready:
-                raise TimeoutError(f"{self.url}: no output for {self.timeout:g} s "
-                                   "(data.stream_timeout)")
-            chunk = os.read(self.fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"{self.url}: no output for {self.timeout:g} s "
+                               "(data.stream_timeout)")
+        return os.readv(self.fd, [buffer])
 
     def finish(self) -> None:
         """After reading to the end: the command's exit status, an OSError if it failed."""
@@ -321,13 +332,11 @@ class PipeStream:
         if status not in (0, 141):
             raise OSError(f"exit status {status}")
 
-    def seekable(self) -> bool:
-        return False
-
     def close(self) -> None:
+        if self.closed:
+            return
         proc = self.pipe.proc
-        if not self.pipe.stream.closed:
-            self.pipe.stream.close()
+        self.pipe.stream.close()
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -339,9 +348,4 @@ class PipeStream:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.pipe.status = proc.returncode  # Pipe's own close would wait again, and raise
-
-    def __enter__(self) -> "PipeStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
