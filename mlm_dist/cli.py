@@ -270,7 +270,8 @@ def _add_prepare(sub) -> None:
                       help=".txt, .jsonl, .parquet files, .gz/.bz2/.zst-compressed text and JSON "
                            "lines, Wikipedia CirrusSearch dumps; directories (their files with "
                            "those suffixes, recursively) or glob patterns (quote them)")
-    mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest")
+    mode.add_argument("--verify", metavar="DIR", help="check the shards of DIR (or of a URL: "
+                      "https://, s3://, gs://, 'pipe:CMD {}') against its manifest")
     mode.add_argument("--merge", metavar="DIR", help="merge the partition manifests of DIR")
     pr.add_argument("--tokenizer", metavar="DIR", help="directory holding tokenizer.model")
     pr.add_argument("--out", metavar="DIR", help="directory for the shards (never overwritten)")

@@ -57,7 +57,9 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    # Directory written by `mlm-dist prepare` (holds manifest.json and the tar shards).
+    # Directory written by `mlm-dist prepare` (holds manifest.json and the tar shards), or
+    # where such a directory is served: https://host/path/, s3://bucket/prefix/, gs://…, or
+    # 'pipe:CMD {}' (CMD prints the file whose relative path replaces {}). See data/remote.py.
     shards: str = ""
     # Directory holding tokenizer.model; defaults to the one recorded next to the shards.
     tokenizer: str = ""
@@ -76,6 +78,14 @@ class DataConfig:
     # Pack several pairs into a row (positions restart and attention stays within each pair):
     # short documents give short pairs, and a row of one pair is mostly padding.
     pack: bool = False
+    # Shards behind a URL (data.shards): a stream that breaks or stalls is opened again at the
+    # last whole sample, up to `stream_retries` times in a row without a new sample, waiting
+    # `stream_backoff` seconds before the first retry and twice as long before each next;
+    # then the rest of the shard counts as skipped (as for a corrupt tar). `stream_timeout`:
+    # seconds a connection or one read may take before the attempt counts as broken.
+    stream_retries: int = 5
+    stream_backoff: float = 1.0
+    stream_timeout: float = 60.0
 
 
 @dataclass
@@ -442,6 +452,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= cfg.data.short_seq_prob <= 1.0, "data.short_seq_prob", "must be in [0, 1]")
     _require(bool(cfg.data.shards), "data.shards",
              "is required: the directory written by `mlm-dist prepare`")
+    _require(cfg.data.stream_retries >= 0, "data.stream_retries", "must be >= 0")
+    _require(cfg.data.stream_backoff >= 0, "data.stream_backoff", "must be >= 0 seconds")
+    _require(cfg.data.stream_timeout > 0, "data.stream_timeout", "must be > 0 seconds")
     _require(bool(cfg.out_dir), "out_dir", "is required")
     _validate_deepspeed_extras(cfg.deepspeed)
 

@@ -77,7 +77,8 @@ def add_parser(bench_subparsers) -> None:
     d = bench_subparsers.add_parser(
         "data", help="loader sequences/s per worker, fill and documents per micro-batch; "
                      "on-device masking cost against transformers' DataCollatorForLanguageModeling")
-    d.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`")
+    d.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`, "
+                   "or a URL where it is served (as data.shards): compare the two")
     d.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
     d.add_argument("--micro-batch", type=int, default=32)
     d.add_argument("--batches", type=int, default=200)

@@ -37,6 +37,7 @@ from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter
 from mlm_dist.data.examples import ExampleBuilder, Pair
 from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents
+from mlm_dist.data.remote import StreamSettings, shard_location
 from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Vocabulary
 
@@ -49,12 +50,13 @@ class Shard:
 
 def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
     """The shards of a split as the manifest lists them. A missing file is not an error here:
-    the reader skips it with a warning and counts its documents (see reader.py)."""
+    the reader skips it with a warning and counts its documents (see reader.py).
+    `directory` may be a URL (remote.py): then each shard's path is a URL too."""
     manifest = Manifest.load(directory)
     if split not in manifest.splits or not manifest.splits[split]:
         raise ValueError(f"data.shards: {directory} has no {split!r} shards; "
                          "re-run `mlm-dist prepare`")
-    return [Shard(str(Path(directory).resolve() / s.path), s.documents)
+    return [Shard(shard_location(directory, s.path), s.documents)
             for s in manifest.splits[split]]
 
 
@@ -140,7 +142,8 @@ class ReaderStream:
         rng = np.random.default_rng([self.seed, epoch, self.reader, u])
         documents = (document for shard in unit.shards
                      for document in read_documents(shard.path, shard.documents, unit.modulus,
-                                                    unit.remainder, self.skips))
+                                                    unit.remainder, self.skips,
+                                                    StreamSettings.of(self.data)))
         builder = self.examples_of(self.seq_len, rng, self.data, self.vocab)
         return builder(shuffled(documents, self.data.shuffle_buffer, rng))
 

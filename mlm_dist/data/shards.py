@@ -282,7 +282,16 @@ class Manifest:
         return target
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path, streams=None) -> "Manifest":
+        """The manifest of a shard directory, or of a URL where one is served (remote.py,
+        read with `streams`, a remote.StreamSettings: the run's timeout)."""
+        from mlm_dist.data import remote
+
+        if remote.is_remote(str(directory)):
+            remote.check_location(str(directory))
+            return cls.parse(remote.read_file(str(directory), MANIFEST_FILE,
+                                              streams or remote.StreamSettings()),
+                             remote.redacted(remote.join(str(directory), MANIFEST_FILE)))
         directory = Path(directory)
         path = directory / MANIFEST_FILE
         if not directory.is_dir():
@@ -300,15 +309,20 @@ class Manifest:
     def read(cls, path: str | Path) -> "Manifest":
         """Parse and check one manifest file (manifest.json or a partition's partial manifest)."""
         path = Path(path)
+        return cls.parse(path.read_bytes(), str(path))
+
+    @classmethod
+    def parse(cls, text: bytes, where: str) -> "Manifest":
+        """A manifest from its bytes; `where` (its path or URL) names it in errors."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text.decode("utf-8"))
             return _manifest_from_json(data)
         except ShardFormatError as e:
-            raise ShardFormatError(f"{path}: {e}") from None
+            raise ShardFormatError(f"{where}: {e}") from None
         except (ValueError, KeyError, TypeError) as e:
             problem = (f"missing key {e}" if isinstance(e, KeyError) else
                        f"not JSON: {e}" if isinstance(e, json.JSONDecodeError) else str(e))
-            raise ValueError(f"{path} is malformed ({problem}); {_PREPARE_HINT}") from None
+            raise ValueError(f"{where} is malformed ({problem}); {_PREPARE_HINT}") from None
 
 
 def _publish(tmp: Path, target: Path):

@@ -4,6 +4,8 @@ Per shard: it exists, has the listed size and sha256, and every sample decodes (
 loader's own tar reader and decode_document) into the listed numbers of documents, sentences
 and tokens. Each shard is read once: the sha256 is computed from the same bytes the tar reader
 consumes. Problems are collected, never raised, so one bad shard does not hide the next.
+DIR may be a URL (remote.py): each shard is then streamed once, and a connection that breaks
+is reported as a problem of that shard (the loader would retry it; a check reports it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from mlm_dist.data import remote
 from mlm_dist.data.reader import DamagedTar, tar_samples
 from mlm_dist.data.shards import MANIFEST_FILE, Manifest, ShardInfo, decode_document
 from mlm_dist.data.workers import check_workers, ordered_map
@@ -27,7 +30,7 @@ MAX_SAMPLE_PROBLEMS = 5  # per shard; a shard of garbage should not print a mill
 
 @dataclass
 class ShardCheck:
-    path: Path
+    path: Path | str  # a URL for remote shards
     problems: list[str] = field(default_factory=list)
     found: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
@@ -39,7 +42,7 @@ def verify_shards(directory: str | Path, workers: int = 1, progress: bool = Fals
     (Manifest.load): there is nothing to check shards against.
     """
     check_workers(workers)
-    root = Path(directory)
+    root = str(directory) if remote.is_remote(str(directory)) else Path(directory)
     manifest = Manifest.load(root)
     shards = [shard for split in manifest.splits.values() for shard in split]
     checks = ordered_map(partial(check_shard, root), shards, workers)
@@ -47,7 +50,9 @@ def verify_shards(directory: str | Path, workers: int = 1, progress: bool = Fals
                      disable=None if progress else True))
 
 
-def check_shard(root: Path, shard: ShardInfo) -> ShardCheck:
+def check_shard(root: Path | str, shard: ShardInfo) -> ShardCheck:
+    if isinstance(root, str):
+        return _check_remote_shard(root, shard)
     path = root / shard.path  # stays inside root: Manifest.load checked every path
     check = ShardCheck(path)
     try:
@@ -66,6 +71,30 @@ def check_shard(root: Path, shard: ShardInfo) -> ShardCheck:
         except OSError as e:
             check.problems.append(f"{path}: read error ({e.strerror or e})")
             return check
+    return _compare(check, hashing, shard)
+
+
+def _check_remote_shard(location: str, shard: ShardInfo) -> ShardCheck:
+    url = remote.join(location, shard.path)  # stays inside: Manifest.load checked every path
+    check = ShardCheck(remote.redacted(url))
+    stream = None
+    try:
+        stream = remote.open_stream(url, 0, remote.StreamSettings())
+        hashing = HashingReader(stream)
+        _count_samples(hashing, check)
+        hashing.read_to_end()
+    except remote.transport_errors() as e:
+        check.problems.append(f"{check.path}: cannot be read ({remote.reason(e)})")
+        return check
+    finally:
+        if stream is not None:
+            stream.close()
+    return _compare(check, hashing, shard)
+
+
+def _compare(check: ShardCheck, hashing: "HashingReader", shard: ShardInfo) -> ShardCheck:
+    """The bytes read against the manifest's size and sha256, the samples against its counts."""
+    path = check.path
     if hashing.size != shard.bytes:
         check.problems.insert(0, f"{path}: {hashing.size} bytes, {MANIFEST_FILE} says "
                                  f"{shard.bytes} (truncated or replaced)")

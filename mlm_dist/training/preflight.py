@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlm_dist.config import ConfigError, RunConfig, load_config, validate_topology
+from mlm_dist.data import remote
 from mlm_dist.data.shards import Manifest
 from mlm_dist.tokenizer import Tokenizer
 from mlm_dist.training.checkpoint import CHECKPOINTS, RUN_CONFIG, latest_complete
@@ -36,7 +37,8 @@ def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Pref
     accumulation = validate_topology(cfg, world_size)
     check_run_dir(cfg)
     tokenizer = None
-    if on_ranks or Path(cfg.data.shards).is_dir():
+    # A URL names the same shards from every host, so the launching host checks it too.
+    if on_ranks or Path(cfg.data.shards).is_dir() or remote.is_remote(cfg.data.shards):
         cfg, tokenizer = resolve_data(cfg)
     if on_ranks:
         from mlm_dist.engine import check_precision  # imports DeepSpeed: the ranks have it
@@ -70,7 +72,10 @@ def check_run_dir(cfg: RunConfig) -> None:
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
     """Find the tokenizer, check it matches the shards (and model.init_from's), and fill in
     model.vocab_size and absolute data paths."""
-    manifest = Manifest.load(cfg.data.shards)
+    shards_remote = remote.is_remote(cfg.data.shards)
+    manifest = Manifest.load(cfg.data.shards, remote.StreamSettings.of(cfg.data))
+    if shards_remote:
+        check_remote_shards(cfg, manifest)
     tokenizer = Tokenizer.load(cfg.data.tokenizer or manifest.tokenizer.path)
     if tokenizer.sha256 != manifest.tokenizer.sha256:
         raise ValueError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
@@ -93,5 +98,21 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab),
         data=dataclasses.replace(cfg.data, tokenizer=str(Path(tokenizer.path).parent.resolve()),
-                                 shards=str(Path(cfg.data.shards).resolve())))
+                                 shards=cfg.data.shards if shards_remote
+                                 else str(Path(cfg.data.shards).resolve())))
     return cfg, tokenizer
+
+
+def check_remote_shards(cfg: RunConfig, manifest: Manifest) -> None:
+    """Shards behind a URL: one of them readable from here (remote.check_readable), and a
+    tokenizer on this host, which the manifest's path (on the host that ran `prepare`) may
+    not be."""
+    shards = manifest.splits.get("train") or [s for split in manifest.splits.values()
+                                              for s in split]
+    if shards:
+        remote.check_readable(cfg.data.shards, shards[0].path, remote.StreamSettings.of(cfg.data))
+    if not cfg.data.tokenizer and not Path(manifest.tokenizer.path).exists():
+        raise ConfigError(f"data.tokenizer: the shards at {remote.redacted(cfg.data.shards)} "
+                          f"were made with the tokenizer at {manifest.tokenizer.path}, which "
+                          "this host does not have; set data.tokenizer to a copy of it (sha256 "
+                          f"{manifest.tokenizer.sha256[:12]}…)")
