@@ -1,6 +1,8 @@
-"""`mlm-dist bench convergence`: the reference's NSP instances follow Google's rules, its LR
-schedule is ours, the corpora have the promised shapes, and the whole command runs end to end
-(2 real DeepSpeed ranks, a real transformers reference) on a tiny corpus."""
+"""`mlm-dist bench convergence`: the reference's NSP instances follow Google's rules and its
+sentence-order instances ALBERT's, its mlm blocks are run_mlm.py's grouped texts, its LR
+schedule is ours, the corpora have the promised shapes, seeds are summarised by mean and sample
+spread, and the whole command runs end to end for bert and mlm (2 real DeepSpeed ranks, a real
+transformers reference) on a tiny corpus."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.google_instances import (create_instances_from_document,
                                              create_training_instances, truncate_seq_pair)
+from mlm_dist.bench.convergence import mean_and_spread, targets_of
+from mlm_dist.bench.grouped_texts import GROUP_TEXTS_BATCH, group_texts, training_blocks
 from mlm_dist.bench.reference_trainer import lr_factor
 
 SENTENCE = 5  # tokens per sentence in the synthetic documents below
@@ -69,6 +73,88 @@ def test_instances_follow_google_rules():
     # Balanced: a coin per pair, plus the chunks of one sentence that must take a random B.
     assert len(labels) > 1000
     assert 0.45 < np.mean(labels) < 0.58
+
+
+def test_sentence_order_instances_follow_alberts_rules():
+    """ALBERT's create_pretraining_data.py (random_next_sentence=False): B is the rest of A's
+    chunk, the two swapped half the time; only a chunk of one sentence takes a random B."""
+    rng = random.Random(3)
+    documents = numbered_documents(200, rng)
+    swapped, random_b, in_order = 0, 0, 0
+    for index, document in enumerate(documents):
+        next_sentence = 0  # the first sentence of this document not yet in a pair
+        for x in create_instances_from_document(documents, index, 64, 0.1, rng,
+                                                sentence_order=True):
+            a_docs, b_docs = {where(t)[0] for t in x.tokens_a}, {where(t)[0] for t in x.tokens_b}
+            a, b = sentences_of(x.tokens_a), sentences_of(x.tokens_b)
+            assert a_docs == {index} and len(b_docs) == 1
+            if b_docs != {index}:  # ALBERT's fallback: a one-sentence chunk, labelled 1
+                assert x.is_random_next and len(a) == 1 and a[0] == next_sentence
+                random_b += 1
+                next_sentence = a[-1] + 1
+                continue
+            first, second = (b, a) if x.is_random_next else (a, b)
+            # Two consecutive runs of sentences, in the document's order once unswapped.
+            assert first[0] == next_sentence
+            assert first == list(range(first[0], first[-1] + 1))
+            assert second == list(range(first[-1] + 1, second[-1] + 1))
+            swapped += x.is_random_next
+            in_order += not x.is_random_next
+            next_sentence = second[-1] + 1
+        assert next_sentence == len(document)  # every sentence used once
+    assert swapped > 500 and 0.42 < swapped / (swapped + in_order) < 0.58
+    assert 0 < random_b < 0.1 * (swapped + in_order)
+
+
+def run_mlm_group_texts(examples: dict, max_seq_length: int) -> dict:
+    """run_mlm.py's group_texts, verbatim in substance."""
+    concatenated_examples = {k: sum(examples[k], []) for k in examples}
+    total_length = len(concatenated_examples[list(examples.keys())[0]])
+    total_length = (total_length // max_seq_length) * max_seq_length
+    return {k: [t[i: i + max_seq_length] for i in range(0, total_length, max_seq_length)]
+            for k, t in concatenated_examples.items()}
+
+
+def test_mlm_blocks_are_run_mlms_grouped_texts():
+    rng = random.Random(4)
+    # Enough documents for three map batches: each batch drops its own remainder.
+    documents = [[np.arange(rng.randint(1, 9)) + 1000 * d + 10 * s
+                  for s in range(rng.randint(1, 4))] for d in range(2 * GROUP_TEXTS_BATCH + 300)]
+    blocks = group_texts(documents, 16, cls_id=2, sep_id=3)
+    # What run_mlm.py gets from the tokenizer for each text: [CLS] text [SEP].
+    texts = [[2, *np.concatenate(d).tolist(), 3] for d in documents]
+    theirs = []
+    for start in range(0, len(texts), GROUP_TEXTS_BATCH):  # map(batched=True)
+        theirs += run_mlm_group_texts({"input_ids": texts[start:start + GROUP_TEXTS_BATCH]},
+                                      16)["input_ids"]
+    assert blocks.tolist() == theirs
+    rows, epochs = training_blocks(blocks, 2 * len(blocks) + 5, random.Random(0))
+    assert epochs == 3 and len(rows) == 2 * len(blocks) + 5
+    # Each epoch hands out every block once, in a new order.
+    first = [r.tolist() for r in rows[:len(blocks)]]
+    assert sorted(first) == sorted(blocks.tolist()) and first != blocks.tolist()
+    assert first != [r.tolist() for r in rows[len(blocks):2 * len(blocks)]]
+
+
+def test_seeds_are_summarised_by_mean_and_sample_spread():
+    runs = [{"val_mlm_loss": 1.0, "train_seconds": 10.0},
+            {"val_mlm_loss": 2.0, "train_seconds": 12.0},
+            {"val_mlm_loss": 4.0, "train_seconds": 14.0}]
+    s = mean_and_spread(runs, ["val_mlm_loss", "train_seconds"])
+    assert s["mean"] == {"val_mlm_loss": pytest.approx(7 / 3), "train_seconds": 12.0}
+    # Sample standard deviation (n - 1): sqrt(((1-7/3)² + (2-7/3)² + (4-7/3)²) / 2) = sqrt(7/3)
+    assert s["std"]["val_mlm_loss"] == pytest.approx(math.sqrt(7 / 3))
+    assert s["std"]["train_seconds"] == pytest.approx(2.0)
+    assert mean_and_spread(runs[:1], ["val_mlm_loss"])["std"] == {"val_mlm_loss": None}
+
+    ours = {"val_mlm_loss": 6.115, "val_sop_acc": 0.70, "train_seconds": 100.0}
+    reference = {"val_mlm_loss": 6.10, "val_sop_acc": 0.705, "train_seconds": 400.0}
+    assert all(targets_of(ours, reference, "sop").values())
+    assert len(targets_of(ours, reference, "sop")) == 3
+    worse = {**ours, "val_mlm_loss": 6.121}
+    assert not targets_of(worse, reference, "")[
+        "val_mlm_loss mean <= reference mean + 0.02"]
+    assert len(targets_of(ours, reference, "")) == 2  # mlm: no pair task
 
 
 def test_training_instances_are_shuffled_passes_over_all_documents():
@@ -135,7 +221,8 @@ def test_corpora_have_the_promised_shapes(tmp_path):
 
 
 def test_bench_convergence_end_to_end(tmp_path, capsys):
-    """Both sides train 4 steps of the tiny model on 2 ranks / 2 threads; one evaluation."""
+    """Both sides train 4 steps of the tiny model on 2 ranks / 2 threads, for bert and then mlm
+    on the same shards; one evaluation each; a rerun reuses every stage."""
     from mlm_dist.cli import main
 
     out = tmp_path / "bench"
@@ -144,25 +231,48 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
                "--valid-fraction", "0.1",
                "schedule.phases.0.micro_batch=4", "schedule.phases.0.global_batch=8",
                "optim.warmup_steps=1", "train.log_every=2", "eval.max_pairs=64"]
-    main(command)
-    result = json.loads(capsys.readouterr().out)
-    ours, reference = result["ours"], result["reference"]
-    for side in (ours, reference):
-        for key in ("val_mlm_loss", "val_mlm_acc", "val_nsp_acc", "train_seconds", "tokens"):
-            assert math.isfinite(side[key]), key
-        assert side["steps"] == 4 and [p["step"] for p in side["curve"]] == [0, 2, 4]
-    assert ours["tokens"] == reference["tokens"] == 4 * 8 * 128
-    # One initial model for both: the same weights score the same at step 0.
-    assert ours["curve"][0] == reference["curve"][0]
-    assert set(result["delta"]) >= {"val_mlm_loss", "val_nsp_acc", "train_seconds"}
-    assert isinstance(result["targets_hold"], bool)
-    png = out / "convergence.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "result.json").read_text()) == result
+    results = {}
+    for objective, pair_acc in (("bert", "val_nsp_acc"), ("mlm", None)):
+        main([*command, f"objective.name={objective}"])
+        result = results[objective] = json.loads(capsys.readouterr().out)
+        assert result["objective"] == objective and result["seeds"] == [1234]
+        assert result["setup"]["reference"] == ("BertForMaskedLM" if objective == "mlm"
+                                                else "BertForPreTraining")
+        for side in (result["ours"], result["reference"]):
+            (run,) = side["runs"]
+            assert run["seed"] == 1234
+            for key in ("val_mlm_loss", "val_mlm_acc", "val_perplexity", "train_seconds",
+                        "tokens"):
+                assert math.isfinite(run[key]), key
+            assert (pair_acc in run) == (pair_acc is not None)
+            assert not any(k.startswith(("val_nsp", "val_sop")) for k in run) or pair_acc
+            assert run["steps"] == 4 and [p["step"] for p in run["curve"]] == [0, 2, 4]
+            assert side["mean"]["val_mlm_loss"] == run["val_mlm_loss"]
+            assert side["std"]["val_mlm_loss"] is None  # one seed: no spread
+        ours, reference = result["ours"]["runs"][0], result["reference"]["runs"][0]
+        assert ours["tokens"] == reference["tokens"] == 4 * 8 * 128
+        # One initial model for both: the same weights score the same at step 0.
+        assert ours["curve"][0] == reference["curve"][0]
+        assert set(result["delta"]) >= {"val_mlm_loss", "train_seconds"}
+        assert isinstance(result["targets_hold"], bool)
+        png = out / objective / "convergence.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((out / objective / "result.json").read_text()) == result
+    # mlm's rows are full: its reference's blocks and our rows carry (nearly) no padding,
+    # where bert's pairs leave some.
+    mlm_ours = results["mlm"]["ours"]["runs"][0]
+    assert mlm_ours["real_tokens"] > 0.97 * mlm_ours["tokens"]
+    assert results["bert"]["ours"]["runs"][0]["real_tokens"] < mlm_ours["real_tokens"]
+
+    # Run again: every stage is reused (nothing trains, nothing is scored anew).
+    main([*command, "objective.name=mlm"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ours"] == results["mlm"]["ours"]
+    assert "[4/6]" not in captured.err and "[6/6]" not in captured.err
 
     # Our side gone and other settings: refused before ours trains again, not after.
-    shutil.rmtree(out / "ours")
+    shutil.rmtree(out / "bert" / "seed-1234" / "ours")
     with pytest.raises(SystemExit):
-        main([*command, "train.seed=5"])
+        main([*command, "optim.lr=5e-4"])
     assert "reference was trained with another config" in capsys.readouterr().err
-    assert not (out / "ours").exists()
+    assert not (out / "bert" / "seed-1234" / "ours").exists()

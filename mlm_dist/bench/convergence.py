@@ -1,30 +1,42 @@
 """`mlm-dist bench convergence`: does our trainer give a model as good as a reference trainer's,
-for the same compute?
+for the same compute, for each objective (`objective.name=bert|mlm|sop`, an override as in
+`mlm-dist train`)?
 
 The same model (shape and initial weights) is trained on the same train shards, for the same
 number of sequences of the same length, with the same global batch, LR schedule, precision and
 gradient clipping, twice:
 
-  ours       `mlm-dist train` under the deepspeed launcher on `--ranks` ranks: NSP pairs built
-             online by the loader, masking on the device, ZeRO and the run's precision, a
-             checkpoint every `--every` steps for the validation curve.
-  reference  a loop written with torch and transformers only, as the original BERT recipe
-             trains (bench/reference_trainer.py): instances made the way Google's
-             create_pretraining_data.py makes them (bench/google_instances.py) from all the
-             train documents, all shuffled; DataCollatorForLanguageModeling's 15 % with
-             80/10/10; transformers' BertForPreTraining; torch AdamW without decay on biases
-             and LayerNorm weights; bf16 autocast; clipping; the same linear warmup and decay.
-             One process, with as many threads as ours has over all its ranks.
+  ours       `mlm-dist train` under the deepspeed launcher on `--ranks` ranks: the objective's
+             examples built online by the loader, masking on the device, ZeRO and the run's
+             precision, a checkpoint every `--every` steps for the validation curve.
+  reference  a loop written with torch and transformers only, as the objective's original
+             recipe trains (bench/reference_trainer.py): bert's instances made the way Google's
+             create_pretraining_data.py makes them, sop's the way ALBERT's does
+             (bench/google_instances.py), all shuffled; mlm's blocks grouped as run_mlm.py
+             groups texts (bench/grouped_texts.py); DataCollatorForLanguageModeling's 15 % with
+             80/10/10; transformers' BertForPreTraining (bert, sop) or BertForMaskedLM (mlm);
+             torch AdamW without decay on biases and LayerNorm weights; bf16 autocast;
+             clipping; the same linear warmup and decay. One process, with as many threads as
+             ours has over all its ranks.
+
+`--seeds N` trains each side N times, with train.seed, train.seed + 1, ... (the seed sets the
+initial weights both sides share, each side's data order and its masks): at a few thousand
+tiny steps one run moves with the seed by more than the margin the targets test.
 
 Then ONE evaluation scores both: every saved model, and the initial weights both sides share
-(step 0), is loaded into our BertForPretraining and scored by evaluate.py on the validation split,
-with the same pairs and masks for every model. The JSON has each side's validation MLM loss, MLM
-accuracy and NSP accuracy, training wall time and tokens, the differences (ours - reference), and
-whether our targets hold: validation MLM loss at most the reference's + 0.02, NSP accuracy at
-least the reference's - 0.01, less wall time. A PNG draws both validation MLM-loss curves.
+(step 0), is loaded into the objective's network and scored by evaluate.py on the validation
+split, with the same examples and masks for every model and seed. The JSON has, for each side,
+every run (its final validation figures: MLM loss, perplexity, MLM accuracy and the objective's
+pair-task loss and accuracy; its wall time, tokens and validation curve) and the mean and sample
+standard deviation over the seeds; the differences of the means (ours - reference); and whether
+our targets hold, on the means: validation MLM loss at most the reference's + 0.02, pair-task
+accuracy (NSP, SOP) at least the reference's - 0.01, less wall time. A PNG draws both sides'
+validation MLM-loss curves, one line per seed.
 
 Stages, each skipped when its output exists (as in the demo): corpus (bench/corpora.py) ->
-tokenizer -> shards -> ours -> reference -> evaluation, all under --out.
+tokenizer -> shards (shared by every objective and seed) -> for each seed: ours -> reference ->
+evaluation, under --out/<objective>/seed-<seed>/; result.json and convergence.png under
+--out/<objective>/.
 """
 
 from __future__ import annotations
@@ -48,17 +60,21 @@ if TYPE_CHECKING:  # imported where used: registering the command must stay chea
 # registering the command costs `mlm-dist --help` nothing.
 
 from mlm_dist.bench.convergence_eval import evaluate_runs, plot_curves
-from mlm_dist.bench.reference_trainer import say, train_reference
+from mlm_dist.bench.reference_trainer import REFERENCE_RECIPES, say, train_reference
 from mlm_dist.demo.run import TINY_CONFIG as REPO_CONFIG  # packaged: found in a wheel too
-# The targets: ours must match the reference's quality for the same tokens, in less time.
+# The targets, on the means over seeds: ours must match the reference's quality for the same
+# tokens, in less time.
 MLM_LOSS_MARGIN = 0.02
-NSP_ACC_MARGIN = 0.01
+PAIR_ACC_MARGIN = 0.01  # the pair task's accuracy (NSP, SOP)
 # Book-sized documents are few: a larger valid fraction than `prepare`'s default keeps a few.
 DEFAULT_VALID_FRACTION = 0.05
 # A few shards per rank for either corpus (~100 books, ~50k short documents): our loader mixes
 # the pairs of the documents of one shard at a time, as it would on a real corpus's shards.
 DOCS_PER_SHARD = {"books": 16, "short": 4000}
 SIDE_RECORD = "bench.json"  # written last in each side's directory: that side is done
+CURVES_RECORD = "curves.json"  # a seed's evaluation, kept with the signature it scored
+# evaluate.py's figures that describe the sample, not the model
+SAMPLE_FIGURES = ("val/mask_rate", "val/sequences", "val/predictions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +126,7 @@ def ours_real_tokens(cfg, tokenizer, ranks: int, steps: int) -> int:
     stream is a function of the seed, its rank and the world size only (what makes a resumed
     run exact), so the same loader built here yields the same batches."""
     from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+    from mlm_dist.objectives import objective_for
 
     phase = cfg.schedule.phases[0]
     micro_batches = steps * phase.global_batch // (phase.micro_batch * ranks)  # per rank
@@ -117,7 +134,8 @@ def ours_real_tokens(cfg, tokenizer, ranks: int, steps: int) -> int:
     for rank in range(ranks):
         loader = ResumableLoader(manifest_shards(cfg.data.shards), seq_len=phase.seq_len,
                                  micro_batch=phase.micro_batch, rank=rank, world_size=ranks,
-                                 seed=cfg.train.seed, data=cfg.data, vocab=tokenizer.vocabulary)
+                                 seed=cfg.train.seed, data=cfg.data, vocab=tokenizer.vocabulary,
+                                 examples_of=objective_for(cfg).example_builder)
         try:
             for _ in range(micro_batches):
                 total += int(next(loader).attention_mask.sum())
@@ -134,6 +152,9 @@ def check_comparable(cfg) -> None:
     """What the reference reproduces; anything else would compare two different recipes."""
     from mlm_dist.config import ConfigError
 
+    if cfg.objective.name not in REFERENCE_RECIPES:
+        raise ConfigError(f"objective.name: bench convergence has a reference trainer for "
+                          f"{', '.join(REFERENCE_RECIPES)}, not {cfg.objective.name}")
     if len(cfg.schedule.phases) != 1:
         raise ConfigError("schedule.phases: bench convergence compares one sequence phase "
                           f"(got {len(cfg.schedule.phases)}); the reference has no phase schedule")
@@ -211,15 +232,14 @@ def _side_done(run_dir: Path, signature: dict) -> dict | None:
 
 @dataclass
 class Setup:
-    """What both sides run with, resolved once before either trains."""
+    """What both sides of one seed run with, resolved once before either trains."""
     corpus: str
     config: Path
     run_overrides: list[str]  # ours gets them on its command line; cfg is them resolved
     cfg: RunConfig
     tokenizer: Tokenizer
     shards: Path
-    ours_dir: Path
-    reference_dir: Path
+    run_dir: Path  # this seed's: ours/, reference/ and the evaluation
     steps: int
     every: int
     ranks: int
@@ -230,32 +250,48 @@ class Setup:
     def phase(self) -> SequencePhase:
         return self.cfg.schedule.phases[0]
 
+    @property
+    def seed(self) -> int:
+        return self.cfg.train.seed
+
+    @property
+    def ours_dir(self) -> Path:
+        return self.run_dir / "ours"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.run_dir / "reference"
+
 
 def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = REPO_CONFIG,
-                    overrides: list[str] = (), ranks: int = 2, every: int = 0,
+                    overrides: list[str] = (), ranks: int = 2, every: int = 0, seeds: int = 1,
                     vocab_size: int = 8000, valid_fraction: float = DEFAULT_VALID_FRACTION,
                     max_documents: int | None = None) -> dict:
     """The whole benchmark under `out`, each stage skipped when its output exists; returns the
-    result that the command prints and writes to result.json."""
+    result that the command prints and writes to <out>/<objective>/result.json."""
     require_matplotlib()
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: give 1 or more (3 or more to compare means)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     every = every or max(1, steps // 10)
     shards = prepare_data(corpus, out, vocab_size, valid_fraction, max_documents).resolve()
-    setup = resolve_setup(corpus, config, overrides, shards=shards, out=out, steps=steps,
-                          every=every, ranks=ranks)
-    for side in (setup.ours_dir, setup.reference_dir):  # both, before either trains
-        _side_done(side, setup.signature)
-    ours = run_ours(setup)
-    reference = run_reference(setup)
-    add_ours_tokens(setup, ours)
-
-    say("[6/6] evaluation: the initial weights and every saved model of both sides")
-    curves = evaluate_runs(setup.cfg, setup.tokenizer, setup.ours_dir, setup.reference_dir,
-                           every)
-    plot = out / "convergence.png"
-    plot_curves(curves, plot, plot_title(setup, ours["tokens"]))
-    return assemble_result(setup, ours, reference, curves, plot)
+    setups = [resolve_setup(corpus, config, overrides, shards=shards, out=out, steps=steps,
+                            every=every, ranks=ranks, seed=seed)
+              for seed in bench_seeds(config, overrides, seeds)]
+    for setup in setups:  # every side of every seed, before any trains
+        for side in (setup.ours_dir, setup.reference_dir):
+            _side_done(side, setup.signature)
+    runs = []
+    for setup in setups:
+        ours = run_ours(setup)
+        reference = run_reference(setup)
+        add_ours_tokens(setup, ours)
+        runs.append((ours, reference, evaluate_seed(setup)))
+    plot = setups[0].run_dir.parent / "convergence.png"
+    plot_curves([curves for _, _, curves in runs], plot,
+                plot_title(setups[0], runs[0][0]["tokens"]))
+    return assemble_result(setups, runs, plot)
 
 
 def require_matplotlib() -> None:
@@ -264,19 +300,29 @@ def require_matplotlib() -> None:
                          "pip install matplotlib (it is in mlm-dist's [test] extra)")
 
 
+def bench_seeds(config: Path, overrides: list[str], n: int) -> list[int]:
+    """The seeds of the N runs a side: the config's train.seed (with the overrides) and the
+    next N - 1."""
+    from mlm_dist.config import load_config
+
+    first = load_config(config, [*overrides, "data.shards=unused"]).train.seed
+    return [first + k for k in range(n)]
+
+
 def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Path, out: Path,
-                  steps: int, every: int, ranks: int) -> Setup:
-    """The run config of both sides (checked for what the reference reproduces), the
-    reference's threads, and the signature of this benchmark's sides."""
+                  steps: int, every: int, ranks: int, seed: int) -> Setup:
+    """The run config of both sides of one seed (checked for what the reference reproduces),
+    the reference's threads, and the signature of this seed's sides."""
     from mlm_dist.config import load_config
     from mlm_dist.training.preflight import resolve_data
 
-    ours_dir, reference_dir = (out / "ours").resolve(), (out / "reference").resolve()
     # Ours gets these on its command line; the reference reads the same resolved config.
     run_overrides = [*overrides, f"data.shards={shards}", f"schedule.phases.0.until_step={steps}",
                      f"checkpoint.every={every}", "checkpoint.keep=0", "checkpoint.resume=false",
-                     "eval.every=0"]
-    cfg = load_config(config, [*run_overrides, f"out_dir={ours_dir}"])
+                     "eval.every=0", f"train.seed={seed}"]
+    cfg = load_config(config, run_overrides)
+    run_dir = (out / cfg.objective.name / f"seed-{seed}").resolve()
+    cfg = load_config(config, [*run_overrides, f"out_dir={run_dir / 'ours'}"])
     check_comparable(cfg)
     cfg, tokenizer = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
     phase = cfg.schedule.phases[0]
@@ -290,16 +336,17 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
     signature = {"config": Path(config).read_text(), "overrides": run_overrides,
                  "ranks": ranks}
     return Setup(corpus=corpus, config=Path(config), run_overrides=run_overrides, cfg=cfg,
-                 tokenizer=tokenizer, shards=shards, ours_dir=ours_dir,
-                 reference_dir=reference_dir, steps=steps, every=every, ranks=ranks,
-                 threads=threads, signature=signature)
+                 tokenizer=tokenizer, shards=shards, run_dir=run_dir, steps=steps, every=every,
+                 ranks=ranks, threads=threads, signature=signature)
 
 
 def run_ours(setup: Setup) -> dict:
     """Our side's record: of the run already in ours/, or of a new one."""
     ours = _side_done(setup.ours_dir, setup.signature)
     if ours is None:
-        say(f"[4/6] ours: mlm-dist train on {setup.ranks} DeepSpeed ranks, {setup.steps} steps")
+        say(f"[4/6] ours, seed {setup.seed}: mlm-dist train ({setup.cfg.objective.name}) on "
+            f"{setup.ranks} DeepSpeed ranks, {setup.steps} steps")
+        setup.run_dir.mkdir(parents=True, exist_ok=True)
         ours = {"signature": setup.signature,
                 **train_ours(setup.config, setup.run_overrides, setup.ours_dir, setup.ranks)}
         write_side_record(setup.ours_dir, ours)
@@ -310,7 +357,8 @@ def run_reference(setup: Setup) -> dict:
     """The reference side's record: of the run already in reference/, or of a new one."""
     reference = _side_done(setup.reference_dir, setup.signature)
     if reference is None:
-        say(f"[5/6] reference: transformers BertForPreTraining + torch, {setup.threads} threads, "
+        say(f"[5/6] reference, seed {setup.seed}: transformers "
+            f"{REFERENCE_RECIPES[setup.cfg.objective.name]} + torch, {setup.threads} threads, "
             f"{setup.steps} steps")
         setup.reference_dir.mkdir(parents=True)
         reference = {"signature": setup.signature,
@@ -335,6 +383,22 @@ def add_ours_tokens(setup: Setup, ours: dict) -> None:
         write_side_record(setup.ours_dir, ours)
 
 
+def evaluate_seed(setup: Setup) -> dict:
+    """Both sides' validation curves of one seed: scored the first time, then kept with the
+    signature of the runs they score (both sides were trained with it)."""
+    record = setup.run_dir / CURVES_RECORD
+    if record.is_file():
+        kept = json.loads(record.read_text())
+        if kept["signature"] == setup.signature:
+            return kept["curves"]
+    say(f"[6/6] evaluation, seed {setup.seed}: the initial weights and every saved model of "
+        "both sides")
+    curves = evaluate_runs(setup.cfg, setup.tokenizer, setup.ours_dir, setup.reference_dir,
+                           setup.every)
+    record.write_text(json.dumps({"signature": setup.signature, "curves": curves}))
+    return curves
+
+
 def model_shape(m: ModelConfig) -> str:
     return (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, vocab "
             f"{m.vocab_size}")
@@ -342,54 +406,99 @@ def model_shape(m: ModelConfig) -> str:
 
 def plot_title(setup: Setup, tokens: int) -> str:
     phase, cfg = setup.phase, setup.cfg
-    return (f"corpus '{setup.corpus}': {model_shape(cfg.model)}\nseq {phase.seq_len}, batch "
-            f"{phase.global_batch}, {setup.steps} steps ({tokens / 1e6:.1f}M tokens), "
-            f"{cfg.train.precision}, lr {cfg.optim.lr:g}")
+    return (f"{cfg.objective.name}, corpus '{setup.corpus}': {model_shape(cfg.model)}\nseq "
+            f"{phase.seq_len}, batch {phase.global_batch}, {setup.steps} steps "
+            f"({tokens / 1e6:.1f}M tokens), {cfg.train.precision}, lr {cfg.optim.lr:g}")
+
+
+def named_metrics(point: dict) -> dict:
+    """The objective's validation metrics of one evaluation ("val/mlm_loss" -> "val_mlm_loss"),
+    without the figures of the sample."""
+    return {k.replace("/", "_"): v for k, v in point.items()
+            if k.startswith("val/") and k not in SAMPLE_FIGURES}
 
 
 def side_summary(run: dict, curve: list[dict]) -> dict:
-    """One side's figures in the result: its final validation scores, its training run's
+    """One run's figures in the result: its final validation metrics, its training run's
     figures and its validation curve."""
     final = curve[-1]
     return {
-        "val_mlm_loss": final["val/mlm_loss"], "val_perplexity": final["val/perplexity"],
-        "val_mlm_acc": final["val/mlm_acc"], "val_nsp_acc": final["val/nsp_acc"],
-        # the sample behind them: the same pairs and predicted positions for both sides
-        "val_pairs": final["val/sequences"], "val_predictions": final["val/predictions"],
+        **named_metrics(final),
+        # the sample behind them: the same examples and predicted positions for both sides
+        "val_examples": final["val/sequences"], "val_predictions": final["val/predictions"],
         "train_seconds": run["train_seconds"], "loop_seconds": run["loop_seconds"],
         "steps": run["steps"], "sequences": run["sequences"], "tokens": run["tokens"],
-        # tokens that are not padding: what the pairing put into those sequences
+        # tokens that are not padding: what the examples put into those sequences
         "real_tokens": run["real_tokens"],
-        "curve": [{"step": p["step"], "val_mlm_loss": p["val/mlm_loss"],
-                   "val_nsp_acc": p["val/nsp_acc"]} for p in curve],
+        "curve": [{"step": p["step"], **named_metrics(p)} for p in curve],
     }
 
 
-def assemble_result(setup: Setup, ours: dict, reference: dict, curves: dict, plot: Path) -> dict:
-    """The JSON result: the set-up, both sides, their differences and the targets."""
-    o, r = side_summary(ours, curves["ours"]), side_summary(reference, curves["reference"])
-    r.update({k: reference[k] for k in ("data_seconds", "passes", "nsp_random_fraction",
-                                        "threads")})
-    delta = {k: o[k] - r[k] for k in ("val_mlm_loss", "val_mlm_acc", "val_nsp_acc",
-                                      "train_seconds", "loop_seconds")}
-    targets = {
-        f"val_mlm_loss <= reference + {MLM_LOSS_MARGIN}":
-            o["val_mlm_loss"] <= r["val_mlm_loss"] + MLM_LOSS_MARGIN,
-        f"val_nsp_acc >= reference - {NSP_ACC_MARGIN}":
-            o["val_nsp_acc"] >= r["val_nsp_acc"] - NSP_ACC_MARGIN,
-        "train_seconds < reference": o["train_seconds"] < r["train_seconds"],
-    }
-    phase, cfg = setup.phase, setup.cfg
+def mean_and_spread(runs: list[dict], keys: list[str]) -> dict:
+    """The mean and the sample standard deviation (n - 1; None for one run) of each of `keys`
+    over `runs`."""
+    import statistics
+
+    values = {k: [r[k] for r in runs] for k in keys}
+    return {"mean": {k: statistics.fmean(v) for k, v in values.items()},
+            "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}}
+
+
+def compared_keys(run: dict) -> list[str]:
+    """What is averaged over seeds and compared: the validation metrics and the times."""
+    return [k for k in run if k.startswith("val_") and k not in ("val_examples",
+                                                                 "val_predictions")
+            ] + ["train_seconds", "loop_seconds", "real_tokens"]
+
+
+def targets_of(ours: dict, reference: dict, pair_task: str) -> dict[str, bool]:
+    """Our targets on the means over seeds (`ours`, `reference`: mean_and_spread's "mean")."""
+    targets = {f"val_mlm_loss mean <= reference mean + {MLM_LOSS_MARGIN}":
+               ours["val_mlm_loss"] <= reference["val_mlm_loss"] + MLM_LOSS_MARGIN}
+    if pair_task:
+        acc = f"val_{pair_task}_acc"
+        targets[f"{acc} mean >= reference mean - {PAIR_ACC_MARGIN}"] = (
+            ours[acc] >= reference[acc] - PAIR_ACC_MARGIN)
+    targets["train_seconds mean < reference mean"] = (ours["train_seconds"]
+                                                      < reference["train_seconds"])
+    return targets
+
+
+def assemble_result(setups: list[Setup], runs: list[tuple[dict, dict, dict]],
+                    plot: Path) -> dict:
+    """The JSON result: the set-up, both sides (every run, the mean and spread over seeds),
+    the differences of the means and the targets."""
+    from mlm_dist.objectives import objective_for
+
+    sides: dict[str, list[dict]] = {"ours": [], "reference": []}
+    for setup, (ours, reference, curves) in zip(setups, runs):
+        o = {"seed": setup.seed, **side_summary(ours, curves["ours"])}
+        r = {"seed": setup.seed, **side_summary(reference, curves["reference"]),
+             **{k: v for k, v in reference.items()
+                if k in ("data_seconds", "passes", "instances", "blocks", "threads")
+                or k.endswith("_fraction")}}
+        sides["ours"].append(o)
+        sides["reference"].append(r)
+    keys = compared_keys(sides["ours"][0])
+    summary = {side: {**mean_and_spread(done, keys), "runs": done}
+               for side, done in sides.items()}
+    o, r = summary["ours"]["mean"], summary["reference"]["mean"]
+    setup, cfg = setups[0], setups[0].cfg
+    targets = targets_of(o, r, getattr(objective_for(cfg), "task", ""))
+    phase = setup.phase
     return {
-        "corpus": setup.corpus,
+        "corpus": setup.corpus, "objective": cfg.objective.name,
+        "seeds": [s.seed for s in setups],
         "setup": {"model": model_shape(cfg.model), "seq_len": phase.seq_len,
                   "micro_batch": phase.micro_batch, "global_batch": phase.global_batch,
                   "steps": setup.steps, "every": setup.every, "lr": cfg.optim.lr,
                   "warmup_steps": cfg.optim.warmup_steps, "precision": cfg.train.precision,
                   "ranks": setup.ranks, "reference_threads": setup.threads,
+                  "reference": REFERENCE_RECIPES[cfg.objective.name],
                   "train_shards": split_totals(setup.shards, "train"),
                   "valid_shards": split_totals(setup.shards, "valid")},
-        "ours": o, "reference": r, "delta": delta,
+        **summary,
+        "delta": {k: o[k] - r[k] for k in keys},  # of the means: ours - reference
         "targets": targets, "targets_hold": all(targets.values()),
         "plot": str(plot),
     }
@@ -408,9 +517,11 @@ def split_totals(shards: Path, split: str) -> dict:
 def convergence_command(args) -> None:
     result = run_convergence(args.corpus, Path(args.out), args.steps, config=Path(args.config),
                              overrides=args.overrides, ranks=args.ranks, every=args.every,
-                             vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
+                             seeds=args.seeds, vocab_size=args.vocab_size,
+                             valid_fraction=args.valid_fraction,
                              max_documents=args.max_documents)
-    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(args.out) / result["objective"] / "result.json").write_text(
+        json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2, ensure_ascii=False))  # the corpus and plot paths as written
     if args.check and not result["targets_hold"]:
         sys.exit(1)
@@ -420,20 +531,26 @@ def add_parser(bench_subparsers):
     """Register `bench convergence` under `mlm-dist bench`, handled by convergence_command;
     returns its parser. Cheap: the heavy parts are imported only when the command runs."""
     c = bench_subparsers.add_parser(
-        "convergence", help="ours vs a transformers+torch reference trainer: validation loss "
-                            "and wall time for the same tokens (JSON + PNG)",
+        "convergence", help="ours vs a transformers+torch reference trainer, per objective: "
+                            "validation loss and wall time for the same tokens, over seeds "
+                            "(JSON + PNG)",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     c.add_argument("--corpus", required=True, choices=["books", "short"],
                    help="book-length documents (200-2,000 sentences) or short ones (1-40), "
                         "built from docstrings on this machine")
-    c.add_argument("--out", required=True, help="directory for the corpus, shards, both runs, "
-                   "result.json and convergence.png (stages already there are reused)")
+    c.add_argument("--out", required=True, help="directory for the corpus and shards, and "
+                   "under <objective>/ both sides' runs of every seed, result.json and "
+                   "convergence.png (stages already there are reused)")
     c.add_argument("--steps", type=int, default=2500, help="optimizer steps of each side "
                    "(default 2500)")
     c.add_argument("--every", type=int, default=0,
                    help="steps between saved models for the validation curve (default steps/10)")
     c.add_argument("--config", default=str(REPO_CONFIG), help="YAML run config (default "
                    "configs/tiny.yaml); one sequence phase")
+    c.add_argument("--seeds", type=int, default=1,
+                   help="runs a side, with train.seed, train.seed + 1, ...: the result has "
+                        "each side's mean and sample standard deviation (default 1; 3 or more "
+                        "to compare means within 0.02)")
     c.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks of our run")
     c.add_argument("--vocab-size", type=int, default=8000)
     c.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION)
@@ -441,6 +558,6 @@ def add_parser(bench_subparsers):
                    help="cut the corpus after this many documents (quick runs)")
     c.add_argument("--check", action="store_true", help="exit 1 when a target does not hold")
     c.add_argument("overrides", nargs="*", help="dotted config overrides for both sides, "
-                   "e.g. optim.lr=5e-4")
+                   "e.g. objective.name=mlm optim.lr=5e-4")
     c.set_defaults(func=convergence_command)
     return c

@@ -1,6 +1,7 @@
 """`bench convergence`'s one evaluation for both sides: the shared initial weights and every
-saved model of ours and of the reference, scored on the same validation pairs and masks; and
-the plot of both validation curves."""
+saved model of ours and of the reference, loaded into the objective's network and scored by its
+evaluation (training/evaluate.py: the objective's named metrics) on the same validation examples
+and masks; and the plot of both sides' validation curves, every seed."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ EVAL_MICRO_BATCH = 32
 
 
 def score(model, cfg, shards, tokenizer) -> dict:
-    """Validation figures of `model` (our BertForPretraining) on the valid split of `shards`:
-    evaluate.py's one deterministic pass (the first eval.max_pairs pairs), the same pairs and
-    masks whatever the model, so both sides' numbers compare."""
+    """Validation figures of `model` (the objective's network) on the valid split of `shards`:
+    evaluate.py's one deterministic pass (the first eval.max_pairs examples), the same examples
+    and masks whatever the model, so both sides' numbers compare."""
     import dataclasses
 
     from mlm_dist.training.evaluate import evaluate
@@ -32,15 +33,16 @@ def saved_steps(every: int, total: int) -> list[int]:
 
 
 def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: int) -> dict:
-    """Score the shared initial weights (step 0) and every saved model of both sides."""
+    """Score the shared initial weights (step 0) and every saved model of both sides, all in
+    the objective's network (the reference's saved weights carry our names: strict load)."""
     import torch
 
+    from mlm_dist.objectives import objective_for
     from mlm_dist.training.checkpoint import CHECKPOINTS, load_checkpoint, tag_for
-    from mlm_dist.model import BertForPretraining
 
     shards = cfg.data.shards
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = BertForPretraining(cfg.model)
+    model = objective_for(cfg).build_model(cfg.model)
     model.load_state_dict(initial_state_dict(cfg), strict=True)
     initial = {"step": 0, **score(model, cfg, shards, tokenizer)}
     curves = {"ours": [initial], "reference": [initial]}
@@ -55,17 +57,21 @@ def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: in
     return curves
 
 
-def plot_curves(curves: dict, path: Path, title: str) -> None:
+def plot_curves(runs: list[dict], path: Path, title: str) -> None:
+    """Both sides' validation MLM-loss curves, one line per seed (`runs`: evaluate_runs's
+    curves of each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for side, style in (("ours", "-o"), ("reference", "--s")):
-        points = curves[side]
-        ax.plot([p["step"] for p in points], [p["val/mlm_loss"] for p in points], style,
-                label=side, markersize=3)
+    for side, style, color in (("ours", "-o", "C0"), ("reference", "--s", "C1")):
+        for k, curves in enumerate(runs):
+            points = curves[side]
+            ax.plot([p["step"] for p in points], [p["val/mlm_loss"] for p in points], style,
+                    color=color, label=side if k == 0 else None, markersize=3,
+                    alpha=1.0 if len(runs) == 1 else 0.6)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation MLM loss")
     ax.set_title(title, fontsize=9)

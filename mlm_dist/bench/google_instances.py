@@ -1,6 +1,8 @@
-"""The reference's data for `mlm-dist bench convergence`: NSP instances made from token ids the
-way Google's create_pretraining_data.py makes them (its NSP part, written again here so the
-reference depends on nothing of ours but the shards it reads).
+"""The reference's data for `mlm-dist bench convergence` with the pair objectives: NSP instances
+made from token ids the way Google's create_pretraining_data.py makes them (its NSP part,
+written again here so the reference depends on nothing of ours but the shards it reads), and
+sentence-order instances as ALBERT's create_pretraining_data.py makes them (the same script
+with one more branch).
 
 Every train document is read, the documents are shuffled, each is cut into [CLS] A [SEP] B
 [SEP] pairs by Google's rules (create_instances_from_document), as many passes over the corpus
@@ -23,6 +25,9 @@ if TYPE_CHECKING:  # imported where used: registering the command must stay chea
 class Instance:
     tokens_a: np.ndarray
     tokens_b: np.ndarray
+    # Label 1 of the pair classifier, named as both scripts name it: for NSP, B is from another
+    # document; for sentence order, the segments are swapped (or, ALBERT's fallback for a
+    # one-segment chunk, B is from another document).
     is_random_next: bool
 
 
@@ -47,8 +52,10 @@ def truncate_seq_pair(tokens_a, tokens_b, max_num_tokens: int, rng: random.Rando
 
 def create_instances_from_document(all_documents: list, document_index: int,
                                    max_seq_length: int, short_seq_prob: float,
-                                   rng: random.Random) -> list[Instance]:
-    """The NSP instances of one document, as create_pretraining_data.py builds them.
+                                   rng: random.Random, sentence_order: bool = False
+                                   ) -> list[Instance]:
+    """The NSP instances of one document, as create_pretraining_data.py builds them; with
+    `sentence_order`, the sentence-order instances, as ALBERT's builds them.
 
     Segments (sentences) are accumulated until they reach a target length (max_seq_length - 3,
     or with probability short_seq_prob a random length from 2 up, drawn once per document);
@@ -56,6 +63,11 @@ def create_instances_from_document(all_documents: list, document_index: int,
     the chunk, or (probability 1/2, and always when the chunk is a single segment) text from a
     random other document, in which case the chunk's unused segments are put back to start the
     next chunk. Then the pair is truncated to fit [CLS] A [SEP] B [SEP].
+
+    Sentence order (ALBERT, random_next_sentence=False): B is always the actual rest of the
+    chunk, and A and B are swapped with probability 1/2. A chunk of a single segment still
+    takes its B from another document, labelled as a swap: ALBERT's script does so (ours cuts
+    the sentence in two instead: data/sop.py), and this reference is that script's recipe.
     """
     import numpy as np
 
@@ -80,7 +92,7 @@ def create_instances_from_document(all_documents: list, document_index: int,
                     a_end = rng.randint(1, len(current_chunk) - 1)
                 tokens_a = np.concatenate(current_chunk[:a_end])
 
-                if len(current_chunk) == 1 or rng.random() < 0.5:
+                if len(current_chunk) == 1 or (not sentence_order and rng.random() < 0.5):
                     is_random_next = True
                     target_b_length = target_seq_length - len(tokens_a)
                     # Ten tries at another document (a corpus of one document has none).
@@ -99,6 +111,9 @@ def create_instances_from_document(all_documents: list, document_index: int,
                     tokens_b = np.concatenate(taken)
                     # The segments after A were not used: they go back to the document.
                     i -= len(current_chunk) - a_end
+                elif sentence_order and rng.random() < 0.5:
+                    is_random_next = True  # ALBERT's name for "swapped"
+                    tokens_a, tokens_b = np.concatenate(current_chunk[a_end:]), tokens_a
                 else:
                     is_random_next = False
                     tokens_b = np.concatenate(current_chunk[a_end:])
@@ -111,11 +126,12 @@ def create_instances_from_document(all_documents: list, document_index: int,
 
 
 def create_training_instances(documents: list, max_seq_length: int, short_seq_prob: float,
-                              rng: random.Random, min_instances: int = 0
-                              ) -> tuple[list[Instance], int]:
+                              rng: random.Random, min_instances: int = 0,
+                              sentence_order: bool = False) -> tuple[list[Instance], int]:
     """All documents shuffled, instances made from each, as many passes over the corpus as it
     takes to have `min_instances` (Google's dupe_factor: each pass pairs anew), then ALL
-    instances shuffled together. Returns (instances, passes)."""
+    instances shuffled together. Returns (instances, passes). `sentence_order`: ALBERT's
+    sentence-order instances instead of NSP's."""
     documents = [[s for s in doc if len(s)] for doc in documents]
     documents = [doc for doc in documents if doc]
     if not documents:
@@ -126,7 +142,8 @@ def create_training_instances(documents: list, max_seq_length: int, short_seq_pr
     while passes == 0 or len(instances) < min_instances:
         for document_index in range(len(documents)):
             instances.extend(create_instances_from_document(
-                documents, document_index, max_seq_length, short_seq_prob, rng))
+                documents, document_index, max_seq_length, short_seq_prob, rng,
+                sentence_order))
         passes += 1
     rng.shuffle(instances)
     return instances, passes

@@ -1,20 +1,28 @@
 """The reference trainer of `mlm-dist bench convergence`: a loop written with torch and
-transformers only, as the original BERT recipe trains.
+transformers only, as each objective's original recipe trains.
 
-  data       the NSP instances of google_instances.py, made from all the train documents and
-             all shuffled before training starts; DataCollatorForLanguageModeling masks them
-             (masking.prob, 80/10/10 by masking.mask_frac and masking.random_frac) one
-             micro-batch at a time.
-  model      transformers' BertForPreTraining, loaded with our model's initial weights (the
-             same seed and constructor as training/loop.py), so both sides start from the
-             same point.
+  data       by objective (REFERENCE_RECIPES), all made from the train documents before
+             training starts:
+               bert  the NSP instances of google_instances.py (Google's
+                     create_pretraining_data.py), all shuffled;
+               sop   the sentence-order instances of google_instances.py (ALBERT's
+                     create_pretraining_data.py), all shuffled;
+               mlm   blocks of contiguous text as run_mlm.py groups texts (grouped_texts.py),
+                     shuffled every epoch.
+             DataCollatorForLanguageModeling masks them (masking.prob, 80/10/10 by
+             masking.mask_frac and masking.random_frac) one micro-batch at a time.
+  model      transformers' BertForPreTraining (bert, sop: the pair classifier predicts next
+             sentence or order) or BertForMaskedLM (mlm), loaded with our model's initial
+             weights (the same seed and constructor as training/loop.py), so both sides start
+             from the same point.
   optimizer  torch's fused AdamW (the HF Trainer's default) without weight decay on biases and
              LayerNorm weights; our linear warmup and decay (lr_factor); bf16 autocast or fp32;
              gradient clipping; micro-batch losses averaged over the step, as DeepSpeed's
              accumulation does.
 
 One process, with the threads it is given. Every `every` steps the model is saved as an fp32
-state dict under our parameter names, for the one evaluation that scores both sides.
+state dict under our parameter names (of the objective's network: objectives/), for the one
+evaluation that scores both sides.
 """
 
 from __future__ import annotations
@@ -22,10 +30,16 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mlm_dist.bench.google_instances import (Instance, create_training_instances,
                                               read_train_documents)
+
+# The objectives a reference recipe exists for, and the transformers class each trains.
+REFERENCE_RECIPES = {"bert": "BertForPreTraining", "sop": "BertForPreTraining",
+                     "mlm": "BertForMaskedLM"}
 
 # torch, numpy and transformers are imported where they are used, so that registering the
 # command costs `mlm-dist --help` nothing.
@@ -46,14 +60,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def initial_state_dict(cfg) -> dict:
-    """Our model's initial weights, built exactly as training/loop.py builds them (same seed, same
-    constructor), so both sides start from the same point."""
+    """Our model's initial weights, built exactly as training/loop.py builds them (same seed, the
+    objective's constructor), so both sides start from the same point."""
     import torch
 
-    from mlm_dist.model import BertForPretraining
+    from mlm_dist.objectives import objective_for
 
     torch.manual_seed(cfg.train.seed)
-    return BertForPretraining(cfg.model).state_dict()
+    return objective_for(cfg).build_model(cfg.model).state_dict()
 
 
 def save_state_dict(state: dict, path: Path) -> None:
@@ -65,9 +79,8 @@ def save_state_dict(state: dict, path: Path) -> None:
 
 
 def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
-    """Train transformers' BertForPreTraining with a plain torch loop; save our-named fp32 state
-    dicts every `every` steps into run_dir; return the figures of the run."""
-    import numpy as np
+    """Train the objective's transformers model with a plain torch loop; save our-named fp32
+    state dicts every `every` steps into run_dir; return the figures of the run."""
     import torch
 
     from mlm_dist.bench.steps import hf_adamw
@@ -80,7 +93,7 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     phase, total, o = cfg.schedule.phases[0], cfg.schedule.total_steps, cfg.optim
     accumulation = phase.global_batch // phase.micro_batch
 
-    instances, passes = reference_instances(cfg, needed=total * phase.global_batch)
+    data = reference_data(cfg, needed=total * phase.global_batch)
     data_seconds = time.perf_counter() - start
     collator = reference_collator(cfg)
     model = reference_model(cfg, device)
@@ -97,12 +110,12 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = o.lr * lr_factor(step, o.warmup_steps, total)
         for _ in range(accumulation):
-            rows = [example(x) for x in instances[used:used + phase.micro_batch]]
+            rows = [data.example(x) for x in data.rows[used:used + phase.micro_batch]]
             used += len(rows)
             real_tokens += sum(len(r["input_ids"]) for r in rows)
             batch = {k: v.to(device) for k, v in collator(rows).items()}
             with autocast:
-                loss = model(**batch).loss  # mean MLM cross entropy + mean NSP cross entropy
+                loss = model(**batch).loss  # mean MLM cross entropy (+ mean pair cross entropy)
             # Micro-batch means averaged over the step, as DeepSpeed's accumulation does.
             (loss / accumulation).backward()
             loss_sum += loss.detach().float()  # read at the logging cadence only
@@ -120,27 +133,56 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
             loss_sum, loss_count = 0.0, 0
         if done % every == 0 or done == total:
             state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-            save_state_dict(from_hf_state_dict(state), run_dir / f"step_{done:08d}.pt")
+            save_state_dict(from_hf_state_dict(state, heads_optional=masked_lm_only(cfg)),
+                            run_dir / f"step_{done:08d}.pt")
     loop_seconds = time.perf_counter() - loop_start
     torch.set_num_threads(threads_before)
     return {"train_seconds": time.perf_counter() - start, "loop_seconds": loop_seconds,
             "data_seconds": data_seconds, "steps": total, "sequences": used,
-            "tokens": used * phase.seq_len, "real_tokens": real_tokens,
-            "instances": len(instances), "passes": passes,
-            "nsp_random_fraction": float(np.mean([x.is_random_next for x in instances])),
+            "tokens": used * phase.seq_len, "real_tokens": real_tokens, **data.figures,
             "threads": threads, "history": history}
 
 
-def reference_instances(cfg, *, needed: int) -> tuple[list[Instance], int]:
-    """Every train document, instances made and shuffled before training starts."""
+def masked_lm_only(cfg) -> bool:
+    """The reference trains BertForMaskedLM: no pooler, no pair classifier."""
+    return REFERENCE_RECIPES[cfg.objective.name] == "BertForMaskedLM"
+
+
+@dataclass
+class ReferenceData:
+    """The reference's sequences for the whole run, made before training starts."""
+    rows: list  # one per sequence, in training order; at least the run's
+    example: Callable[..., dict]  # a row -> what a Trainer hands DataCollatorForLanguageModeling
+    figures: dict  # how they were made, for the JSON result
+
+
+def reference_data(cfg, *, needed: int) -> ReferenceData:
+    """Every train document, made into the objective's reference rows (see the module
+    docstring), `needed` of them at least."""
     start = time.perf_counter()
-    phase = cfg.schedule.phases[0]
+    phase, name = cfg.schedule.phases[0], cfg.objective.name
+    documents = read_train_documents(cfg.data.shards)
+    if name == "mlm":
+        from mlm_dist.bench.grouped_texts import group_texts, training_blocks
+        from mlm_dist.tokenizer import CLS_ID, SEP_ID
+
+        blocks = group_texts(documents, phase.seq_len, CLS_ID, SEP_ID)
+        rows, epochs = training_blocks(blocks, needed, random.Random(cfg.train.seed))
+        say(f"reference: {len(blocks)} blocks of {phase.seq_len} tokens, {epochs} epochs "
+            f"({time.perf_counter() - start:.0f} s), {needed} used")
+        return ReferenceData(rows, block_example, {"blocks": len(blocks), "passes": epochs})
+    import numpy as np
+
     instances, passes = create_training_instances(
-        read_train_documents(cfg.data.shards), phase.seq_len, cfg.data.short_seq_prob,
-        random.Random(cfg.train.seed), min_instances=needed)
+        documents, phase.seq_len, cfg.data.short_seq_prob, random.Random(cfg.train.seed),
+        min_instances=needed, sentence_order=name == "sop")
     say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
         f"({time.perf_counter() - start:.0f} s), {needed} used")
-    return instances, passes
+    # The share of pairs labelled 1: B random (bert), or swapped or random (sop: ALBERT's).
+    flagged = "sop_swapped_fraction" if name == "sop" else "nsp_random_fraction"
+    return ReferenceData(instances, example, {
+        "instances": len(instances), "passes": passes,
+        flagged: float(np.mean([x.is_random_next for x in instances]))})
 
 
 def reference_collator(cfg):
@@ -156,14 +198,18 @@ def reference_collator(cfg):
 
 
 def reference_model(cfg, device):
-    """Our initial weights in transformers' BertForPreTraining, in training mode."""
+    """Our initial weights in the objective's transformers class (REFERENCE_RECIPES), in
+    training mode."""
     import torch
-    from transformers import BertForPreTraining
+    import transformers
 
-    from mlm_dist.interop.huggingface import hf_bert_config, to_hf_state_dict
+    from mlm_dist.interop.huggingface import (HF_CLASSES, hf_bert_config,
+                                              to_hf_state_dict)
 
-    model = BertForPreTraining(hf_bert_config(cfg.model))
-    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg)), strict=True)
+    hf_class = REFERENCE_RECIPES[cfg.objective.name]
+    model = getattr(transformers, hf_class)(hf_bert_config(cfg.model))
+    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg), HF_CLASSES[hf_class]),
+                          strict=True)
     model.to(device).train()
     torch.manual_seed(cfg.train.seed)  # dropout's stream, whatever the constructors drew
     return model
@@ -180,4 +226,11 @@ def example(instance: Instance) -> dict:
     types = np.zeros(len(ids), dtype=np.int64)
     types[len(a) + 2:] = 1
     return {"input_ids": ids.tolist(), "token_type_ids": types.tolist(),
-            "next_sentence_label": int(instance.is_random_next)}  # 1 = random, as ours
+            # 1 = random (NSP) or swapped (SOP), as ours
+            "next_sentence_label": int(instance.is_random_next)}
+
+
+def block_example(block) -> dict:
+    """A run_mlm.py block as the example its Trainer hands DataCollatorForLanguageModeling:
+    one segment, no label but the masked tokens."""
+    return {"input_ids": block.tolist(), "token_type_ids": [0] * len(block)}
