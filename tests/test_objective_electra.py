@@ -159,6 +159,41 @@ def test_the_generator_learns_from_its_mlm_loss_only_and_embeddings_are_shared()
                                mlm["embeddings.norm.weight"] + 50.0 * rtd["embeddings.norm.weight"])
 
 
+def test_no_host_sync_in_the_step_or_the_evaluation_terms():
+    """Every aten op of masking, both networks, sampling, the loss, backward and the metric
+    terms (histograms included) is recorded: none may make the host wait for the device
+    (as test_model.py's test of BERT's step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops.add(name)
+            if name.startswith(("index", "_index_put")) and len(args) > 1 and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
+                self.ops.add("boolean indexing")
+            return func(*args, **(kwargs or {}))
+
+    objective, model = electra()
+    batch, masker = tiny_batch()
+    with Recorder() as recorder:
+        masked = masker(batch.input_ids, step=3, word_starts=batch.word_starts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = objective.losses(model.train(), batch, masked)
+        losses["loss"].backward()
+        objective.train_terms(losses, batch)
+        objective.eval_terms(losses, batch)
+    # test_model.py's list, and what sampling or a histogram would have reached for.
+    syncing = {"_local_scalar_dense", "nonzero", "boolean indexing", "nonzero_static",
+               "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+               "equal", "allclose", "multinomial", "bincount", "histc"}
+    assert "scatter_add" in recorder.ops and not recorder.ops & syncing
+
+
 def test_training_metrics_are_named_and_evaluation_metrics_add_up():
     objective, model = electra()
     batch, masker = tiny_batch()
@@ -191,7 +226,7 @@ def test_the_histogram_auc_is_within_its_bound_of_the_exact_auc(separation):
     original = torch.randn(40000, generator=g) * 2.5 - 6.0
     replaced = torch.randn(6000, generator=g) * 3.0 - 6.0 + separation
     logits = torch.cat([original, replaced])
-    is_replaced = torch.cat([torch.zeros(40000, dtype=torch.bool), torch.ones(6000, dtype=torch.bool)])
+    is_replaced = torch.arange(46000) >= 40000
     estimate, bound = auc_from_histograms(logit_histogram(logits, is_replaced).tolist(),
                                           logit_histogram(logits, ~is_replaced).tolist())
     # Exact: the Mann-Whitney U statistic from the ranks (continuous logits: no ties).
@@ -200,8 +235,8 @@ def test_the_histogram_auc_is_within_its_bound_of_the_exact_auc(separation):
     exact = float((ranks[is_replaced].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     print(f"separation {separation}: exact {exact:.5f} estimate {estimate:.5f} "
           f"bound {bound:.5f}")
-    assert abs(estimate - exact) <= bound < 0.015
-    assert abs(estimate - exact) < 0.001
+    assert abs(estimate - exact) <= bound < 0.01
+    assert abs(estimate - exact) < 0.0002
 
 
 # ---- FLOPs
@@ -265,9 +300,12 @@ def test_electra_config_defaults():
 # ---- 2 ranks, exact resume, export
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_electra_trains_on_2_ranks_resumes_exactly_and_exports(tiny_shards, tmp_path, stage):
-    options = ["objective.name=electra", f"train.zero_stage={stage}", *RUN]
+# ZeRO 1 with whole-word masking feeding the generator (as for Japanese and Chinese shards).
+@pytest.mark.parametrize("stage, whole_word", [(1, "true"), (3, "false")])
+def test_electra_trains_on_2_ranks_resumes_exactly_and_exports(tiny_shards, tmp_path, stage,
+                                                               whole_word):
+    options = ["objective.name=electra", f"train.zero_stage={stage}",
+               f"masking.whole_word={whole_word}", *RUN]
     full = tmp_path / "full"
     train(tiny_shards, full, *options)
     history = metrics(full)
@@ -289,12 +327,14 @@ def test_electra_trains_on_2_ranks_resumes_exactly_and_exports(tiny_shards, tmp_
     assert evaluation == [r for r in records(part) if "val/rtd_auc" in r]
     val = evaluation[-1]
     assert {"val/gen_mlm_loss", "val/gen_perplexity", "val/rtd_acc", "val/rtd_f1",
-            "val/rtd_precision", "val/rtd_recall", "val/replaced_frac"} <= set(val)
+            "val/rtd_precision", "val/rtd_recall", "val/replaced_frac",
+            "val/rtd_auc_bound"} <= set(val)
     ours, cfg, tokenizer_dir = load_checkpoint(full)
     theirs = load_checkpoint(part)[0].state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
     if stage == 3:  # the consolidated ZeRO-3 shards, exported
         check_export(ours, cfg, tokenizer_dir, tmp_path / "hf")
+        check_finetune_loads_the_discriminator(full, ours, tmp_path / "scratch")
 
 
 def check_export(ours, cfg, tokenizer_dir, out):
@@ -326,3 +366,18 @@ def check_export(ours, cfg, tokenizer_dir, out):
     assert type(classifier).__name__ == "ElectraForSequenceClassification"
     torch.testing.assert_close(classifier.electra.encoder.layer[1].output.dense.weight,
                                ours.layers[1].ffn.down.weight)
+
+
+def check_finetune_loads_the_discriminator(run, ours, scratch):
+    """`bench finetune --model <run>` exports the run and fine-tunes the discriminator."""
+    from mlm_dist.bench.finetune import hf_folder
+    from mlm_dist.bench.finetune_loop import task_model
+    from mlm_dist.bench.tasks import CLASSIFICATION, Task, TextExample
+
+    scratch.mkdir()
+    folder, described = hf_folder(run, scratch)
+    task = Task("t", CLASSIFICATION, [TextExample("a", "x"), TextExample("b", "y")], [], [])
+    model = task_model(folder, task, pretrained=True, seed=0)  # refuses a random encoder
+    assert type(model).__name__ == "ElectraForSequenceClassification"
+    torch.testing.assert_close(model.electra.embeddings.word_embeddings.weight,
+                               ours.embeddings.tokens.weight)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from mlm_dist.config import ModelConfig, generator_config
-from mlm_dist.interop.huggingface import (PARAMETER_NAMES, _strip_wrappers, export_tokenizer,
-                                          write_folders)
+from mlm_dist.interop.huggingface import (PARAMETER_NAMES, _strip_wrappers,
+                                          tokenizer_for_export, write_folders)
 from mlm_dist.tokenizer import PAD_ID
 
 ENCODER_ROWS = [(ours, hf.replace("bert.", "electra.", 1)) for ours, hf in PARAMETER_NAMES
@@ -119,7 +119,7 @@ def export_electra(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, genera
     import transformers
 
     out = Path(out_dir)
-    ours = export_tokenizer(out, tokenizer_dir, cfg)
+    ours = tokenizer_for_export(out, tokenizer_dir, cfg)
     models = []
     for (hf_class, subfolder), config, hf_sd in zip(
             (("ElectraForPreTraining", ""), ("ElectraForMaskedLM", "generator")),

@@ -489,7 +489,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     if hf_class not in HF_CLASSES:
         raise ValueError(f"hf_class {hf_class!r}: export writes one of {sorted(HF_CLASSES)}")
     out = Path(out_dir)
-    ours = export_tokenizer(out, tokenizer_dir, cfg)
+    ours = tokenizer_for_export(out, tokenizer_dir, cfg)
 
     state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
     has_pair = any(k.startswith(PAIR_MODULES) for k in state_dict)
@@ -514,7 +514,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     return write_folders(out, [(model, "")], ours, cfg.max_positions)
 
 
-def export_tokenizer(out: Path, tokenizer_dir: str | Path, cfg: ModelConfig) -> Tokenizer:
+def tokenizer_for_export(out: Path, tokenizer_dir: str | Path, cfg: ModelConfig) -> Tokenizer:
     """Before any work: `out` must be new (or an empty directory), and the tokenizer the one
     of the model's vocabulary. Returns the tokenizer to write beside the weights."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
