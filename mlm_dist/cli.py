@@ -311,7 +311,8 @@ def _add_train(sub) -> None:
 
 def _add_export_hf(sub) -> None:
     ex = sub.add_parser("export-hf", help="write a Hugging Face folder (BertForPreTraining, or "
-                        "BertForMaskedLM for objective.name=mlm)")
+                        "BertForMaskedLM for objective.name=mlm; for electra "
+                        "ElectraForPreTraining, its generator ElectraForMaskedLM in generator/)")
     ex.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     ex.add_argument("--out", required=True)
     ex.add_argument("--hf-class", choices=("BertForPreTraining", "BertForMaskedLM"),

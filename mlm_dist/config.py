@@ -50,9 +50,16 @@ class ObjectiveConfig:
     # bert: MLM + next-sentence prediction on sentence pairs (BERT; the default).
     # mlm: MLM only, on rows filled with contiguous text (RoBERTa's FULL-SENTENCES).
     # sop: MLM + sentence-order prediction on pairs of consecutive segments (ALBERT).
-    name: Literal["bert", "mlm", "sop"] = "bert"
+    # electra: a small MLM generator fills the masked slots with samples, the encoder learns
+    # to tell replaced tokens from original ones on full rows (replaced-token detection).
+    name: Literal["bert", "mlm", "sop", "electra"] = "bert"
     # sop: the chance that a pair's two segments are swapped (ALBERT: 1/2).
     swap_prob: float = 0.5
+    # electra: the generator's hidden size, heads and FFN size as a fraction of the model's
+    # (same number of layers); 1/4 as in the paper's small and large models.
+    generator_size: float = 0.25
+    # electra: λ in loss = generator MLM + λ · replaced-token detection (the paper's 50).
+    rtd_weight: float = 50.0
 
 
 @dataclass
@@ -467,9 +474,39 @@ def _validate_objective(cfg: RunConfig) -> None:
     _require(0.0 < o.swap_prob < 1.0, "objective.swap_prob", "must be in (0, 1)")
     _require(o.swap_prob == 0.5 or o.name == "sop", "objective.swap_prob",
              f"only objective.name=sop swaps segments (it is {o.name}); remove the key")
-    _require(not (cfg.data.pack and o.name == "mlm"), "data.pack",
-             "objective.name=mlm fills every row with contiguous text already; packing is for "
-             "pairs (bert, sop): set data.pack=false")
+    _require(not (cfg.data.pack and o.name in ("mlm", "electra")), "data.pack",
+             f"objective.name={o.name} fills every row with contiguous text already; packing is "
+             "for pairs (bert, sop): set data.pack=false")
+    defaults = ObjectiveConfig()
+    for key in ("generator_size", "rtd_weight"):
+        _require(getattr(o, key) == getattr(defaults, key) or o.name == "electra",
+                 f"objective.{key}", f"only objective.name=electra has a generator (it is "
+                 f"{o.name}); remove the key")
+    _require(0.0 < o.generator_size <= 1.0, "objective.generator_size",
+             "must be in (0, 1]: a fraction of the model's hidden size (the paper: 1/4 to 1/2)")
+    _require(o.rtd_weight > 0 and math.isfinite(o.rtd_weight), "objective.rtd_weight",
+             "must be a positive number (the paper's λ: 50)")
+    if o.name == "electra":
+        _require(not cfg.model.init_from, "model.init_from",
+                 "objective.name=electra trains a generator beside the encoder and starts both "
+                 "from random weights; continue a BERT folder with objective.name=mlm or bert")
+        g = generator_config(cfg.model, o.generator_size)
+        _require(g.hidden_size % g.num_heads == 0, "objective.generator_size",
+                 f"{o.generator_size} gives the generator hidden size {g.hidden_size} and "
+                 f"{g.num_heads} heads, which do not divide; choose a fraction that keeps "
+                 f"model.hidden_size {cfg.model.hidden_size} and model.num_heads "
+                 f"{cfg.model.num_heads} in step (e.g. 1/4 of 768 and 12: 192 and 3)")
+
+
+def generator_config(model: ModelConfig, size: float) -> ModelConfig:
+    """ELECTRA's generator: `model` with hidden size, heads and FFN size scaled by `size`
+    (objective.generator_size; at least one of each), the same layers, vocabulary and
+    positions. Its token, position and segment embeddings are the model's, of the model's
+    hidden size: the generator projects them down to its own (objectives/electra.py)."""
+    return dataclasses.replace(
+        model, hidden_size=max(1, round(model.hidden_size * size)),
+        num_heads=max(1, round(model.num_heads * size)),
+        intermediate_size=max(1, round(model.intermediate_size * size)))
 
 
 # Keys of the DeepSpeed JSON we derive from our own config (engine.deepspeed_config); setting

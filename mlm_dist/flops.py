@@ -21,6 +21,13 @@ attention on f of the queries:
 Embedding lookups, LayerNorm, GELU, softmax and the tiny pooler/NSP head are left out, as in
 the usual (Megatron/PaLM) accounting.
 
+ELECTRA (`electra_flops_per_token`) trains two networks a step. The discriminator is the
+encoder above with every position computed (its head reads them all) and a per-token head,
+dense and one logit: 6·(H² + H). The generator is an encoder of its own shape (Lg, Hg, Ig:
+config.generator_config) reading the K slots only, plus the projection of the shared
+embeddings to its width, 6·H·Hg (when Hg ≠ H), and its MLM head on K/S of the positions,
+6·(K/S)·(Hg·H + H·V). Sampling (noise and an argmax) is elementwise, left out.
+
 The peak is the dense matmul throughput of the device for the training dtype: a table of
 vendor figures for known CUDA GPUs (dense, no sparsity), otherwise measured by timing a large
 matmul once (the only honest figure for a CPU, whose clock, core count and ISA vary), and in
@@ -78,15 +85,25 @@ def model_flops_per_token(cfg_model, seq_len: int, predicted_fraction: float,
     (max_predictions / seq_len for our sparse head, 1.0 for a dense one).
     last_layer_fraction: share of positions the last layer computes outputs for (1.0: all).
     """
-    L, H = cfg_model.num_layers, cfg_model.hidden_size
-    inter, vocab = cfg_model.intermediate_size, cfg_model.vocab_size
-    for name, share in (("predicted_fraction", predicted_fraction),
-                        ("last_layer_fraction", last_layer_fraction)):
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {share}")
+    H, vocab = cfg_model.hidden_size, cfg_model.vocab_size
+    _check_share("predicted_fraction", predicted_fraction)
+    return (encoder_flops_per_token(cfg_model, seq_len, last_layer_fraction)
+            + 6 * predicted_fraction * (H * H + H * vocab))
+
+
+def _check_share(name: str, share: float) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {share}")
+
+
+def encoder_flops_per_token(cfg_model, seq_len: int, last_layer_fraction: float = 1.0) -> float:
+    """Training FLOPs per token of the encoder layers alone (no head): the first two lines of
+    the module docstring's formula, less what a last layer computing `last_layer_fraction` of
+    the positions skips."""
+    L, H, inter = cfg_model.num_layers, cfg_model.hidden_size, cfg_model.intermediate_size
+    _check_share("last_layer_fraction", last_layer_fraction)
     unread = 1.0 - last_layer_fraction
     return (6 * L * (4 * H * H + 2 * H * inter) + 12 * L * seq_len * H
-            + 6 * predicted_fraction * (H * H + H * vocab)
             - 6 * unread * (2 * H * H + 2 * H * inter) - 12 * unread * seq_len * H)
 
 
@@ -95,6 +112,19 @@ def sparse_flops_per_token(cfg_model, seq_len: int, max_predictions: int) -> flo
     head projects K of the S positions, the last layer computes [CLS] and the K slots."""
     return model_flops_per_token(cfg_model, seq_len, max_predictions / seq_len,
                                  min(1.0, (max_predictions + 1) / seq_len))
+
+
+def electra_flops_per_token(cfg_model, generator, seq_len: int, max_predictions: int) -> float:
+    """Training FLOPs per token of ELECTRA's step (module docstring): the discriminator
+    (`cfg_model`, every position) and the generator (`generator`: its ModelConfig,
+    config.generator_config) on K = max_predictions slots."""
+    H, Hg, vocab = cfg_model.hidden_size, generator.hidden_size, cfg_model.vocab_size
+    slots = max_predictions / seq_len
+    _check_share("max_predictions / seq_len", slots)
+    discriminator = encoder_flops_per_token(cfg_model, seq_len) + 6 * (H * H + H)
+    projection = 6 * H * Hg if Hg != H else 0
+    return (discriminator + projection + encoder_flops_per_token(generator, seq_len, slots)
+            + 6 * slots * (Hg * H + H * vocab))
 
 
 def cuda_peak_from_table(device_name: str, dtype: torch.dtype) -> float | None:

@@ -38,6 +38,10 @@ class MaskedBatch:
     positions: torch.Tensor  # [B, K] positions the MLM head predicts
     labels: torch.Tensor  # [B, K] original ids at `positions`, IGNORE_INDEX on unused slots
     eligible: torch.Tensor  # scalar: tokens that could have been chosen (the rate's denominator)
+    # The seed these masks were drawn with, f(seed, rank, step, micro-step): an objective that
+    # draws more at random on top of the masks (ELECTRA's replacements) seeds from it, so a
+    # resumed run and every evaluation draw the same again.
+    seed: int = 0
 
 
 def mask_seed(seed: int, rank: int, step: int, micro_step: int) -> int:
@@ -173,6 +177,9 @@ class TokenMasker:
         """`word_starts`: bool [B, S] (Batch.word_starts), needed for whole-word masking."""
         if self.whole_word and word_starts is None:
             raise ValueError("whole-word masking needs the batch's word_starts")
-        self.generator.manual_seed(mask_seed(self.seed, self.rank, step, micro_step))
-        return mask_tokens(input_ids, generator=self.generator,
-                           word_starts=word_starts if self.whole_word else None, **self.tables)
+        seed = mask_seed(self.seed, self.rank, step, micro_step)
+        self.generator.manual_seed(seed)
+        masked = mask_tokens(input_ids, generator=self.generator,
+                             word_starts=word_starts if self.whole_word else None, **self.tables)
+        masked.seed = seed
+        return masked

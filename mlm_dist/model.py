@@ -382,26 +382,35 @@ class Encoder(nn.Module):
         position when `read` is None ([B, S, H])."""
         x = self.embeddings(input_ids, token_type_ids,
                             None if packing is None else packing.position_ids)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # The residual stream in the autocast dtype (see the module docstring).
-            x = x.to(torch.get_autocast_dtype(device_type))
-
-        # One additive mask shared by every layer, or none (see attention_plan). Whether the
-        # batch has padding came from the host (attention_mask None: none), never from
-        # looking at the mask on the device.
-        plan = attention_plan(device_type, padded=attention_mask is not None,
-                              packed=packing is not None)
-        attn_bias = attention_bias(plan, attention_mask, packing, x.dtype)
-
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            positions = read if i == len(self.layers) - 1 else None
-            if recompute:
-                x = checkpoint(layer, x, attn_bias, positions, use_reentrant=False)
-            else:
-                x = layer(x, attn_bias, positions)
-        return x
+        return run_layers(self.layers, x, attention_mask, packing, read, recompute)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor | None,
+               packing: "Packing | None", read: torch.Tensor | None,
+               recompute: bool) -> torch.Tensor:
+    """`layers` on embeddings `x` ([B, S, H]): the last layer's output at `read` ([B, R, H]),
+    or at every position when `read` is None. `recompute`: checkpoint each layer. Encoder.encode
+    and every other stack of these layers (ELECTRA's generator) run through here."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The residual stream in the autocast dtype (see the module docstring).
+        x = x.to(torch.get_autocast_dtype(device_type))
+
+    # One additive mask shared by every layer, or none (see attention_plan). Whether the
+    # batch has padding came from the host (attention_mask None: none), never from
+    # looking at the mask on the device.
+    plan = attention_plan(device_type, padded=attention_mask is not None,
+                          packed=packing is not None)
+    attn_bias = attention_bias(plan, attention_mask, packing, x.dtype)
+
+    for i, layer in enumerate(layers):
+        positions = read if i == len(layers) - 1 else None
+        if recompute:
+            x = checkpoint(layer, x, attn_bias, positions, use_reentrant=False)
+        else:
+            x = layer(x, attn_bias, positions)
+    return x
 
 
 class BertForPretraining(Encoder):

@@ -136,7 +136,7 @@ def test_every_objective_the_config_names_has_a_module_and_back():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["objective.name=electra"], "objective.name: expected one of ['bert', 'mlm', 'sop']"),
+    (["objective.name=t5"], "objective.name: expected one of ['bert', 'mlm', 'sop', 'electra']"),
     (["objective.colour=blue"], "objective.colour: unknown key"),
     (["objective.swap_prob=0.3"], "objective.swap_prob: only objective.name=sop swaps"),
     (["objective.name=sop", "objective.swap_prob=1.5"], "objective.swap_prob: must be in (0, 1)"),

@@ -84,7 +84,7 @@ def add_parser(bench_subparsers) -> None:
     d.add_argument("--batches", type=int, default=200)
     d.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
                    help="documents whose pairs are interleaved (data.open_documents)")
-    d.add_argument("--objective", choices=("bert", "mlm", "sop"), default="bert",
+    d.add_argument("--objective", choices=("bert", "mlm", "sop", "electra"), default="bert",
                    help="whose examples the loader builds (objective.name)")
     d.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
                    "(default: the shards' tokenizer)")

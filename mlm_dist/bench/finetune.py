@@ -72,12 +72,16 @@ def hf_folder(path: str | Path, scratch: Path) -> tuple[Path, str]:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor "
                                 f"a checkpoint: {e}") from None
-    from mlm_dist.interop.huggingface import export_hf
+    from mlm_dist.objectives import objective_for
     from mlm_dist.training.checkpoint import load_checkpoint
 
     model, cfg, tokenizer_dir = load_checkpoint(root / tag)
     out = scratch / f"export-{len(list(scratch.iterdir()))}"
-    export_hf(model.state_dict(), cfg.model, tokenizer_dir, out)
+    objective = objective_for(cfg)
+    # A BERT as BertForPreTraining, whose pooler (fresh for an mlm run) sequence classification
+    # reads; ELECTRA as its own export, whose folder is the discriminator.
+    hf_class = "BertForPreTraining" if "BertForPreTraining" in objective.hf_classes else ""
+    objective.export(model.state_dict(), cfg.model, tokenizer_dir, out, hf_class)
     return out, f"checkpoint {root / tag}, exported"
 
 

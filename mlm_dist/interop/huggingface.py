@@ -489,13 +489,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     if hf_class not in HF_CLASSES:
         raise ValueError(f"hf_class {hf_class!r}: export writes one of {sorted(HF_CLASSES)}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export target {out} already exists and is not empty; "
-                              "choose another --out or remove it")
-    ours = Tokenizer.load(tokenizer_dir)
-    if ours.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
-                         f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
+    ours = tokenizer_for_export(out, tokenizer_dir, cfg)
 
     state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
     has_pair = any(k.startswith(PAIR_MODULES) for k in state_dict)
@@ -517,9 +511,29 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     if unexpected or set(missing) - fresh:
         raise ValueError(f"export to {hf_class}: missing {sorted(set(missing) - fresh)}, "
                          f"unexpected {sorted(unexpected)}")
+    return write_folders(out, [(model, "")], ours, cfg.max_positions)
+
+
+def tokenizer_for_export(out: Path, tokenizer_dir: str | Path, cfg: ModelConfig) -> Tokenizer:
+    """Before any work: `out` must be new (or an empty directory), and the tokenizer the one
+    of the model's vocabulary. Returns the tokenizer to write beside the weights."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export target {out} already exists and is not empty; "
+                              "choose another --out or remove it")
+    ours = Tokenizer.load(tokenizer_dir)
+    if ours.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
+                         f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
+    return ours
+
+
+def write_folders(out: Path, models: list, ours: Tokenizer, max_positions: int) -> Path:
+    """Each (transformers model, subfolder) of `models` saved with the tokenizer into `out`
+    ("" the folder itself). Everything is written to a temporary sibling directory renamed
+    into place at the end, so a failed export leaves nothing half-written behind."""
     # A model continued from a Hugging Face BERT keeps that BERT's WordPiece tokenizer files.
     wordpiece = not hasattr(ours, "sp")
-    tokenizer = None if wordpiece else hf_tokenizer(ours.path, model_max_length=cfg.max_positions)
+    tokenizer = None if wordpiece else hf_tokenizer(ours.path, model_max_length=max_positions)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so the final rename stays on one filesystem; mkdir (not mkdtemp) so the
@@ -527,14 +541,16 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
-        if wordpiece:
-            for f in ours.files:
-                shutil.copyfile(f, tmp / f.name)
-        else:
-            tokenizer.save_pretrained(tmp)
-            _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
-            shutil.copyfile(ours.path, tmp / MODEL_FILE)
+        for model, subfolder in models:
+            folder = tmp / subfolder
+            model.save_pretrained(folder)
+            if wordpiece:
+                for f in ours.files:
+                    shutil.copyfile(f, folder / f.name)
+            else:
+                tokenizer.save_pretrained(folder)
+                _name_tokenizer_class(folder / "tokenizer_config.json", "PreTrainedTokenizerFast")
+                shutil.copyfile(ours.path, folder / MODEL_FILE)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a directory elsewhere
         os.replace(tmp, out)

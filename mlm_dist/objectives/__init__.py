@@ -7,10 +7,12 @@ from __future__ import annotations
 from mlm_dist.config import ObjectiveConfig, RunConfig
 from mlm_dist.objectives.base import Objective
 from mlm_dist.objectives.bert import Bert
+from mlm_dist.objectives.electra import Electra
 from mlm_dist.objectives.mlm import MaskedLM
 from mlm_dist.objectives.sop import SentenceOrder
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (Bert, MaskedLM, SentenceOrder)}
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (Bert, MaskedLM, SentenceOrder,
+                                                                     Electra)}
 
 
 def objective_for(cfg: RunConfig | ObjectiveConfig) -> Objective:

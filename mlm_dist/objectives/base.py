@@ -10,7 +10,8 @@ methods and know nothing else of the objective:
 - `train_terms` / `train_record`: the named quantities it sums over micro-steps and ranks, and
   the training metrics made from those sums at each log step;
 - `eval_terms` / `eval_record`: the same for one evaluation pass;
-- `export`: the Hugging Face folder its network becomes.
+- `export`: the Hugging Face folder its network becomes;
+- `flops_per_token`: the training FLOPs per token of its step (MFU, equal-compute comparisons).
 
 Terms are 0-dim tensors, never read on the host by the objective: the metric logger stacks
 them (by name) and pays for one reduction at its own cadence. Besides the objective's terms
@@ -69,6 +70,14 @@ class Objective:
 
     def eval_record(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int, max_predictions: int) -> float:
+        """Training FLOPs per token (flops.py) of this objective's network at seq_len with
+        max_predictions masked slots a row: by default one BERT whose heads read [CLS] and
+        the slots."""
+        from mlm_dist.flops import sparse_flops_per_token
+
+        return sparse_flops_per_token(model, seq_len, max_predictions)
 
     def export(self, state_dict: dict, model: ModelConfig, tokenizer_dir: str | Path,
                out: str | Path, hf_class: str = "") -> Path:

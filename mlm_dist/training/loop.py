@@ -24,7 +24,6 @@ from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
                              set_phase, step_skipped, to_universal)
-from mlm_dist.flops import sparse_flops_per_token
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import num_parameters
 from mlm_dist.objectives import objective_for
@@ -154,8 +153,8 @@ class Trainer:
         step, cfg = self.state.step, self.cfg
         if step % cfg.train.log_every and step != cfg.schedule.total_steps:
             return
-        flops = sparse_flops_per_token(cfg.model, phase.seq_len,
-                                       max_predictions(phase, cfg.masking))
+        flops = self.objective.flops_per_token(cfg.model, phase.seq_len,
+                                               max_predictions(phase, cfg.masking))
         record = self.logger.flush(step, lr=self.engine.get_lr()[0],
                                    grad_norm=self.engine.get_global_grad_norm(),
                                    seq_len=phase.seq_len, data_wait=self.data_wait,
