@@ -59,7 +59,7 @@ def check_run_dir(cfg: RunConfig) -> None:
         raise FileExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
                               "checkpoint.resume=true to continue it, or choose another out_dir")
     newest = cfg.checkpoint.resume and latest_complete(Path(cfg.out_dir) / CHECKPOINTS)
-    if newest:
+    if newest and (newest / RUN_CONFIG).is_file():  # without it, restoring says what is wrong
         # Another objective's network has other heads: the checkpoint would not load.
         saved = load_config(newest / RUN_CONFIG).objective.name
         if saved != cfg.objective.name:
