@@ -19,6 +19,7 @@ from mlm_dist.bench import data as bench_data
 from mlm_dist.bench import finetune as bench_finetune
 from mlm_dist.bench import gpu as bench_gpu
 from mlm_dist.bench import memory as bench_memory
+from mlm_dist.bench import task_text as bench_task_text
 from mlm_dist.bench import train as bench_train
 from mlm_dist.launch import slurm
 
@@ -203,7 +204,8 @@ def _consolidate(args) -> None:
 def _demo(args) -> None:
     from mlm_dist.demo.run import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, ranks=args.ranks, lang=args.lang)
+    run_demo(Path(args.out) if args.out else None, steps=args.steps, ranks=args.ranks,
+             lang=args.lang, size=args.size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,14 +356,17 @@ def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON)").add_subparsers(
         dest="bench_command", required=True)
     for module in (bench_data, bench_train, bench_memory, bench_convergence, bench_finetune,
-                   bench_gpu):
+                   bench_task_text, bench_gpu):
         module.add_parser(bench)  # options only: each imports its heavy parts when it runs
 
 
 def _add_demo(sub) -> None:
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
-    de.add_argument("--out", default="runs/demo")
-    de.add_argument("--steps", type=int, default=800)
+    de.add_argument("--out", help="default: runs/demo, runs/demo-small for --size small")
+    de.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                    help="tiny: hidden 128, 2 layers, 800 steps (a few minutes); small: hidden "
+                         "256, 4 layers, 2000 steps (see README's Downstream accuracy)")
+    de.add_argument("--steps", type=int, help="pretraining steps (default: the size's)")
     de.add_argument("--ranks", type=int, default=2)
     de.add_argument("--lang", default="en", choices=["en", "ja", "zh"],
                     help="en: stdlib docstrings; ja / zh: Debian's manpages-ja / manpages-zh, "

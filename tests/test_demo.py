@@ -6,11 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from launch import REPO, env
-from mlm_dist.cli import main
+from mlm_dist.cli import build_parser, main
+from mlm_dist.config import load_config
 from mlm_dist.demo import run
 from mlm_dist.demo.manpage_corpus import CHINESE, JAPANESE, require_pages, unavailable
 
@@ -38,6 +40,7 @@ def test_demo_runs_every_stage_from_a_wheel_and_shows_what_was_learned(tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
     assert f"--config {site / 'mlm_dist' / 'demo' / 'tiny.yaml'} " in out  # package data
+    assert (site / "mlm_dist" / "demo" / "small.yaml").is_file()  # `--size small`'s
     for stage in ("[1/5] corpus", "[2/5] tokenizer", "[3/5] shards", "[4/5] pretraining",
                   "[5/5] exported"):
         assert stage in out, out
@@ -77,3 +80,52 @@ def test_cjk_demo_without_its_package_stops_first_with_one_line(tmp_path, capsys
                     f"{source.package}, which is not installed (other packages put 1 page in "
                     f"{tmp_path / 'man' / source.man_dir}): apt-get install {source.package}")
     assert not out.exists()
+
+
+class Launched(Exception):
+    """Where the size tests stop: at the launch of training, which the test above runs."""
+
+
+@pytest.mark.parametrize("options, config, steps, out", [
+    ([], "tiny.yaml", 800, "runs/demo"),
+    (["--size", "small"], "small.yaml", 2000, "runs/demo-small"),
+    (["--size", "small", "--steps", "150", "--out", "mine"], "small.yaml", 150, "mine"),
+])
+def test_each_size_trains_its_config_for_its_steps_in_its_own_directory(
+        tmp_path, monkeypatch, options, config, steps, out):
+    """`demo --size small` trains small.yaml (package data) for its own steps in its own
+    directory: a rerun resumes what is there, and a tiny run's checkpoints do not fit a small
+    model. --steps and --out still win."""
+    launched = []
+
+    def launch_training(config, overrides, ranks):
+        launched.append((config, overrides))
+        raise Launched
+
+    monkeypatch.setattr(run, "launch_training", launch_training)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Launched):
+        main(["demo", *options])
+    ((path, overrides),) = launched
+    assert Path(path) == Path(run.__file__).parent / config
+    cfg = load_config(path, overrides)  # what every rank reads: valid, and the size's model
+    assert cfg.schedule.phases[-1].until_step == steps
+    assert Path(cfg.out_dir) == Path(out) / "run"
+    assert (tmp_path / out / "shards" / "manifest.json").is_file()
+    size = {"tiny.yaml": (128, 2), "small.yaml": (256, 4)}[config]
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == size
+
+
+def test_the_size_option_offers_every_size():
+    for size in run.SIZES:  # the parser lists them without importing the demo
+        assert build_parser().parse_args(["demo", "--size", size]).size == size
+
+
+def test_steps_below_the_warmup_stop_before_anything_is_built(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--size", "small", "--steps", "40", "--out", str(tmp_path / "demo")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("mlm-dist demo: error: optim.warmup_steps: must be in [0, total steps=40] "
+                    "(the last phase's until_step)")
+    assert not (tmp_path / "demo").exists()

@@ -167,19 +167,26 @@ def check_numbers(args) -> None:
                          "positive")
 
 
-def load_task(args):
-    from mlm_dist.bench.tasks import file_task, sample
+def read_task(args):
+    """The task of the options add_task_options adds, dev and test included: the same split
+    for every command given the same options (`bench task-text` writes only its train texts)."""
+    from mlm_dist.bench.tasks import file_task
     from mlm_dist.bench.tasks_builtin import builtin_task
 
     if args.task:
         stray = [f"--{k}" for k in ("dev", "test", "format") if getattr(args, k)]
         if stray:
             raise ValueError(f"{' '.join(stray)} go with --train FILE, not with --task")
-        task = builtin_task(args.task, fraction=args.split_fraction, seed=args.split_seed)
-    else:
-        task = file_task(args.train, args.dev, args.test, args.format,
-                         text_field=args.text_field, label_field=args.label_field,
-                         fraction=args.split_fraction, seed=args.split_seed)
+        return builtin_task(args.task, fraction=args.split_fraction, seed=args.split_seed)
+    return file_task(args.train, args.dev, args.test, args.format,
+                     text_field=args.text_field, label_field=args.label_field,
+                     fraction=args.split_fraction, seed=args.split_seed)
+
+
+def load_task(args):
+    from mlm_dist.bench.tasks import sample
+
+    task = read_task(args)
     if len(task.labels) < 2:
         raise ValueError(f"task {task.name} has one label ({task.labels}); a classifier "
                          "needs at least two")
@@ -251,17 +258,7 @@ def add_parser(bench_subparsers):
                    help="run dir, checkpoints dir, step dir, or a Hugging Face folder")
     f.add_argument("--compare", action="append", default=[], metavar="DIR",
                    help="another model to fine-tune side by side (repeatable)")
-    source = f.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", choices=sorted(BUILTIN_TASKS),
-                        help="a built-in task, read from an installed package")
-    source.add_argument("--train", metavar="FILE", help="the task's training file")
-    f.add_argument("--dev", metavar="FILE", help="default: taken from --train")
-    f.add_argument("--test", metavar="FILE", help="default: taken from --train")
-    f.add_argument("--format", choices=FORMATS,
-                   help="of the task files (default: from the name: .tsv .jsonl .conll .bio "
-                        ".iob .bmes)")
-    f.add_argument("--text-field", default="text", help="TSV column / JSONL key of the text")
-    f.add_argument("--label-field", default="label", help="TSV column / JSONL key of the label")
+    add_task_options(f)
     f.add_argument("--seeds", type=int, default=3, help="runs per learning rate, seeds 0..N-1")
     f.add_argument("--lrs", type=float, nargs="+", metavar="LR",
                    help="learning-rate grid (default: 2e-5 3e-5 5e-5 from hidden size 768 up, "
@@ -275,8 +272,26 @@ def add_parser(bench_subparsers):
                         "model's max_position_embeddings if smaller)")
     f.add_argument("--max-train", type=int, metavar="N",
                    help="fine-tune on a seeded sample of N training examples (quick runs)")
-    f.add_argument("--split-fraction", type=float, default=0.1,
-                   help="share of train taken for each of dev and test when not given")
-    f.add_argument("--split-seed", type=int, default=0)
     f.set_defaults(func=finetune_command)
     return f
+
+
+def add_task_options(parser) -> None:
+    """The options that name a task and its split, read by read_task. One definition for
+    `bench finetune` and `bench task-text`, so that the same options mean the same split."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", choices=sorted(BUILTIN_TASKS),
+                        help="a built-in task, read from an installed package")
+    source.add_argument("--train", metavar="FILE", help="the task's training file")
+    parser.add_argument("--dev", metavar="FILE", help="default: taken from --train")
+    parser.add_argument("--test", metavar="FILE", help="default: taken from --train")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="of the task files (default: from the name: .tsv .jsonl .conll "
+                             ".bio .iob .bmes)")
+    parser.add_argument("--text-field", default="text",
+                        help="TSV column / JSONL key of the text")
+    parser.add_argument("--label-field", default="label",
+                        help="TSV column / JSONL key of the label")
+    parser.add_argument("--split-fraction", type=float, default=0.1,
+                        help="share of train taken for each of dev and test when not given")
+    parser.add_argument("--split-seed", type=int, default=0)

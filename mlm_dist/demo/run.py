@@ -2,7 +2,8 @@
 in minutes, in English, Japanese or Chinese.
 
     corpus -> SentencePiece -> WebDataset shards (sentences, and for ja/zh the segmenter's words)
-    -> `deepspeed --num_gpus N` training of configs/tiny.yaml (ZeRO-2, bf16, CPU ranks)
+    -> `deepspeed --num_gpus N` training of configs/tiny.yaml (ZeRO-2, bf16, CPU ranks;
+       `--size small`: small.yaml, hidden 256 and 4 layers, for longer)
     -> validation perplexity before/after -> Hugging Face export -> fill-mask
 
 English reads the Python standard library's docstrings; Japanese and Chinese read Debian's
@@ -26,6 +27,23 @@ from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffer
 # Package data, so an installed wheel has it too (configs/tiny.yaml in a checkout links here).
 # A wheel installs unpacked: this is a file the training processes can open by its path.
 TINY_CONFIG = files("mlm_dist.demo") / "tiny.yaml"
+SMALL_CONFIG = files("mlm_dist.demo") / "small.yaml"
+
+
+@dataclass(frozen=True)
+class Size:
+    """One budget of the demo: the model's config and the steps it is pretrained for."""
+    config: Path
+    steps: int
+    # Each size has its own default directory: a rerun resumes the checkpoints there, and
+    # those of one model size cannot be resumed into the other.
+    out: str
+
+
+SIZES = {
+    "tiny": Size(TINY_CONFIG, 800, "runs/demo"),
+    "small": Size(SMALL_CONFIG, 2000, "runs/demo-small"),
+}
 
 
 @dataclass(frozen=True)
@@ -99,19 +117,31 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
         remove_shm_buffers(port)
 
 
-def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CONFIG,
-             lang: str = "en") -> None:
+def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
+             config: Path | None = None, lang: str = "en", size: str = "tiny") -> None:
+    """The demo at one of SIZES; `out`, `steps` and `config` default to the size's."""
+    from mlm_dist.config import load_config
     from mlm_dist.data.corpus import iter_documents
     from mlm_dist.data.prepare import prepare_shards
     from mlm_dist.tokenizer import sentences_of, train_tokenizer
 
     if lang not in DEMOS:
         raise ValueError(f"--lang {lang}: the demo speaks {', '.join(DEMOS)}")
+    if size not in SIZES:
+        raise ValueError(f"--size {size}: the demo comes in {', '.join(SIZES)}")
     demo = DEMOS[lang]
+    out = Path(SIZES[size].out if out is None else out)
+    steps = SIZES[size].steps if steps is None else steps
+    config = SIZES[size].config if config is None else config
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found")
     corpus, tokenizer, shards, run = (out / "corpus.txt", out / "tokenizer", out / "shards",
                                       out / "run")
+    training = [f"data.shards={shards}", f"out_dir={run}",
+                f"schedule.phases.0.until_step={steps}", *demo.overrides]
+    # What the ranks will read, checked before anything is built: a --steps below the
+    # config's warmup is one line now, not a failure of every rank after the corpus.
+    load_config(config, training)
     if not corpus.exists():  # a rerun that has its corpus needs the text no more
         demo.check_source()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,9 +164,7 @@ def run_demo(out: Path, steps: int = 800, ranks: int = 2, config: Path = TINY_CO
 
     print(f"[4/5] pretraining on {ranks} DeepSpeed ranks", flush=True)
     resume = (run / "checkpoints" / "latest").exists()
-    launch_training(config, [f"data.shards={shards}", f"out_dir={run}",
-                             f"schedule.phases.0.until_step={steps}",
-                             f"checkpoint.resume={str(resume).lower()}", *demo.overrides], ranks)
+    launch_training(config, [*training, f"checkpoint.resume={str(resume).lower()}"], ranks)
 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
