@@ -182,7 +182,7 @@ def _eval(args) -> None:
 
     results = evaluate_saved_model(args.checkpoint, data=args.data, seq_len=args.seq_len,
                                    micro_batch=args.micro_batch, max_pairs=args.max_pairs,
-                                   seed=args.seed)
+                                   seed=args.seed, overrides=args.overrides, like=args.like)
     print(json.dumps({"checkpoint": str(args.checkpoint), **results}, ensure_ascii=False))
 
 
@@ -332,16 +332,30 @@ def _add_fill_mask(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="validation loss, perplexity and accuracies (JSON)")
+    ev = sub.add_parser(
+        "eval", help="validation loss, perplexity and accuracies (JSON)",
+        description="Reads and masks as the run's config says (a Hugging Face folder: as the "
+                    "defaults say), then as --like RUN's, then as the dotted settings.")
     ev.add_argument("--checkpoint", required=True,
                     help="run dir, checkpoints dir, step dir, or a Hugging Face BERT folder")
     ev.add_argument("--data", help="shard directory (default: the run's data.shards)")
-    ev.add_argument("--seq-len", type=int, default=0, help="default: the run's last phase")
+    ev.add_argument("--like", metavar="RUN",
+                    help="read, mask and score as RUN's evaluation does: its masking.*, eval.*, "
+                         "data reading settings and last phase's seq_len, and for a folder "
+                         "its objective (the 'before' of a domain adaptation: --like the run "
+                         "that continued the folder)")
+    ev.add_argument("--seq-len", type=int, default=0,
+                    help="default: the last phase's (of --like RUN, else of the run)")
     ev.add_argument("--micro-batch", type=int, default=16)
     ev.add_argument("--max-pairs", type=int,
                     help="stop after this many validation pairs; 0 = the whole split "
-                         "(default: the run's eval.max_pairs)")
-    ev.add_argument("--seed", type=int, default=0)
+                         "(default: eval.max_pairs)")
+    ev.add_argument("--seed", type=int, help="the pairs' and masks' seed (default: eval.seed)")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted settings, as for `train`: masking.*, eval.*, data."
+                         "{shuffle_buffer,open_documents,short_seq_prob,stream_*}, and for a "
+                         "Hugging Face folder objective.* (e.g. masking.whole_word=true "
+                         "objective.name=mlm)")
     ev.set_defaults(func=_eval)
 
 

@@ -362,6 +362,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` with `a.b=c` overrides applied, coerced and validated as load_config does them
+    (`mlm-dist eval` sets its masking and reading settings on a run's saved config this way)."""
+    data = to_dict(cfg)
+    for o in overrides:
+        _apply_override(data, o)
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 

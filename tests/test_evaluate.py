@@ -4,15 +4,18 @@ with the same numbers on 1 or 2 ranks."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from mlm_dist.config import load_config
+from launch import cli, train
+from mlm_dist.config import ConfigError, load_config
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
-from mlm_dist.training.evaluate import evaluate
+from mlm_dist.training.evaluate import evaluate, evaluate_saved_model
 from mlm_dist.model import BertForPretraining
 
 
@@ -107,3 +110,71 @@ def test_the_same_numbers_on_one_or_two_ranks(tiny_shards, tiny_tokenizer, tmp_p
     two = evaluate_on(2, tiny_shards, tiny_tokenizer, tmp_path / "two.store")
     assert one == two
     assert np.isfinite(one["val/mlm_loss"]) and one["val/predictions"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `mlm-dist eval` of a Hugging Face folder with the settings of the run that continued it: the
+# before and after of a domain adaptation score the same examples with the same masks.
+
+
+def test_a_folder_evaluated_like_its_run_scores_the_same_masks(tiny_shards, tmp_path):
+    run, folder = tmp_path / "run", tmp_path / "hf"
+    # Not the defaults of a folder's evaluation: another objective (full rows, no NSP head),
+    # whole-word masks, a smaller shuffle buffer (tests/launch.py) and pass.
+    train(tiny_shards, run, "objective.name=mlm", "masking.whole_word=true",
+          "schedule.phases.0.until_step=4", "optim.warmup_steps=1", "eval.max_pairs=48")
+    cli("export-hf", "--checkpoint", str(run), "--out", str(folder))
+    after = evaluate_saved_model(run)
+    like = json.loads(cli("eval", "--checkpoint", str(folder), "--data", str(tiny_shards),
+                          "--like", str(run)).stdout)
+    settings = evaluate_saved_model(folder, data=tiny_shards, seq_len=64, overrides=[
+        "objective.name=mlm", "masking.whole_word=true", "data.shuffle_buffer=32",
+        "eval.max_pairs=48"])
+    defaults = evaluate_saved_model(folder, data=tiny_shards, seq_len=64, max_pairs=48)
+    for before in (like, settings):
+        for same in ("seq_len", "val/sequences", "val/predictions", "val/mask_rate"):
+            assert before[same] == after[same], (same, before, after)
+        # the same weights, network and masks: the same loss
+        assert before["val/mlm_loss"] == pytest.approx(after["val/mlm_loss"], rel=1e-5)
+    # What `eval` of a folder did without them: pairs of another network, other masks.
+    assert "val/nsp_loss" in defaults
+    assert defaults["val/predictions"] != after["val/predictions"]
+
+
+def test_a_setting_that_is_not_an_evaluations_is_one_clear_error(tmp_path):
+    out = cli("eval", "--checkpoint", str(tmp_path / "run"), "model.hidden_size=64",
+              check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "model.hidden_size: not a setting of an evaluation" in out.stderr
+    assert "masking.*" in out.stderr  # and it says what is
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    # raised before anything is read (neither the run nor the folder exist as such)
+    for source, key, message in [
+        (tmp_path / "run", "train.seed=3", "train.seed: not a setting of an evaluation"),
+        (tmp_path / "run", "optim.lr=1", "optim.lr: not a setting of an evaluation"),
+        (tmp_path / "run", "data.pack=true", "data.pack: not a setting of an evaluation"),
+        (tmp_path / "run", "data.shards=x", "data.shards: give the shard directory"),
+        (tmp_path / "run", "objective.name=mlm", "objective.name: a run is evaluated with its "
+                                                 "own objective"),
+        (folder, "schedule.phases.0.seq_len=32", "schedule.phases.0.seq_len: not a setting"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate_saved_model(source, data="unused", overrides=[key])
+
+
+def test_like_takes_a_runs_reading_and_masking_and_a_folders_objective(tiny_shards):
+    from mlm_dist.training.evaluate import settings_like
+
+    mine = run_config(tiny_shards)
+    theirs = run_config(tiny_shards, "objective.name=mlm", "masking.whole_word=true",
+                        "data.shuffle_buffer=7", "data.num_workers=3", "eval.seed=5",
+                        "optim.lr=0.5")
+    folder = settings_like(mine, theirs, folder=True)
+    assert (folder.objective, folder.masking, folder.eval) == (
+        theirs.objective, theirs.masking, theirs.eval)
+    assert folder.data.shuffle_buffer == 7
+    assert folder.data.num_workers == mine.data.num_workers and folder.optim == mine.optim
+    with pytest.raises(ConfigError, match="--like: that run's objective.name is mlm"):
+        settings_like(mine, theirs, folder=False)

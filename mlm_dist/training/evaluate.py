@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from mlm_dist.config import RunConfig, SequencePhase, max_predictions
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase, max_predictions
 from mlm_dist.data.batches import Batch, BatchWriter
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest
@@ -106,36 +107,110 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     }
 
 
+# What decides how an evaluation reads and masks, besides the weights: `mlm-dist eval` takes
+# these as dotted settings, and `--like RUN` copies them from a run. The rest of a config says
+# how a model was built or trained (model.*, train.*, optim.*, the schedule): the checkpoint
+# fixes it, or evaluation never uses it (it reads with one reader, one example a row).
+EVAL_SECTIONS = ("masking", "eval")
+EVAL_DATA_KEYS = ("shuffle_buffer", "open_documents", "short_seq_prob", "stream_retries",
+                  "stream_backoff", "stream_timeout")
+
+
+def check_eval_setting(override: str, *, folder: bool) -> None:
+    """A ConfigError naming the key unless `override` (key=value) is an evaluation setting.
+    `folder`: the model is a Hugging Face folder, whose objective (which network to build on
+    its weights, which examples to score) is the evaluation's choice; a run's is its own."""
+    key = override.split("=", 1)[0].strip()
+    section, _, rest = key.partition(".")
+    if section in EVAL_SECTIONS or (section == "data" and rest in EVAL_DATA_KEYS) or (
+            section == "objective" and folder):
+        return
+    if key == "data.shards":
+        raise ConfigError("data.shards: give the shard directory to evaluate on as --data")
+    if section == "objective":
+        raise ConfigError(f"{key}: a run is evaluated with its own objective, the network it "
+                          "trained; objective.* is for a Hugging Face folder (export the run "
+                          "with `mlm-dist export-hf` to score it as another objective)")
+    allowed = ", ".join(["masking.*", "eval.*", *(f"data.{k}" for k in EVAL_DATA_KEYS),
+                         *(["objective.*"] if folder else [])])
+    raise ConfigError(f"{key}: not a setting of an evaluation; `mlm-dist eval` takes {allowed} "
+                      "(the model comes from the checkpoint, and train.*, optim.* and the "
+                      "schedule are how it was trained)")
+
+
+def run_settings(run: str | Path) -> RunConfig:
+    """The config of `run` (`--like`): a run directory, its checkpoints dir or a step dir."""
+    from mlm_dist.config import load_config
+    from mlm_dist.training.checkpoint import checkpoint_config, locate
+
+    if (Path(run) / "config.yaml").is_file():  # written when the run starts
+        return load_config(Path(run) / "config.yaml")
+    return checkpoint_config(*locate(run))
+
+
+def settings_like(cfg: RunConfig, like: RunConfig, *, folder: bool) -> RunConfig:
+    """`cfg` reading, masking and scoring as `like` does (a folder also takes its objective),
+    so that the before and after of a domain adaptation score the same examples and masks."""
+    if not folder and like.objective.name != cfg.objective.name:
+        raise ConfigError(f"--like: that run's objective.name is {like.objective.name} and this "
+                          f"one's {cfg.objective.name}; they do not score the same examples")
+    return dataclasses.replace(
+        cfg, masking=like.masking, eval=like.eval,
+        objective=like.objective if folder else cfg.objective,
+        data=dataclasses.replace(cfg.data, **{k: getattr(like.data, k) for k in EVAL_DATA_KEYS}))
+
+
 def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len: int = 0,
                          micro_batch: int = 16, max_pairs: int | None = None,
-                         seed: int = 0) -> dict:
+                         seed: int | None = None, overrides: list[str] = (),
+                         like: str | Path | None = None) -> dict:
     """`mlm-dist eval`: the figures of a checkpoint (run dir, checkpoints dir or step dir), or
     of a Hugging Face BERT folder (the "before" of a domain adaptation), on `data`'s validation
-    split (default: the run's shards), at `seq_len` (default: the run's last phase)."""
-    from mlm_dist.config import ConfigError, load_config
+    split (default: the run's shards), at `seq_len` (default: the last phase's, of `like` when
+    given, else of the run).
+
+    The evaluation's settings are the run's config or, for a folder, the defaults; then those
+    of the run `like` (settings_like); then `overrides` (check_eval_setting); then `seed` and
+    `max_pairs` (eval.seed and eval.max_pairs; None: as configured). All are checked before
+    any weights are read."""
+    from mlm_dist.config import apply_overrides, load_config
     from mlm_dist.tokenizer import Tokenizer
 
     source = Path(source)
-    if (source / "config.json").is_file():
+    folder = (source / "config.json").is_file()
+    for o in overrides:
+        check_eval_setting(o, folder=folder)
+    like_cfg = run_settings(like) if like else None
+    if folder:
         from mlm_dist.interop.huggingface import load_pretrained
         from mlm_dist.training.preflight import resolve_data
 
         if not data:
             raise ConfigError("--data is required to evaluate a Hugging Face folder")
-        cfg, _ = resolve_data(load_config(None, [f"data.shards={data}",
-                                                 f"model.init_from={source}"]))
-        model, tokenizer_dir = load_pretrained(cfg.model), source
+        cfg = load_config(None, [f"data.shards={data}", f"model.init_from={source}"])
     else:
-        from mlm_dist.training.checkpoint import load_checkpoint
+        from mlm_dist.training.checkpoint import checkpoint_config, load_checkpoint, locate
 
-        model, cfg, tokenizer_dir = load_checkpoint(source)
-    phase = SequencePhase(seq_len=seq_len) if seq_len else cfg.schedule.phases[-1]
+        cfg = checkpoint_config(*locate(source))
+    if like_cfg is not None:
+        cfg = settings_like(cfg, like_cfg, folder=folder)
+    cfg = apply_overrides(cfg, [*overrides, *([] if seed is None else [f"eval.seed={seed}"]),
+                                *([] if max_pairs is None else [f"eval.max_pairs={max_pairs}"])])
+    if folder:
+        cfg, _ = resolve_data(cfg)
+        # Notes on the folder's heads go to stderr: stdout is the JSON result.
+        model = load_pretrained(cfg.model, objective_for(cfg),
+                                say=lambda note: print(note, file=sys.stderr))
+        tokenizer_dir = source
+    else:
+        model, _, tokenizer_dir = load_checkpoint(source)
+    phase = (SequencePhase(seq_len=seq_len) if seq_len
+             else (like_cfg or cfg).schedule.phases[-1])
     phase = dataclasses.replace(phase, micro_batch=micro_batch)
     if phase.seq_len > cfg.model.max_positions:
-        raise ConfigError(f"--seq-len {phase.seq_len} exceeds the model's max_positions "
+        given = "--seq-len" if seq_len else f"the last phase's seq_len (of {like or source})"
+        raise ConfigError(f"{given} {phase.seq_len} exceeds the model's max_positions "
                           f"{cfg.model.max_positions}")
-    cfg.eval = dataclasses.replace(cfg.eval, seed=seed, max_pairs=(
-        cfg.eval.max_pairs if max_pairs is None else max_pairs))
     tokenizer = Tokenizer.load(tokenizer_dir)
     data = data or cfg.data.shards
     if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
