@@ -205,7 +205,7 @@ def _demo(args) -> None:
     from mlm_dist.demo.run import run_demo
 
     run_demo(Path(args.out) if args.out else None, steps=args.steps, ranks=args.ranks,
-             lang=args.lang, size=args.size)
+             lang=args.lang, size=args.size, objective=args.objective)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +376,8 @@ def _add_bench(sub) -> None:
 
 def _add_demo(sub) -> None:
     de = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> 2-rank training -> fill-mask")
-    de.add_argument("--out", help="default: runs/demo, runs/demo-small for --size small")
+    de.add_argument("--out", help="default: runs/demo, runs/demo-small for --size small; "
+                                  "-<objective> appended for an --objective other than bert")
     de.add_argument("--size", default="tiny", choices=["tiny", "small"],
                     help="tiny: hidden 128, 2 layers, 800 steps (a few minutes); small: hidden "
                          "256, 4 layers, 2000 steps (see README's Downstream accuracy)")
@@ -385,6 +386,11 @@ def _add_demo(sub) -> None:
     de.add_argument("--lang", default="en", choices=["en", "ja", "zh"],
                     help="en: stdlib docstrings; ja / zh: Debian's manpages-ja / manpages-zh, "
                          "whole-word masking by MeCab / jieba words")
+    de.add_argument("--objective", default="bert", choices=("bert", "mlm", "sop", "electra"),
+                    help="what the model learns (objective.name): bert: MLM + next-sentence "
+                         "prediction; mlm: MLM on full rows (RoBERTa); sop: MLM + sentence "
+                         "order (ALBERT); electra: replaced-token detection, fill-mask by its "
+                         "generator (default: bert)")
     de.set_defaults(func=_demo)
 
 

@@ -3,12 +3,14 @@ in minutes, in English, Japanese or Chinese.
 
     corpus -> SentencePiece -> WebDataset shards (sentences, and for ja/zh the segmenter's words)
     -> `deepspeed --num_gpus N` training of configs/tiny.yaml (ZeRO-2, bf16, CPU ranks;
-       `--size small`: small.yaml, hidden 256 and 4 layers, for longer)
+       `--size small`: small.yaml, hidden 256 and 4 layers, for longer; `--objective`: BERT's
+       MLM + NSP by default, or mlm, sop, electra)
     -> validation perplexity before/after -> Hugging Face export -> fill-mask
 
 English reads the Python standard library's docstrings; Japanese and Chinese read Debian's
 translated manual pages (manpages-ja, manpages-zh), with whole-word masking by MeCab / jieba
-words as cl-tohoku's and HFL's BERTs are trained. Each stage is skipped when its output already
+words as cl-tohoku's and HFL's BERTs are trained (for every objective: ELECTRA's generator
+predicts whole words too). Each stage is skipped when its output already
 exists, so a rerun continues where it stopped.
 """
 
@@ -44,6 +46,53 @@ SIZES = {
     "tiny": Size(TINY_CONFIG, 800, "runs/demo"),
     "small": Size(SMALL_CONFIG, 2000, "runs/demo-small"),
 }
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What the demo prints of a run of one objective, by the names of its train_record and
+    eval_record (objectives/*.py): the masked-LM figures (ELECTRA's are its generator's, the
+    network fill-mask runs) and the accuracy of its other task, if any."""
+    mlm: str  # whose masked-LM figures: "" or "generator " (for the log)
+    prefix: str  # of their metric names: "" or "gen_"
+    task: dict[str, str]  # val/ metric of the other task -> its name in the log
+    examples: str  # what the validation split is made of (val/sequences counts them)
+
+    def names(self) -> tuple[str, list[str]]:
+        """(the training metric, the validation metrics) the demo reads."""
+        p = self.prefix
+        return f"train/{p}mlm_loss", [f"val/{p}perplexity", f"val/{p}mlm_acc",
+                                      *(f"val/{t}" for t in self.task), "val/sequences"]
+
+
+READOUTS = {
+    "bert": Readout("", "", {"nsp_acc": "NSP accuracy"}, "pairs"),
+    "mlm": Readout("", "", {}, "rows"),
+    "sop": Readout("", "", {"sop_acc": "sentence-order accuracy"}, "pairs"),
+    # rtd_acc alone says little early on: calling every token original scores 1 - the share
+    # replaced (about 0.85); the AUC is 0.5 for a discriminator that cannot tell.
+    "electra": Readout("generator ", "gen_", {"rtd_acc": "replaced-token accuracy",
+                                              "rtd_auc": "AUC"}, "rows"),
+}
+
+
+def demo_dir(size: str, objective: str) -> Path:
+    """The default directory of a demo: the size's, with `-<objective>` for all but bert. A
+    rerun resumes the checkpoints there and appends to its metrics, so objectives do not share
+    one (the corpus and shards would be the same, the networks not)."""
+    out = SIZES[size].out
+    return Path(out if objective == "bert" else f"{out}-{objective}")
+
+
+def check_objective(out: Path, objective: str) -> None:
+    """Refuse an --out that holds a demo of another objective: its checkpoints do not load into
+    this objective's network, its metrics.jsonl would mix the two and its export would stay."""
+    from mlm_dist.config import ConfigError, load_config
+
+    saved = out / "run" / "config.yaml"  # written when a run starts, before any checkpoint
+    if saved.is_file() and (was := load_config(saved).objective.name) != objective:
+        raise ConfigError(f"--objective {objective}: {out} holds a demo of objective {was}; "
+                          f"rerun it with --objective {was}, or give another --out")
 
 
 @dataclass(frozen=True)
@@ -118,8 +167,10 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
 
 
 def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
-             config: Path | None = None, lang: str = "en", size: str = "tiny") -> None:
-    """The demo at one of SIZES; `out`, `steps` and `config` default to the size's."""
+             config: Path | None = None, lang: str = "en", size: str = "tiny",
+             objective: str = "bert") -> None:
+    """The demo at one of SIZES with one of READOUTS' objectives; `out` defaults to
+    demo_dir's, `steps` and `config` to the size's."""
     from mlm_dist.config import load_config
     from mlm_dist.data.corpus import iter_documents
     from mlm_dist.data.prepare import prepare_shards
@@ -129,8 +180,10 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
         raise ValueError(f"--lang {lang}: the demo speaks {', '.join(DEMOS)}")
     if size not in SIZES:
         raise ValueError(f"--size {size}: the demo comes in {', '.join(SIZES)}")
-    demo = DEMOS[lang]
-    out = Path(SIZES[size].out if out is None else out)
+    if objective not in READOUTS:
+        raise ValueError(f"--objective {objective}: the demo trains {', '.join(READOUTS)}")
+    demo, readout = DEMOS[lang], READOUTS[objective]
+    out = demo_dir(size, objective) if out is None else Path(out)
     steps = SIZES[size].steps if steps is None else steps
     config = SIZES[size].config if config is None else config
     if not config.is_file():
@@ -138,10 +191,12 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
     corpus, tokenizer, shards, run = (out / "corpus.txt", out / "tokenizer", out / "shards",
                                       out / "run")
     training = [f"data.shards={shards}", f"out_dir={run}",
-                f"schedule.phases.0.until_step={steps}", *demo.overrides]
+                f"schedule.phases.0.until_step={steps}", f"objective.name={objective}",
+                *demo.overrides]
     # What the ranks will read, checked before anything is built: a --steps below the
     # config's warmup is one line now, not a failure of every rank after the corpus.
     load_config(config, training)
+    check_objective(out, objective)
     if not corpus.exists():  # a rerun that has its corpus needs the text no more
         demo.check_source()
     out.mkdir(parents=True, exist_ok=True)
@@ -168,36 +223,42 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
-    print(f"MLM loss {first['train/mlm_loss']:.3f} (step {first['step']}) -> "
-          f"{last['train/mlm_loss']:.3f} (step {last['step']})", flush=True)
+    loss, (perplexity, accuracy, *task, examples) = readout.names()
+    print(f"{readout.mlm.capitalize()}MLM loss {first[loss]:.3f} (step {first['step']}) -> "
+          f"{last[loss]:.3f} (step {last['step']})", flush=True)
 
     import torch
 
     from mlm_dist.training.evaluate import evaluate
-    from mlm_dist.interop.huggingface import export_hf
     from mlm_dist.interop.fill_mask import fill_mask
     from mlm_dist.training.checkpoint import load_checkpoint
-    from mlm_dist.model import BertForPretraining
+    from mlm_dist.objectives import objective_for
     from mlm_dist.tokenizer import Tokenizer
 
     model, cfg, tokenizer_dir = load_checkpoint(run)
     tok = Tokenizer.load(tokenizer_dir)
     # What was learned, on text the model never trained on: the held-out split, scored with the
-    # run's initial weights (same seed) and with the trained ones, on the same pairs and masks.
+    # run's initial weights (same seed) and with the trained ones, on the same examples and masks.
+    run_objective = objective_for(cfg)
     torch.manual_seed(cfg.train.seed)
-    initial = BertForPretraining(cfg.model).eval()
+    initial = run_objective.build_model(cfg.model).eval()
     phase = cfg.schedule.phases[-1]
     before, after = (evaluate(m, cfg, phase, tok.vocabulary) for m in (initial, model))
-    print(f"validation perplexity {before['val/perplexity']:.1f} (initial weights) -> "
-          f"{after['val/perplexity']:.1f} (trained), MLM accuracy "
-          f"{before['val/mlm_acc']:.3f} -> {after['val/mlm_acc']:.3f}, NSP accuracy "
-          f"{before['val/nsp_acc']:.3f} -> {after['val/nsp_acc']:.3f} "
-          f"({after['val/sequences']:.0f} held-out pairs)", flush=True)
+    figures = [f"validation {readout.mlm}perplexity {before[perplexity]:.1f} (initial weights) "
+               f"-> {after[perplexity]:.1f} (trained)",
+               f"MLM accuracy {before[accuracy]:.3f} -> {after[accuracy]:.3f}",
+               *(f"{label} {before[k]:.3f} -> {after[k]:.3f}"
+                 for k, label in zip(task, readout.task.values()))]
+    print(", ".join(figures) + f" ({after[examples]:.0f} held-out {readout.examples})",
+          flush=True)
     hf_dir = out / "hf"
     if not hf_dir.exists():
-        export_hf(model.state_dict(), cfg.model, tokenizer_dir, hf_dir)
-    print(f"[5/5] exported to {hf_dir} (transformers.BertForPreTraining.from_pretrained "
-          "loads it); fill-mask with the trained model:", flush=True)
+        run_objective.export(model.state_dict(), cfg.model, tokenizer_dir, hf_dir)
+    generator = ("; generator/ holds the generator, ElectraForMaskedLM"
+                 if objective == "electra" else "")
+    print(f"[5/5] exported to {hf_dir} (transformers.{run_objective.hf_class}.from_pretrained "
+          f"loads it{generator}); fill-mask with the trained {readout.mlm.strip() or 'model'}:",
+          flush=True)
     for prompt in demo.prompts:
         (top,) = fill_mask(model, tok, prompt, top_k=5)
         print(f"  {prompt}\n    -> " + ", ".join(f"{p['token']} ({p['prob']:.2f})" for p in top))
