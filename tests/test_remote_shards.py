@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import logging
 import shutil
 import time
@@ -85,6 +86,21 @@ def test_http_gives_the_directorys_documents_and_batches(tiny_shards, served):
     state = first.state_dict()
     first.close()
     assert same(batches(url, n=7, state=state), full[5:])
+
+
+@NEEDS_HTTP
+def test_bench_data_reads_a_url_as_it_reads_the_directory(tiny_shards, served):
+    """`bench data --shards URL` is the comparison README reports: the same batches (fill,
+    documents per micro-batch) from the server as from the directory, and a rate for each."""
+    def figures(location):
+        proc = cli("bench", "data", "--shards", str(location), "--seq-len", "64",
+                   "--batches", "20", "--repeats", "1", "--mask-batch", "4", "--mask-seq-len", "32")
+        return json.loads(proc.stdout)["loader"][0]
+
+    local, served_ = figures(tiny_shards), figures(served.url + "/")
+    for key in ("sequences", "fill", "documents_per_micro_batch", "skipped_documents"):
+        assert served_[key] == local[key], key
+    assert served_["sequences_per_s_per_worker"] > 0 and served_["first_batch_seconds"] > 0
 
 
 def test_pipe_command_gives_the_directorys_batches(tiny_shards):

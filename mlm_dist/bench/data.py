@@ -2,8 +2,10 @@
 the batches hold.
 
 One reader runs in this process (what each dataloader worker does), reading the train shards
-from their start; the figure is sequences per second per worker, to compare with what one
-accelerator consumes. Beside it: the fill (real tokens / positions, one example a row: the
+from their start; the figure is sequences per second per worker once the first micro-batch is
+out (the steady rate, to compare with what one accelerator consumes), and beside it the
+seconds to that first micro-batch (imports, a remote store's first connection, the shuffle
+buffer filling). Beside it: the fill (real tokens / positions, one example a row: the
 objective's, `--objective`) and the distinct documents per micro-batch (how well examples of
 different documents are mixed; the micro-batch size at most).
 """
@@ -41,15 +43,19 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
             made += 1
             distinct += len(documents)
             documents.clear()
-            if made == batches:
+            if made == 1:
+                first_batch = time.perf_counter() - start
+                start = time.perf_counter()
+            if made == batches + 1:
                 break
     elapsed = time.perf_counter() - start
-    sequences = made * micro_batch
+    sequences = batches * micro_batch
     return {"objective": objective, "seq_len": seq_len, "micro_batch": micro_batch,
             "sequences": sequences,
             "seconds": round(elapsed, 3),
+            "first_batch_seconds": round(first_batch, 3),
             "sequences_per_s_per_worker": round(sequences / elapsed),
-            "fill": round(real_tokens / (sequences * seq_len), 3),
+            "fill": round(real_tokens / (made * micro_batch * seq_len), 3),
             "documents_per_micro_batch": round(distinct / max(1, made), 2),
             "open_documents": data.open_documents,
             "skipped_documents": stream.skips.documents}

@@ -46,6 +46,7 @@ from mlm_dist.tokenizer import Vocabulary
 class Shard:
     path: str
     documents: int  # from the manifest
+    bytes: int | None = None  # from the manifest
 
 
 def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
@@ -56,7 +57,7 @@ def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
     if split not in manifest.splits or not manifest.splits[split]:
         raise ValueError(f"data.shards: {directory} has no {split!r} shards; "
                          "re-run `mlm-dist prepare`")
-    return [Shard(shard_location(directory, s.path), s.documents)
+    return [Shard(shard_location(directory, s.path), s.documents, s.bytes)
             for s in manifest.splits[split]]
 
 
@@ -143,7 +144,7 @@ class ReaderStream:
         documents = (document for shard in unit.shards
                      for document in read_documents(shard.path, shard.documents, unit.modulus,
                                                     unit.remainder, self.skips,
-                                                    StreamSettings.of(self.data)))
+                                                    StreamSettings.of(self.data), shard.bytes))
         builder = self.examples_of(self.seq_len, rng, self.data, self.vocab)
         return builder(shuffled(documents, self.data.shuffle_buffer, rng))
 

@@ -132,7 +132,8 @@ def tar_samples(stream: BinaryIO, offset: int = 0, whole: bool = False) -> Itera
         yield sample
 
 
-def remote_samples(url: str, settings: StreamSettings) -> Iterator[dict]:
+def remote_samples(url: str, settings: StreamSettings,
+                   size: int | None = None) -> Iterator[dict]:
     """The samples of a shard behind a URL, each once and in order, whatever breaks between.
 
     A transport error, a stall past data.stream_timeout or an early end opens the stream again
@@ -143,7 +144,7 @@ def remote_samples(url: str, settings: StreamSettings) -> Iterator[dict]:
     while True:
         stream = None
         try:
-            stream = open_stream(url, offset, settings)
+            stream = open_stream(url, offset, settings, size)
             for sample in tar_samples(stream, offset, whole=True):
                 offset, failures = sample["__end__"], 0
                 yield sample
@@ -175,18 +176,20 @@ def _close_quietly(stream) -> None:
 
 def read_documents(path: str, expected: int, modulus: int, remainder: int,
                    skips: SkipCounter,
-                   streams: StreamSettings | None = None) -> Iterator[list[np.ndarray]]:
+                   streams: StreamSettings | None = None,
+                   size: int | None = None) -> Iterator[list[np.ndarray]]:
     """Documents of one shard whose index (in shard order) is `remainder` mod `modulus`.
 
     `expected` is the shard's document count from the manifest; whatever of our share of it
     does not come out of the tar is counted as skipped. `path`: a file, or a URL read with
-    `streams` (remote.py).
+    `streams` (remote.py); `size`, the shard's bytes from the manifest, saves a URL's stream
+    one request.
     """
     ours = len(range(remainder, expected, modulus))
     produced = 0
     stream = None
     if is_remote(path):
-        samples = remote_samples(path, streams or StreamSettings())
+        samples = remote_samples(path, streams or StreamSettings(), size)
     else:
         try:
             stream = open(path, "rb")

@@ -153,16 +153,18 @@ def check_readable(location: str, relative: str, settings: StreamSettings) -> No
         raise RemoteShardsError(unreadable(url, e, location)) from None
 
 
-def open_stream(url: str, offset: int, settings: StreamSettings) -> BinaryIO:
+def open_stream(url: str, offset: int, settings: StreamSettings,
+                size: int | None = None) -> BinaryIO:
     """A read-only stream of a shard, `offset` bytes in: seeked by a range request for a URL,
-    read and dropped for a pipe (whose command starts from the beginning again)."""
+    read and dropped for a pipe (whose command starts from the beginning again). `size`, the
+    shard's bytes from the manifest, spares the request that would ask the server for it."""
     if url.startswith(PIPE):
         raw = PipeStream(url, settings.timeout)
     else:
         fs, path = _filesystem(url, settings)
         # No cache of fsspec's own: the buffer below asks for a whole block at a time, and
         # answers the tar reader's many small reads in C (fsspec's read costs ~10 µs a call).
-        raw = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="none")
+        raw = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="none", size=size)
     try:
         seeked = offset > 0 and _seek(raw, offset)
         stream = io.BufferedReader(raw, buffer_size=BLOCK_BYTES)
