@@ -109,6 +109,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from mlm_dist.model import parameter_groups  # noqa: E402
 from mlm_dist.optim import optimizer_and_schedule  # noqa: E402
+from mlm_dist.precision import Precision, precision_for  # noqa: E402
 
 DEEPSPEED_VERSION = deepspeed.__version__
 
@@ -264,17 +265,6 @@ def check_device_precision(precision: str, accelerator) -> None:
         raise ConfigError(f"train.precision: bf16 is not supported on {name}; use fp16 or fp32")
 
 
-def autocast_bf16(cfg: RunConfig) -> bool:
-    """bf16 with fp32 gradients: fp32 weights (which are the master weights), the forward under
-    torch.autocast, so gradients are accumulated over micro-batches and reduced across ranks in
-    fp32, as Megatron and NVIDIA's BERT do. DeepSpeed's own bf16 mode keeps bf16 weights and
-    accumulates and all-reduces their gradients in bf16 (8 bits of mantissa: small contributions
-    of later micro-batches round away); its fp32 `grad_accum_dtype` exists only for ZeRO 1.
-    fp32 weights take the place of the fp32 master copy, so only ZeRO 1 and 2 (which keep
-    unpartitioned weights) hold more bytes; `mlm-dist bench memory` measures how many."""
-    return cfg.train.precision == "bf16" and cfg.train.grad_accum_dtype == "fp32"
-
-
 # Gradients reduced per bucket (elements) at ZeRO 1-3. Each full bucket is reduced while the
 # backward pass goes on; the last one (ending with the word embeddings, whose gradient is
 # complete only when backward ends: 23.4M elements in BERT-base, 31.3M in BERT-large) is the
@@ -318,13 +308,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    if autocast_bf16(cfg):
+    precision = precision_for(t)
+    if precision.autocast is not None:
         # No lower-precision modules: every gradient is reduced in its own dtype, fp32.
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
                                 "lower_precision_safe_modules": []}
-    elif t.precision == "bf16":
+    elif precision.bf16:
         ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
+    elif precision.fp16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     # `deepspeed:` extras (config.validate has refused the keys derived above)
@@ -364,28 +355,6 @@ def step_skipped(engine) -> bool | torch.Tensor:
     return not engine.was_step_applied() if found_inf is None else found_inf
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How an engine computes: torch autocast and its dtype, DeepSpeed's bf16 or fp16 mode
-    (low-precision weights and an fp32 master copy); none of them is fp32."""
-    autocast: torch.dtype | None = None
-    bf16: bool = False
-    fp16: bool = False
-
-    def __str__(self) -> str:
-        if self.autocast is not None:
-            return f"{str(self.autocast).removeprefix('torch.')} autocast with fp32 weights"
-        modes = [name for name, on in (("bf16", self.bf16), ("fp16", self.fp16)) if on]
-        return " and ".join(f"DeepSpeed's {m} mode" for m in modes) or "fp32"
-
-
-def expected_precision(cfg: RunConfig) -> Precision:
-    """The Precision that deepspeed_config asks DeepSpeed for."""
-    if autocast_bf16(cfg):
-        return Precision(autocast=torch.bfloat16)
-    return Precision(bf16=cfg.train.precision == "bf16", fp16=cfg.train.precision == "fp16")
-
-
 def engine_precision(engine) -> Precision:
     """The Precision a DeepSpeed engine runs. A DeepSpeed older than TORCH_AUTOCAST_SINCE has no
     torch_autocast_enabled: it ignored the section and runs without autocast."""
@@ -399,7 +368,7 @@ def check_engine_precision(cfg: RunConfig, running: Precision, deepspeed_version
     """After deepspeed.initialize: the engine runs the precision the config asked for. DeepSpeed
     ignores a config section it does not know, so without this check a bf16 run on an old
     DeepSpeed would train in fp32, several times slower, with MFU divided by the bf16 peak."""
-    wanted = expected_precision(cfg)
+    wanted = precision_for(cfg.train)
     if running == wanted:
         return
     if wanted.autocast is not None and running.autocast is None:

@@ -9,7 +9,7 @@ How many: like Google's create_pretraining_data.py, each row masks a fixed share
 eligible tokens (not an independent coin per token): `prob · n` of its n eligible tokens, rounded
 up or down at random so that the expectation is exactly `prob · n`. The effective rate is then
 `masking.prob`, whatever the row lengths, and `max_predictions` slots derived from it
-(config.max_predictions) never cut a row short.
+(`max_predictions` below) never cut a row short.
 
 Shapes are static: every sequence gets exactly `max_predictions` prediction slots (BERT's
 `max_predictions_per_seq`). Chosen positions fill the slots; unused slots carry label -100.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlm_dist.config import MaskingConfig
+from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.tokenizer import Vocabulary
 
@@ -42,6 +42,11 @@ class MaskedBatch:
     # draws more at random on top of the masks (ELECTRA's replacements) seeds from it, so a
     # resumed run and every evaluation draw the same again.
     seed: int = 0
+
+
+def max_predictions(phase: SequencePhase, masking: MaskingConfig) -> int:
+    """Predicted positions per sequence: configured, or derived so that no row is cut short."""
+    return phase.max_predictions or min(phase.seq_len, masking.slots_needed(phase.seq_len))
 
 
 def mask_seed(seed: int, rank: int, step: int, micro_step: int) -> int:

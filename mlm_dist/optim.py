@@ -30,6 +30,7 @@ import torch
 
 from mlm_dist.config import RunConfig
 from mlm_dist.model import parameter_groups
+from mlm_dist.precision import precision_for
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -241,7 +242,7 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg: RunConfig, device: torch
                                 # DeepSpeed checks for non-finite gradients everywhere but at
                                 # ZeRO 0 with fp32 weights (fp32, or bf16 under autocast)
                                 skip_non_finite=(cfg.train.zero_stage == 0
-                                                 and cfg.train.fp32_weights))
+                                                 and precision_for(cfg.train).fp32_weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlm_dist.config import ConfigError, dump_yaml, load_config, max_predictions, validate_topology
+from mlm_dist.config import ConfigError, dump_yaml, load_config, validate_topology
+from mlm_dist.masking import max_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 

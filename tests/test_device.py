@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch import REPO, env, metrics, train_command
 from mlm_dist.config import ConfigError, load_config
-from mlm_dist.engine import (DeviceError, Precision, TORCH_AUTOCAST_SINCE, check_engine_precision,
-                             choose_accelerator, cpu_threads, deepspeed_accelerator, device_index,
-                             expected_precision)
+from mlm_dist.engine import (DeviceError, TORCH_AUTOCAST_SINCE, check_engine_precision,
+                             choose_accelerator, cpu_threads, deepspeed_accelerator, device_index)
+from mlm_dist.precision import Precision, precision_for
 from mlm_dist.training import state as train_state
 
 
@@ -130,11 +130,19 @@ def cfg(*overrides):
 
 
 def test_the_precision_asked_for_is_what_deepspeed_json_asks_for():
-    assert expected_precision(cfg("train.precision=bf16")) == Precision(autocast=torch.bfloat16)
-    assert expected_precision(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16")) == \
+    assert precision_for(cfg("train.precision=bf16").train) == Precision(autocast=torch.bfloat16)
+    assert precision_for(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16").train) == \
         Precision(bf16=True)
-    assert expected_precision(cfg("train.precision=fp16")) == Precision(fp16=True)
-    assert expected_precision(cfg("train.precision=fp32")) == Precision()
+    assert precision_for(cfg("train.precision=fp16").train) == Precision(fp16=True)
+    assert precision_for(cfg("train.precision=fp32").train) == Precision()
+
+
+def test_weights_stay_fp32_under_fp32_and_bf16_autocast_only():
+    assert precision_for(cfg("train.precision=fp32").train).fp32_weights
+    assert precision_for(cfg("train.precision=bf16").train).fp32_weights
+    assert not precision_for(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16").train) \
+        .fp32_weights
+    assert not precision_for(cfg("train.precision=fp16").train).fp32_weights
 
 
 def test_a_deepspeed_that_ignored_torch_autocast_is_refused_naming_the_version():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mlm_dist.bench.masking import _text_batch
-from mlm_dist.config import load_config, max_predictions
+from mlm_dist.config import load_config
 
 from mlm_dist.config import MaskingConfig
-from mlm_dist.masking import IGNORE_INDEX, TokenMasker, mask_seed
+from mlm_dist.masking import IGNORE_INDEX, TokenMasker, mask_seed, max_predictions
 from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Vocabulary
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from launch import metrics, train
-from mlm_dist.config import DataConfig, MaskingConfig, ModelConfig, pairs_per_row
-from mlm_dist.data.batches import PackedBatchWriter
+from mlm_dist.config import DataConfig, MaskingConfig, ModelConfig
+from mlm_dist.data.batches import PackedBatchWriter, pairs_per_row
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from mlm_dist.config import MaskingConfig, SequencePhase
-from mlm_dist.config import max_predictions as derived_max_predictions
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.masking import TokenMasker
+from mlm_dist.masking import max_predictions as derived_max_predictions
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 
 DEMO_DOCUMENTS = 300
@@ -82,7 +82,7 @@ def bench_masking(tokenizer_dir: str | None = None, *, batch: int = 256, seq_len
     `ratio` is ours / HF's for the masking the run uses: whole-word if `whole_word`, else
     token-level. HF's collator always runs on the CPU (it lives in the data loader); ours runs on
     `device` (the rank's device in training). `max_predictions` is our K slots per sequence;
-    None derives it as the config does (config.max_predictions).
+    None derives it as training does (masking.max_predictions).
     """
     from transformers import DataCollatorForLanguageModeling
 

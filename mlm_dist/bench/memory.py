@@ -134,10 +134,11 @@ def bench_memory(config: str | None, overrides: list[str] = (), *, stages=(0, 1,
     import torch
 
     from mlm_dist.bench import memory_rank as bench_memory_rank
+    from mlm_dist.precision import precision_for
 
     cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
     # bf16 under autocast holds fp32 weights and gradients: the fp32 formula applies
-    precision = "fp32" if cfg.train.fp32_weights else cfg.train.precision
+    precision = "fp32" if precision_for(cfg.train).fp32_weights else cfg.train.precision
     label = cfg.train.precision + (" autocast (fp32 weights and gradients)"
                                    if precision != cfg.train.precision else "")
     results = []

@@ -138,11 +138,12 @@ class _CountingForward:
 
 def precision_mode(cfg) -> str:
     """memory.activation_prediction's precision for a run config."""
-    from mlm_dist.engine import autocast_bf16
+    from mlm_dist.precision import precision_for
 
-    if autocast_bf16(cfg):
+    precision = precision_for(cfg.train)
+    if precision.autocast is not None:
         return "autocast"
-    return "fp32" if cfg.train.precision == "fp32" else "low"
+    return "fp32" if precision.fp32_weights else "low"
 
 
 def held_bytes(engine) -> dict:

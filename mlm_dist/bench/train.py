@@ -41,7 +41,6 @@ import json
 import statistics
 
 from mlm_dist.config import RunConfig, SequencePhase, load_config
-from mlm_dist.config import max_predictions as derived_max_predictions
 
 # torch, numpy, transformers and deepspeed are imported where they are used, so that
 # registering these commands costs `mlm-dist --help` nothing.
@@ -61,6 +60,8 @@ def bench_config(config: str | None, overrides: list[str] = (), vocab_size: int 
 def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
               max_predictions: int | None) -> SequencePhase:
     """The config's phase at seq_len (its micro batch and max_predictions), or a new one."""
+    from mlm_dist.masking import max_predictions as derived_max_predictions  # imports torch
+
     phases = cfg.schedule.phases
     match = [p for p in phases if seq_len in (None, p.seq_len)]
     phase = match[0] if match else SequencePhase(seq_len=seq_len, micro_batch=phases[0].micro_batch,

@@ -87,8 +87,7 @@ def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
     (one reader from the start; rows padded to seq_len): the fill of real data, not of
     synthetic near-full rows."""
     from mlm_dist.config import DataConfig
-    from mlm_dist.config import pairs_per_row
-    from mlm_dist.data.batches import BatchWriter, PackedBatchWriter
+    from mlm_dist.data.batches import BatchWriter, PackedBatchWriter, pairs_per_row
     from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 
     stream = ReaderStream(manifest_shards(shards_dir), reader=0, readers=1,

@@ -133,6 +133,16 @@ class BatchWriter:
         return self.take()
 
 
+# A packed row holds at most this many pairs: static shapes for the NSP head. A pair is
+# [CLS] A [SEP] B [SEP] with A and B of a sentence or more, rarely under 32 tokens.
+MIN_PACKED_PAIR = 32
+
+
+def pairs_per_row(seq_len: int) -> int:
+    """NSP slots of a packed row of `seq_len` tokens."""
+    return max(1, seq_len // MIN_PACKED_PAIR)
+
+
 class PackedBatchWriter:
     """Several [CLS] A [SEP] B [SEP] pairs a row, as Graphcore's packed BERT packs them: each
     pair's positions restart at 0, its tokens carry its slot number (attention stays inside a

@@ -32,8 +32,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mlm_dist.config import DataConfig, pairs_per_row
-from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter
+from mlm_dist.config import DataConfig
+from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter, pairs_per_row
 from mlm_dist.data.examples import ExampleBuilder, Pair
 from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents

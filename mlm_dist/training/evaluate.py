@@ -21,11 +21,11 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from mlm_dist.config import ConfigError, RunConfig, SequencePhase, max_predictions
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase
 from mlm_dist.data.batches import Batch, BatchWriter
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest
-from mlm_dist.masking import TokenMasker
+from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.objectives import objective_for
 from mlm_dist.tokenizer import Vocabulary

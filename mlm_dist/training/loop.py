@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mlm_dist.config import RunConfig, SequencePhase, dump_yaml, max_predictions
+from mlm_dist.config import RunConfig, SequencePhase, dump_yaml
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
                              set_phase, step_skipped, to_universal)
-from mlm_dist.masking import TokenMasker
+from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import num_parameters
 from mlm_dist.objectives import objective_for
 from mlm_dist.training.preflight import preflight
