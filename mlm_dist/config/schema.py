@@ -144,6 +144,7 @@ class TrainConfig:
     # Under bf16: the dtype gradients are accumulated over micro-batches and reduced across
     # ranks in. fp32 (default) keeps fp32 weights and runs the forward under autocast; bf16 is
     # DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer).
+    # precision.py turns the two keys into the one Precision the run computes in.
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 2
     grad_clip: float = 1.0
@@ -218,6 +219,8 @@ class RunConfig:
     deepspeed: dict = field(default_factory=dict)
 
 
+# Here beside ModelConfig rather than in electra_model.py: checks.py refuses a generator_size
+# whose heads do not divide its hidden size, and the checks run before torch is imported.
 def generator_config(model: ModelConfig, size: float) -> ModelConfig:
     """ELECTRA's generator: `model` with hidden size, heads and FFN size scaled by `size`
     (objective.generator_size; at least one of each), the same layers, vocabulary and
