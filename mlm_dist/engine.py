@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mlm_dist.config import ConfigError, RunConfig, SequencePhase, TrainConfig, validate_topology
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase, TrainConfig
 
 
 class DeviceError(RuntimeError):
@@ -285,16 +285,18 @@ def zero_optimization(stage: int) -> dict:
     return {"stage": stage, "overlap_comm": True, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: RunConfig, accumulation: list[int],
+                     load_universal: bool = False) -> dict:
     """The DeepSpeed JSON, generated from our config, `deepspeed:` extras merged.
     Batch settings are the first phase's; `set_phase` moves the engine to later ones.
+    `accumulation`: the gradient accumulation steps of each phase, as the pre-flight derived
+    them for this world size (config.validate_topology), not derived again here.
     `load_universal`: checkpoints are loaded from DeepSpeed's universal (topology-free) form."""
     t, first = cfg.train, cfg.schedule.phases[0]
-    grad_accum = validate_topology(cfg, world_size)[0]
     ds = {
         "train_batch_size": first.global_batch,
         "train_micro_batch_size_per_gpu": first.micro_batch,
-        "gradient_accumulation_steps": grad_accum,
+        "gradient_accumulation_steps": accumulation[0],
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero_optimization(t.zero_stage),
         # Our AdamW is plain torch; ZeRO would otherwise refuse it as "untested".
@@ -334,12 +336,14 @@ def set_phase(engine, phase: SequencePhase) -> None:
     engine.set_train_batch_size(phase.global_batch)
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology,
-                 load_universal: bool = False):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology, accumulation: list[int],
+                 *, load_universal: bool = False):
+    """The DeepSpeed engine of `model`: `accumulation` and `load_universal` as deepspeed_config
+    takes them."""
     optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, topo.world_size, load_universal))
+        config=deepspeed_config(cfg, accumulation, load_universal))
     check_engine_precision(cfg, engine_precision(engine), deepspeed.__version__)
     set_collective_timeout(timedelta(minutes=cfg.train.collective_timeout_minutes))
     if cfg.train.compile:
@@ -381,10 +385,9 @@ def check_engine_precision(cfg: RunConfig, running: Precision, deepspeed_version
                       f"{deepspeed_version} runs {running}: {fix}")
 
 
-def to_universal(tag_dir: Path) -> Path:
+def to_universal(tag_dir: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint of `tag_dir` (parameters and optimizer state per
-    parameter, independent of the number of ranks), made once next to it. Rank 0 only."""
-    out = tag_dir.parent / "universal" / tag_dir.name
+    parameter, independent of the number of ranks) in `out`, made once. Rank 0 only."""
     if not (out / "mp_rank_00_model_states.pt").is_file():
         from deepspeed.checkpoint import ds_to_universal
 
@@ -396,7 +399,6 @@ def to_universal(tag_dir: Path) -> Path:
                                   inject_missing_state=True)
         with contextlib.redirect_stdout(sys.stderr):
             ds_to_universal.main(args)
-    return out
 
 
 def consolidated_state_dict(checkpoint_dir: str, tag: str,

@@ -13,7 +13,7 @@ from launch import leave_probe
 def main() -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from mlm_dist.config import load_config
+    from mlm_dist.config import load_config, validate_topology
     from mlm_dist.engine import build_engine, init_distributed
     from mlm_dist.model import BertForPretraining, pretraining_loss
 
@@ -27,7 +27,8 @@ def main() -> None:
                                  f"train.zero_stage={stage}", *overrides])
         topo = topo or init_distributed()
         torch.manual_seed(0)
-        engine = build_engine(BertForPretraining(cfg.model), cfg, topo)
+        engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
+                              validate_topology(cfg, topo.world_size))
         ids = torch.randint(5, 64, (2, 16), generator=torch.Generator().manual_seed(topo.rank))
         positions = torch.arange(1, 4).expand(2, 3)
         for micro in range(2):

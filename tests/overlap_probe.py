@@ -14,11 +14,13 @@ from launch import leave_probe
 def train(cfg, topo, stage: int) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from mlm_dist.config import validate_topology
     from mlm_dist.engine import build_engine
     from mlm_dist.model import BertForPretraining, pretraining_loss
 
     torch.manual_seed(0)
-    engine = build_engine(BertForPretraining(cfg.model), cfg, topo)
+    engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
+                          validate_topology(cfg, topo.world_size))
     data = torch.Generator().manual_seed(topo.rank)
     positions = torch.arange(1, 4).expand(2, 3)
     losses = []

@@ -22,7 +22,7 @@ def tiny_config(*overrides):
 def main() -> None:
     import deepspeed
 
-    from mlm_dist.config import ConfigError
+    from mlm_dist.config import ConfigError, validate_topology
     from mlm_dist.engine import (build_engine, check_engine_precision, deepspeed_config,
                                  engine_precision, init_distributed)
     from mlm_dist.model import BertForPretraining
@@ -34,13 +34,14 @@ def main() -> None:
                             "bf16 mode": ["train.precision=bf16", "train.grad_accum_dtype=bf16"],
                             "fp32": ["train.precision=fp32"]}.items():
         cfg = tiny_config(*overrides)
-        engine = build_engine(BertForPretraining(cfg.model), cfg, topo)
+        engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
+                              validate_topology(cfg, topo.world_size))
         found[name] = str(engine_precision(engine))
 
     cfg = tiny_config("train.precision=bf16")
     model = BertForPretraining(cfg.model)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device)
-    ds = deepspeed_config(cfg, topo.world_size)
+    ds = deepspeed_config(cfg, validate_topology(cfg, topo.world_size))
     del ds["torch_autocast"]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds)

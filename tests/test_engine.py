@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch import REPO, env
-from mlm_dist.config import ConfigError, load_config, validate
+from mlm_dist.config import ConfigError, load_config, validate, validate_topology
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 from mlm_dist.engine import REDUCE_BUCKET_ELEMENTS, deepspeed_config
 from mlm_dist.optim import learning_rate_factor
@@ -18,20 +18,25 @@ def cfg(*overrides):
                               "schedule.phases.0.global_batch=32", *overrides])
 
 
+def ds_config(c, world_size):
+    """The DeepSpeed JSON on `world_size` ranks, from the accumulation the pre-flight derives."""
+    return deepspeed_config(c, validate_topology(c, world_size))
+
+
 def test_batch_arithmetic_and_precision_are_derived():
-    ds = deepspeed_config(cfg("train.zero_stage=3", "train.precision=bf16"), world_size=2)
+    ds = ds_config(cfg("train.zero_stage=3", "train.precision=bf16"), world_size=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3 and ds["torch_autocast"]["dtype"] == "bfloat16"
     assert "fp16" not in ds and "bf16" not in ds
-    fp16 = deepspeed_config(cfg("train.precision=fp16"), world_size=1)["fp16"]
+    fp16 = ds_config(cfg("train.precision=fp16"), world_size=1)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
 
 
 def test_extra_keys_merge_and_derived_keys_are_refused():
     c = cfg()
     c.deepspeed = {"zero_optimization": {"overlap_comm": True}, "communication_data_type": "fp32"}
-    ds = deepspeed_config(c, world_size=2)
+    ds = ds_config(c, world_size=2)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True,
                                        "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
     assert ds["communication_data_type"] == "fp32"
@@ -45,19 +50,19 @@ def test_extra_keys_merge_and_derived_keys_are_refused():
 
 def test_no_throughput_timer_and_gradient_reduction_overlaps_backward():
     for stage in (1, 2, 3):
-        ds = deepspeed_config(cfg(f"train.zero_stage={stage}"), world_size=2)
+        ds = ds_config(cfg(f"train.zero_stage={stage}"), world_size=2)
         assert ds["zero_optimization"] == {"stage": stage, "overlap_comm": True,
                                            "reduce_bucket_size": 25_000_000}
         # DeepSpeed's timer would synchronize the device at every forward and step()
         assert ds["timers"] == {"throughput": {"enabled": False}}
-    assert deepspeed_config(cfg("train.zero_stage=0"), world_size=2)["zero_optimization"] == {
+    assert ds_config(cfg("train.zero_stage=0"), world_size=2)["zero_optimization"] == {
         "stage": 0}  # no overlap there: DeepSpeed all-reduces after backward
 
 
 def test_overlap_bucket_and_timer_can_be_overridden_and_bad_values_are_refused():
-    ds = deepspeed_config(cfg("deepspeed.zero_optimization.overlap_comm=false",
-                              "deepspeed.zero_optimization.reduce_bucket_size=5.0e+8",
-                              "deepspeed.timers={throughput: {enabled: true}}"), world_size=2)
+    ds = ds_config(cfg("deepspeed.zero_optimization.overlap_comm=false",
+                       "deepspeed.zero_optimization.reduce_bucket_size=5.0e+8",
+                       "deepspeed.timers={throughput: {enabled: true}}"), world_size=2)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False,
                                        "reduce_bucket_size": 5e8}
     assert ds["timers"] == {"throughput": {"enabled": True}}
@@ -72,7 +77,7 @@ def test_overlap_bucket_and_timer_can_be_overridden_and_bad_values_are_refused()
 
 def test_world_size_that_does_not_divide_the_batch():
     with pytest.raises(ConfigError, match="schedule.phases.0.global_batch"):
-        deepspeed_config(cfg(), world_size=3)
+        ds_config(cfg(), world_size=3)
 
 
 def test_learning_rate_is_one_schedule_across_phases_with_optional_rewarmup():
@@ -87,10 +92,10 @@ def test_learning_rate_is_one_schedule_across_phases_with_optional_rewarmup():
 
 
 def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default():
-    ds = deepspeed_config(cfg("train.precision=bf16"), world_size=2)
+    ds = ds_config(cfg("train.precision=bf16"), world_size=2)
     assert "bf16" not in ds and ds["torch_autocast"]["enabled"]
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []  # nothing reduced in bf16
-    opted_out = deepspeed_config(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16"), 2)
+    opted_out = ds_config(cfg("train.precision=bf16", "train.grad_accum_dtype=bf16"), 2)
     assert opted_out["bf16"] == {"enabled": True} and "torch_autocast" not in opted_out
     with pytest.raises(ConfigError, match="train.grad_accum_dtype"):
         cfg("train.precision=fp32", "train.grad_accum_dtype=bf16")

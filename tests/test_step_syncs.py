@@ -64,10 +64,10 @@ def test_a_step_waits_for_the_device_only_where_deepspeed_skips_non_finite_gradi
                 assert not steps[step], f"rank {rank}, step {step} waits for: {steps[step]}"
         for step in log_steps:
             # The counters count: a log step reduces the metrics (flush), and there the ranks
-            # agree on stop signals and timed saves (maybe_checkpoint), and the divergence
+            # agree on stop signals and timed saves (Checkpointer.agree), and the divergence
             # guard reads its count of skipped steps (should_roll_back).
             functions = {reading_frame(key)[1] for key in steps[step]}
-            assert {"flush", "maybe_checkpoint", "should_roll_back"} <= functions, steps[step]
+            assert {"flush", "agree", "should_roll_back"} <= functions, steps[step]
 
 
 def test_gradient_reduction_overlaps_backward_at_zero_1_to_3(probed):

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlm_dist.bench.memory import activation_prediction
     from mlm_dist.bench.train import bench_config, phase_for
     from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
-    from mlm_dist.config import ScheduleConfig
+    from mlm_dist.config import ScheduleConfig, validate_topology
     from mlm_dist.engine import build_engine, check_precision, init_distributed
     from mlm_dist.masking import TokenMasker
     from mlm_dist.model import num_parameters
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg, train=dataclasses.replace(cfg.train, zero_stage=args.stage),
         schedule=ScheduleConfig(phases=[phase]),
         optim=dataclasses.replace(cfg.optim, warmup_steps=0), deepspeed=extra)
-    engine = build_engine(model, cfg, topo)
+    engine = build_engine(model, cfg, topo, validate_topology(cfg, world))
     device = engine.device
 
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,

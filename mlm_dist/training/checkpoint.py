@@ -7,6 +7,8 @@ Layout of a run directory:
                                     run_config.yaml and the tokenizer's files (self-describing),
                                     complete.json (written last: the checkpoint counts)
     checkpoints/latest              tag of the newest complete checkpoint
+    checkpoints/universal/step_…/   DeepSpeed's universal form of a tag, made when a run resumes
+                                    it on another number of ranks
 
 DeepSpeed writes its files under their final names and, left to itself, points `latest` at a
 tag before every rank has finished writing. We do not trust either: every rank writes, all
@@ -14,6 +16,9 @@ ranks meet at a barrier, and only then rank 0 writes `complete.json` and atomica
 `latest` pointer. A checkpoint without `complete.json` is a crashed save and is never resumed
 from; resuming looks for the newest *complete* checkpoint, whatever `latest` says, and removes
 the crashed saves first (they can be as large as a whole checkpoint on a disk that filled up).
+
+This module is the layout and its crash-safety; when a run saves and what it restores is the
+Checkpointer's (checkpointer.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from mlm_dist.training import faults
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.yaml"
 COMPLETE = "complete.json"
+UNIVERSAL = "universal"
 _TAG = re.compile(r"step_(\d{8,})$")
 
 
@@ -68,6 +74,11 @@ def tags(root: Path) -> list[tuple[int, Path, bool]]:
 def latest_complete(root: Path) -> Path | None:
     complete = [d for _, d, ok in tags(root) if ok]
     return complete[-1] if complete else None
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where DeepSpeed's universal form of the checkpoint `tag_dir` is made and loaded from."""
+    return tag_dir.parent / UNIVERSAL / tag_dir.name
 
 
 def save(engine, run_dir: Path, step: int, *, cfg: RunConfig, tokenizer_files: list[Path],
@@ -202,20 +213,21 @@ def saved_world_size(tag_dir: Path) -> int:
     return json.loads((tag_dir / COMPLETE).read_text())["world_size"]
 
 
-def resume(engine, run_dir: Path, universal=None) -> dict | None:
+def resume(engine, run_dir: Path, to_universal=None) -> dict | None:
     """Load the newest complete checkpoint of `run_dir` into the engine; return our state.
-    `universal(tag_dir) -> dir`: when given, load through DeepSpeed's universal checkpoint
-    made by it (rank 0 converts, the others wait), for a run on another number of ranks."""
+    `to_universal(tag_dir, out_dir)`: when given, load through DeepSpeed's universal checkpoint
+    it makes in universal_dir(tag_dir) (rank 0 converts, the others wait), for a run on
+    another number of ranks."""
     if dist.get_rank() == 0:
         remove_incomplete(run_dir / CHECKPOINTS)
     tag_dir = latest_complete(run_dir / CHECKPOINTS)
     if tag_dir is None:
         return None
-    if universal is not None:
+    if to_universal is not None:
         if dist.get_rank() == 0:
-            universal(tag_dir)
+            to_universal(tag_dir, universal_dir(tag_dir))
         dist.barrier()
-        tag_dir = tag_dir.parent / "universal" / tag_dir.name
+        tag_dir = universal_dir(tag_dir)
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")

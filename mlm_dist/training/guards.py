@@ -16,7 +16,8 @@ class DivergenceError(RuntimeError):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) only raise a
-    flag here; the loop turns it into an agreed step, a checkpoint and a clean exit."""
+    flag here; the Checkpointer turns it into an agreed step and a checkpoint, the loop into a
+    clean exit."""
 
     def __init__(self):
         self.received: int | None = None

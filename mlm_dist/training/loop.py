@@ -12,7 +12,6 @@ the model knows nothing of ranks.
 from __future__ import annotations
 
 import socket
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -23,12 +22,12 @@ from mlm_dist.config import RunConfig, SequencePhase, dump_yaml
 from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
-                             set_phase, step_skipped, to_universal)
+                             set_phase, step_skipped)
 from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import num_parameters
 from mlm_dist.objectives import objective_for
 from mlm_dist.training.preflight import preflight
-from mlm_dist.training import checkpoint
+from mlm_dist.training.checkpointer import Checkpointer
 from mlm_dist.training.evaluate import evaluate
 from mlm_dist.training.guards import DivergenceGuard, StopSignals
 from mlm_dist.training.metrics import MetricLogger
@@ -73,20 +72,18 @@ class Trainer:
         else:
             model = self.objective.build_model(cfg.model)
         n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
-        # A checkpoint written by another number of ranks is loaded in DeepSpeed's universal form.
-        newest = checkpoint.latest_complete(self.run_dir / checkpoint.CHECKPOINTS)
-        self.universal = bool(cfg.checkpoint.resume and newest is not None
-                              and checkpoint.saved_world_size(newest) != topo.world_size)
-        self.engine = build_engine(model, cfg, topo, load_universal=self.universal)
+        self.checkpointer = Checkpointer(self.run_dir, cfg, topo, self.tokenizer.files,
+                                         StopSignals())
+        self.engine = build_engine(model, cfg, topo, self.accumulation,
+                                   load_universal=self.checkpointer.needs_universal_load)
         self.shards = manifest_shards(cfg.data.shards)
         self.vocab = self.tokenizer.vocabulary
-        self.stop, self.guard = StopSignals(), DivergenceGuard(cfg.train, self.engine.device)
+        self.guard = DivergenceGuard(cfg.train, self.engine.device)
         self.logger = MetricLogger(self.run_dir / "tensorboard" if self.rank0 else None, cfg,
                                    topo, n_params)
         self.announce(n_params)
         self.state = self.restore() if cfg.checkpoint.resume else TrainState()
-        self.last_save_time, self.last_log_step, self.data_wait = (time.monotonic(),
-                                                                   self.state.step, 0.0)
+        self.last_log_step, self.data_wait = self.state.step, 0.0
 
     def train(self) -> dict:
         cfg, engine, state, topo = self.cfg, self.engine, self.state, self.topo
@@ -128,8 +125,7 @@ class Trainer:
         if not self.waits_for_the_device(self.state.step):
             return False
         rolled_back = self.guard.should_roll_back(
-            self.state.step, can_roll_back=lambda: checkpoint.latest_complete(
-                self.run_dir / checkpoint.CHECKPOINTS) is not None)
+            self.state.step, can_roll_back=self.checkpointer.has_checkpoint)
         self.logger.skipped_steps = self.guard.skipped
         if not rolled_back:
             return False
@@ -144,9 +140,8 @@ class Trainer:
     def waits_for_the_device(self, step: int) -> bool:
         """A step that logs, evaluates, saves or agrees on signals: it reads from the device
         anyway, so one more small read there costs nothing."""
-        t, c, every = self.cfg.train, self.cfg.checkpoint, self.cfg.eval.every
-        return (step == self.cfg.schedule.total_steps or step % t.log_every == 0
-                or step % c.agrees_every(t.log_every) == 0 or bool(c.every and step % c.every == 0)
+        every = self.cfg.eval.every
+        return (step % self.cfg.train.log_every == 0 or self.checkpointer.waits_at(step)
                 or bool(every and step % every == 0))
 
     def maybe_log(self, phase: SequencePhase, batches: ResumableLoader) -> None:
@@ -178,44 +173,24 @@ class Trainer:
         self.engine.train()
 
     def maybe_checkpoint(self, phase_index: int, batches: ResumableLoader) -> bool:
-        """Every N steps, every M minutes, at the end, or on a stop signal; True to stop."""
-        step, c, total = self.state.step, self.cfg.checkpoint, self.cfg.schedule.total_steps
-        stopping = timed = False
-        if step % c.agrees_every(self.cfg.train.log_every) == 0 or step == total:
-            # Signals and clocks differ between ranks; one all-reduce makes them agree. Its
-            # host read waits for the device: by default only at log steps, which wait anyway.
-            due = (c.every_minutes > 0 and self.rank0
-                   and time.monotonic() - self.last_save_time >= 60 * c.every_minutes)
-            flags = torch.tensor([self.stop.received is not None, due], dtype=torch.int32,
-                                 device=self.engine.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stopping, timed = (bool(f) for f in flags.tolist())
-        if stopping or timed or step == total or (c.every and step % c.every == 0):
-            self.save(phase_index, batches)
-        if stopping and self.rank0:
+        """Save when the checkpointer says so; True to stop (a stop signal: saved, now stop)."""
+        step = self.state.step
+        save, stop = self.checkpointer.should_save(step)
+        if save:
+            client = self.state.client_state(phase_index, batches, self.topo.world_size)
+            self.checkpointer.save(self.engine, step, client)
+        if stop and self.rank0:
             print(f"stopping at step {step} on a signal; resume with checkpoint.resume=true",
                   flush=True)
-        return stopping
+        return stop
 
-    # ---- checkpoints, set-up and the end
-
-    def save(self, phase_index: int, batches: ResumableLoader) -> None:
-        client = self.state.client_state(phase_index, batches, self.topo.world_size)
-        path = checkpoint.save(self.engine, self.run_dir, self.state.step, cfg=self.cfg,
-                               tokenizer_files=self.tokenizer.files, client_state=client,
-                               rank=self.topo.rank, keep=self.cfg.checkpoint.keep)
-        self.last_save_time = time.monotonic()
-        if self.rank0:
-            print(f"saved checkpoint {path}", flush=True)
+    # ---- set-up and the end
 
     def restore(self) -> TrainState:
         """The newest complete checkpoint into the engine; its step and data position."""
-        client = checkpoint.resume(self.engine, self.run_dir,
-                                   to_universal if self.universal else None)
+        client = self.checkpointer.restore(self.engine)
         if client is None:
             return TrainState()
-        if self.rank0:
-            print(f"resumed from step {client['step']}", flush=True)
         return TrainState.from_client_state(client, self.shards, rank=self.topo.rank,
                                             world_size=self.topo.world_size,
                                             num_workers=self.cfg.data.num_workers)

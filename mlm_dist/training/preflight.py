@@ -5,7 +5,8 @@ multi-node deepspeed launcher) run it on the host they start from, for the world
 about to start, so a mistake costs seconds instead of a queue wait. One place per concern:
 
     the config itself       config.load_config: types, ranges, combinations, `deepspeed:` extras
-    batch arithmetic        config.validate_topology, for a world size
+    batch arithmetic        config.validate_topology, for a world size (its accumulation
+                            goes to the engine: derived once)
     the run directory       check_run_dir: never train over another run's checkpoints
     the data                resolve_data: shards, their tokenizer, model.init_from's tokenizer
     the device              engine.check_precision, on the ranks' hosts only
@@ -54,11 +55,11 @@ def launch_preflight(config: str | Path, overrides: list[str], world_size: int) 
 
 
 def check_run_dir(cfg: RunConfig) -> None:
-    if not cfg.checkpoint.resume and latest_complete(Path(cfg.out_dir) / CHECKPOINTS):
+    newest = latest_complete(Path(cfg.out_dir) / CHECKPOINTS)
+    if newest and not cfg.checkpoint.resume:
         # Never train over an existing run: its checkpoints would be mixed with ours.
         raise FileExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
                               "checkpoint.resume=true to continue it, or choose another out_dir")
-    newest = cfg.checkpoint.resume and latest_complete(Path(cfg.out_dir) / CHECKPOINTS)
     if newest and (newest / RUN_CONFIG).is_file():  # without it, restoring says what is wrong
         # Another objective's network has other heads: the checkpoint would not load.
         saved = load_config(newest / RUN_CONFIG).objective.name
