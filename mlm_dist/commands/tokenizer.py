@@ -8,7 +8,8 @@ import sys
 
 from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
 from mlm_dist.data.sentences import AUTO
-from mlm_dist.tokenizer import corpus_language, sentences_of, train_tokenizer
+from mlm_dist.tokenizer import (DEFAULT_CHARACTER_COVERAGE, corpus_language, sentences_of,
+                                train_tokenizer)
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
@@ -21,13 +22,12 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="sentences sampled for training (bounds memory on big corpora)")
-    # The default is tokenizer.DEFAULT_CHARACTER_COVERAGE, spelled out so that building the
-    # parser imports no SentencePiece (a test checks the two agree).
-    t.add_argument("--character-coverage", type=float, default=0.9995, metavar="SHARE",
+    t.add_argument("--character-coverage", type=float, default=DEFAULT_CHARACTER_COVERAGE,
+                   metavar="SHARE",
                    help="share of the corpus's characters that get a piece of their own; rarer "
                         "ones become [UNK] (or bytes with --byte-fallback). SentencePiece "
                         "advises 0.9995 for rich character sets (Japanese, Chinese), 1.0 for "
-                        "small alphabets; 0.98 to 1 (default: 0.9995)")
+                        f"small alphabets; 0.98 to 1 (default: {DEFAULT_CHARACTER_COVERAGE})")
     t.add_argument("--byte-fallback", action="store_true",
                    help="spell characters that have no piece as their UTF-8 bytes (<0x00>…"
                         "<0xFF>, 256 pieces counted in --vocab-size) instead of [UNK]")
