@@ -6,8 +6,9 @@
 #
 # Run it on the first host of HOSTFILE, with the Python environment that has mlm_dist installed
 # (or PYTHON=/path/to/venv/bin/python). Every node must see the same paths and reach the others
-# over passwordless ssh. The checks, the hostfile and the environment file deepspeed exports on
-# every node live in mlm_dist/launch/multinode.py; `--help` lists the options.
+# over passwordless ssh. It is `mlm-dist launch`: the checks, the hostfile and the environment
+# file deepspeed exports on every node live in mlm_dist/launch/multinode.py; `--help` lists the
+# options.
 set -euo pipefail
 python=${PYTHON:-$(command -v python || command -v python3)}
-exec "$python" -m mlm_dist.launch.multinode "$@"
+exec "$python" -m mlm_dist launch "$@"

@@ -3,16 +3,15 @@ figures holds. No timing assertions: the machine is shared and noisy."""
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pytest
 
-from mlm_dist.bench import memory as memory_bench
 from mlm_dist.bench.memory import activation_prediction, bench_memory, zero_prediction
 from mlm_dist.bench.memory_rank import SavedTensorBytes
-from mlm_dist.bench.train import add_parser, bench_config, bench_train, phase_for
+from mlm_dist.bench.train import bench_config, bench_train, phase_for
 from mlm_dist.bench.workload import synthetic_batch
+from mlm_dist.cli import build_parser
 from mlm_dist.config import ModelConfig
 from mlm_dist.flops import model_flops_per_token, sparse_flops_per_token
 from mlm_dist.model import BertForPretraining
@@ -187,15 +186,12 @@ def test_activation_formula_under_cuda_autocasts_layer_norm_rule():
 
 
 def test_cli_registration():
-    parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers(dest="bench_command", required=True)
-    add_parser(commands)
-    memory_bench.add_parser(commands)
-    args = parser.parse_args(["train", "--config", BASE, "--seq-len", "128", "--micro-batch", "16",
+    parser = build_parser()
+    args = parser.parse_args(["bench", "train", "--config", BASE, "--seq-len", "128", "--micro-batch", "16",
                               "--steps", "4", "--compare-hf", "--precision", "bf16",
                               "model.num_layers=4"])
     assert args.compare_hf and args.overrides == ["model.num_layers=4"] and args.func
-    args = parser.parse_args(["memory", "--config", BASE, "--stages", "0", "3"])
+    args = parser.parse_args(["bench", "memory", "--config", BASE, "--stages", "0", "3"])
     assert args.stages == [0, 3] and args.ranks == 2
 
 

@@ -9,12 +9,26 @@ import pytest
 
 from launch import REPO, env
 from mlm_dist import cli
+from mlm_dist.commands import checkpoint
 
 
 def test_building_the_parser_imports_nothing_heavy():
     probe = ("import sys; from mlm_dist.cli import build_parser; build_parser(); "
              "print(sorted(m for m in ('torch', 'deepspeed', 'sentencepiece', 'transformers', "
              "'webdataset', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env(), cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [["train"], ["bench", "train"], ["bench", "gpu"], ["launch"],
+                                     ["slurm"], ["consolidate"], ["demo"]])
+def test_a_commands_help_imports_no_torch(command):
+    """Only the command asked for brings its options, and they need neither torch nor DeepSpeed."""
+    probe = ("import contextlib, io, sys; from mlm_dist.cli import build_parser\n"
+             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             f"    build_parser().parse_args({command + ['--help']!r})\n"
+             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], env=env(), cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "[]"
@@ -32,6 +46,6 @@ def test_a_bug_shows_its_traceback(monkeypatch):
     def broken(args):
         np.zeros(2).reshape(3)  # a ValueError raised inside numpy, not by one of our checks
 
-    monkeypatch.setattr(cli, "_consolidate", broken)
+    monkeypatch.setattr(checkpoint, "consolidate", broken)
     with pytest.raises(ValueError, match="reshape"):
         cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])

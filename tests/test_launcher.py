@@ -1,4 +1,5 @@
-"""Multi-node launch with deepspeed over a hostfile (mlm_dist/launch/multinode.py, launcher/).
+"""Multi-node launch with deepspeed over a hostfile (`mlm-dist launch`: mlm_dist/launch/multinode.py,
+launcher/).
 
 The checks and the generated files are tested directly; one test starts a real sshd on
 loopback and launches 2 ranks on 2 "hosts" (localhost, 127.0.0.2) through deepspeed and pdsh."""
@@ -18,13 +19,24 @@ import pytest
 
 from cluster import SshServer, running
 from launch import REPO, TINY, TINY_OVERRIDES, env as launch_env, free_port, metrics
+from mlm_dist import cli
 from mlm_dist.launch import multinode as hostfile
 
 SCRIPT = REPO / "launcher" / "deepspeed_multinode.sh"
 
 
+def launch(argv: list[str]) -> int:
+    """The exit code of `mlm-dist launch ARGV` (0 when it returns)."""
+    try:
+        cli.main(["launch", *argv])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
 def run_main(tmp_path, text: str | None, *options: str, overrides=()):
-    """hostfile.main with a hostfile of `text` (None: no file); (exit code, stderr)."""
+    """The arguments of `mlm-dist launch --dry-run` with a hostfile of `text` (None: no file);
+    (argv, out_dir)."""
     path = tmp_path / "hostfile"
     if text is not None:
         path.write_text(text)
@@ -68,7 +80,7 @@ def test_every_mistake_is_one_clear_error_before_anything_starts(tmp_path, capsy
                                                                  text, options, message):
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("launched"))
     argv, out_dir = run_main(tmp_path, text, *options)
-    assert hostfile.main(argv) == 2
+    assert launch(argv) == 2
     err = capsys.readouterr().err
     assert message.format(path=tmp_path / "hostfile") in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -83,10 +95,10 @@ def test_dry_run_shows_hostfile_environment_and_command(tmp_path, capsys, monkey
     monkeypatch.setenv("UNRELATED_SECRET", "x")
     argv, out_dir = run_main(tmp_path, "node-1 slots=8 # a\nnode-2 slots=8\n", "--nodes", "2",
                              "--gpus-per-node", "1", "--ssh-port", "2222", "--env", "MLM_X=100%")
-    assert hostfile.main(argv) == 0
+    assert launch(argv) == 0
     out, err = capsys.readouterr()
     # the CPU image sets DS_ACCELERATOR=cpu: said aloud, since GPU nodes would train on CPU
-    assert err == ("deepspeed_multinode: every rank gets DS_ACCELERATOR=cpu from this "
+    assert err == ("mlm-dist launch: every rank gets DS_ACCELERATOR=cpu from this "
                    "environment and trains on the CPU; unset it to train on GPUs\n")
     assert "node-1 slots=8\nnode-2 slots=8\n" in out
     env = dict(line.split("=", 1) for line in out.split(f"# {out_dir}/launch/deepspeed_env\n")[1]
@@ -116,8 +128,8 @@ def test_arguments_and_environment_reach_the_remote_ranks_literally(tmp_path, mo
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("HF_HOME", env_value)
     monkeypatch.chdir(tmp_path)
-    args = hostfile.build_parser().parse_args(
-        ["--env", "NCCL_DEBUG=INFO", str(tmp_path / "hostfile"), str(TINY), *nasty])
+    args = cli.build_parser().parse_args(
+        ["launch", "--env", "NCCL_DEBUG=INFO", str(tmp_path / "hostfile"), str(TINY), *nasty])
     (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.2 slots=1\n")
     # The nasty values are no valid config: skip the pre-flight, keep the out_dir it returns.
     monkeypatch.setattr("mlm_dist.training.preflight.launch_preflight",
@@ -157,7 +169,7 @@ def test_a_working_directory_deepspeed_cannot_quote_is_refused(tmp_path, capsys,
     (tmp_path / "my runs").mkdir()
     monkeypatch.chdir(tmp_path / "my runs")
     argv, out_dir = run_main(tmp_path, "a slots=1\nb slots=1\n")
-    assert hostfile.main(argv) == 2
+    assert launch(argv) == 2
     assert "the working directory" in capsys.readouterr().err
 
 

@@ -527,14 +527,10 @@ def convergence_command(args) -> None:
         sys.exit(1)
 
 
-def add_parser(bench_subparsers):
-    """Register `bench convergence` under `mlm-dist bench`, handled by convergence_command;
-    returns its parser. Cheap: the heavy parts are imported only when the command runs."""
-    c = bench_subparsers.add_parser(
-        "convergence", help="ours vs a transformers+torch reference trainer, per objective: "
-                            "validation loss and wall time for the same tokens, over seeds "
-                            "(JSON + PNG)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+def add_arguments(c: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench convergence`'s options."""
+    c.formatter_class = argparse.RawDescriptionHelpFormatter
+    c.description = __doc__
     c.add_argument("--corpus", required=True, choices=["books", "short"],
                    help="book-length documents (200-2,000 sentences) or short ones (1-40), "
                         "built from docstrings on this machine")
@@ -560,4 +556,3 @@ def add_parser(bench_subparsers):
     c.add_argument("overrides", nargs="*", help="dotted config overrides for both sides, "
                    "e.g. objective.name=mlm optim.lr=5e-4")
     c.set_defaults(func=convergence_command)
-    return c

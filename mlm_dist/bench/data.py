@@ -12,6 +12,7 @@ different documents are mixed; the micro-batch size at most).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -78,11 +79,8 @@ def data_command(args) -> None:
     print(json.dumps({"loader": loader, "masking": masking}, indent=2))
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `bench data` under `mlm-dist bench`."""
-    d = bench_subparsers.add_parser(
-        "data", help="loader sequences/s per worker, fill and documents per micro-batch; "
-                     "on-device masking cost against transformers' DataCollatorForLanguageModeling")
+def add_arguments(d: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench data`'s options."""
     d.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`, "
                    "or a URL where it is served (as data.shards): compare the two")
     d.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])

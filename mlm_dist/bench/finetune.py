@@ -247,13 +247,10 @@ def _pm(s: dict) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
-def add_parser(bench_subparsers):
-    """Register `bench finetune` under `mlm-dist bench`, handled by finetune_command; returns
-    its parser. Cheap: torch and transformers are imported only when the command runs."""
-    f = bench_subparsers.add_parser(
-        "finetune", help="downstream accuracy: fine-tune a model and the same architecture "
-                         "from random weights on a classification or NER task (JSON)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+def add_arguments(f: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench finetune`'s options."""
+    f.formatter_class = argparse.RawDescriptionHelpFormatter
+    f.description = __doc__
     f.add_argument("--model", required=True, metavar="DIR",
                    help="run dir, checkpoints dir, step dir, or a Hugging Face folder")
     f.add_argument("--compare", action="append", default=[], metavar="DIR",
@@ -273,7 +270,6 @@ def add_parser(bench_subparsers):
     f.add_argument("--max-train", type=int, metavar="N",
                    help="fine-tune on a seeded sample of N training examples (quick runs)")
     f.set_defaults(func=finetune_command)
-    return f
 
 
 def add_task_options(parser) -> None:

@@ -30,6 +30,7 @@ false, is listed in "failed", and the command exits 1.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -536,13 +537,9 @@ def _gpu_cmd(args) -> None:
         sys.exit(1)
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `bench gpu` under `mlm-dist bench`."""
-    g = bench_subparsers.add_parser(
-        "gpu", help="the one-GPU check (minutes): device and versions, attention kernels, "
-                    "syncs per step, bench train vs HF, exact resume under deepspeed, peak "
-                    "memory vs the formula; JSON, exit 1 if a check fails",
-        description=__doc__.split("\n\n")[0])
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench gpu`'s options."""
+    g.description = __doc__.split("\n\n")[0]
     g.add_argument("--config", help=f"YAML run config (default: {GPU_CONFIG} on a GPU, the "
                                     "demo's tiny config made smaller on a CPU)")
     g.add_argument("--out", help="directory for the corpus, shards, runs and their logs, kept "

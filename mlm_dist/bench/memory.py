@@ -8,6 +8,7 @@ counts and puts the formula's prediction next to them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -222,12 +223,8 @@ def _memory_cmd(args) -> None:
     print(json.dumps(report, indent=2))
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `bench memory` under `mlm-dist bench`."""
-    m = bench_subparsers.add_parser(
-        "memory", help="bytes per rank (params, grads, optimizer states, peak RSS) under ZeRO "
-                       "stages on N ranks, against the ZeRO paper's formulas, and a "
-                       "micro-batch's activations against ours, JSON")
+def add_arguments(m: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench memory`'s options."""
     m.add_argument("--config", required=True, help="YAML run config")
     m.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     m.add_argument("--ranks", type=int, default=2)

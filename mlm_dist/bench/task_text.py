@@ -81,12 +81,10 @@ def task_text_command(args) -> None:
                       **written, "source": task.source}, ensure_ascii=False))
 
 
-def add_parser(bench_subparsers):
-    """Register `bench task-text` under `mlm-dist bench`, handled by task_text_command."""
-    t = bench_subparsers.add_parser(
-        "task-text", help="write a task's training texts as a corpus for `prepare` (domain "
-                          "adaptation before fine-tuning)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+def add_arguments(t: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench task-text`'s options."""
+    t.formatter_class = argparse.RawDescriptionHelpFormatter
+    t.description = __doc__
     add_task_options(t)
     t.add_argument("--out", required=True, metavar="FILE",
                    help=".txt corpus to write: one sentence a line, a blank line between "
@@ -95,4 +93,3 @@ def add_parser(bench_subparsers):
                    help="language the texts are split into sentences in, as for `prepare "
                         "--lang` (default auto: decided per text by its script)")
     t.set_defaults(func=task_text_command)
-    return t

@@ -36,6 +36,7 @@ with the specials at the tokenizer's ids.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -277,12 +278,9 @@ def _train_cmd(args) -> None:
     print(json.dumps(result, indent=2))
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `bench train` under `mlm-dist bench`."""
-    t = bench_subparsers.add_parser(
-        "train", help="training-step throughput and MFU of our stack (optionally against "
-                      "transformers' BertForPreTraining), JSON",
-        description=__doc__.split("\n\n")[1])
+def add_arguments(t: argparse.ArgumentParser) -> None:
+    """`mlm-dist bench train`'s options."""
+    t.description = __doc__.split("\n\n")[1]
     t.add_argument("--config", required=True, help="YAML run config (model dims, masking, optim)")
     t.add_argument("--seq-len", type=int, help="default: the config's first phase")
     t.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")

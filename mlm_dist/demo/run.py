@@ -16,6 +16,7 @@ exists, so a rerun continues where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -24,7 +25,14 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
+from mlm_dist.config import ConfigError, load_config
+from mlm_dist.data.corpus import iter_documents
+from mlm_dist.data.prepare import prepare_shards
+from mlm_dist.demo.manpage_corpus import (CHINESE, JAPANESE, require_pages,
+                                          write_chinese_corpus, write_japanese_corpus)
+from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 
 # Package data, so an installed wheel has it too (configs/tiny.yaml in a checkout links here).
 # A wheel installs unpacked: this is a file the training processes can open by its path.
@@ -87,8 +95,6 @@ def demo_dir(size: str, objective: str) -> Path:
 def check_objective(out: Path, objective: str) -> None:
     """Refuse an --out that holds a demo of another objective: its checkpoints do not load into
     this objective's network, its metrics.jsonl would mix the two and its export would stay."""
-    from mlm_dist.config import ConfigError, load_config
-
     saved = out / "run" / "config.yaml"  # written when a run starts, before any checkpoint
     if saved.is_file() and (was := load_config(saved).objective.name) != objective:
         raise ConfigError(f"--objective {objective}: {out} holds a demo of objective {was}; "
@@ -107,43 +113,26 @@ class Demo:
     check_source: Callable[[], None] = lambda: None
 
 
-def _stdlib(path: Path) -> dict:
-    from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
-    return write_stdlib_corpus(path)
-
-
-def _japanese(path: Path) -> dict:
-    from mlm_dist.demo.manpage_corpus import write_japanese_corpus
-    return write_japanese_corpus(path)
-
-
-def _chinese(path: Path) -> dict:
-    from mlm_dist.demo.manpage_corpus import write_chinese_corpus
-    return write_chinese_corpus(path)
-
-
 def _japanese_pages() -> None:
-    from mlm_dist.demo.manpage_corpus import JAPANESE, require_pages
     require_pages(JAPANESE)
 
 
 def _chinese_pages() -> None:
-    from mlm_dist.demo.manpage_corpus import CHINESE, require_pages
     require_pages(CHINESE)
 
 
 DEMOS = {
-    "en": Demo("the Python standard library's docstrings", _stdlib, [
+    "en": Demo("the Python standard library's docstrings", write_stdlib_corpus, [
         "Return the [MASK] of the list.",
         "If the file does not [MASK], an exception is raised.",
         "This function is [MASK] for backward compatibility.",
     ]),
-    "ja": Demo("Debian's Japanese manual pages (manpages-ja)", _japanese, [
+    "ja": Demo("Debian's Japanese manual pages (manpages-ja)", write_japanese_corpus, [
         "このオプションを指定すると、[MASK]を表示する。",
         "ファイルが存在しない場合は[MASK]を返す。",
         "詳しくは[MASK]を参照すること。",
     ], ["masking.whole_word=true"], byte_fallback=True, check_source=_japanese_pages),
-    "zh": Demo("Debian's Chinese manual pages (manpages-zh)", _chinese, [
+    "zh": Demo("Debian's Chinese manual pages (manpages-zh)", write_chinese_corpus, [
         "如果没有指定文件，则从标准[MASK]读取。",
         "该选项用于显示[MASK]信息。",
         "详细信息请参阅[MASK]手册。",
@@ -158,6 +147,8 @@ def launch_training(config: Path, overrides: list[str], ranks: int) -> None:
     print("$ " + " ".join(cmd[2:]), flush=True)
     env = dict(os.environ)
     if "DS_ACCELERATOR" not in env:
+        # torch and what needs it are imported where they are used, not at the top, so that
+        # `mlm-dist demo --help` (whose options are in this module) does not wait for them.
         import torch
         env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -171,11 +162,6 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
              objective: str = "bert") -> None:
     """The demo at one of SIZES with one of READOUTS' objectives; `out` defaults to
     demo_dir's, `steps` and `config` to the size's."""
-    from mlm_dist.config import load_config
-    from mlm_dist.data.corpus import iter_documents
-    from mlm_dist.data.prepare import prepare_shards
-    from mlm_dist.tokenizer import sentences_of, train_tokenizer
-
     if lang not in DEMOS:
         raise ValueError(f"--lang {lang}: the demo speaks {', '.join(DEMOS)}")
     if size not in SIZES:
@@ -229,11 +215,10 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
 
     import torch
 
-    from mlm_dist.training.evaluate import evaluate
     from mlm_dist.interop.fill_mask import fill_mask
-    from mlm_dist.training.checkpoint import load_checkpoint
     from mlm_dist.objectives import objective_for
-    from mlm_dist.tokenizer import Tokenizer
+    from mlm_dist.training.checkpoint import load_checkpoint
+    from mlm_dist.training.evaluate import evaluate
 
     model, cfg, tokenizer_dir = load_checkpoint(run)
     tok = Tokenizer.load(tokenizer_dir)
@@ -262,3 +247,28 @@ def run_demo(out: Path | None = None, steps: int | None = None, ranks: int = 2,
     for prompt in demo.prompts:
         (top,) = fill_mask(model, tok, prompt, top_k=5)
         print(f"  {prompt}\n    -> " + ", ".join(f"{p['token']} ({p['prob']:.2f})" for p in top))
+
+
+def demo_command(args) -> None:
+    run_demo(Path(args.out) if args.out else None, steps=args.steps, ranks=args.ranks,
+             lang=args.lang, size=args.size, objective=args.objective)
+
+
+def add_arguments(de: argparse.ArgumentParser) -> None:
+    """`mlm-dist demo`'s options."""
+    de.add_argument("--out", help="default: runs/demo, runs/demo-small for --size small; "
+                                  "-<objective> appended for an --objective other than bert")
+    de.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                    help="tiny: hidden 128, 2 layers, 800 steps (a few minutes); small: hidden "
+                         "256, 4 layers, 2000 steps (see README's Downstream accuracy)")
+    de.add_argument("--steps", type=int, help="pretraining steps (default: the size's)")
+    de.add_argument("--ranks", type=int, default=2)
+    de.add_argument("--lang", default="en", choices=["en", "ja", "zh"],
+                    help="en: stdlib docstrings; ja / zh: Debian's manpages-ja / manpages-zh, "
+                         "whole-word masking by MeCab / jieba words")
+    de.add_argument("--objective", default="bert", choices=("bert", "mlm", "sop", "electra"),
+                    help="what the model learns (objective.name): bert: MLM + next-sentence "
+                         "prediction; mlm: MLM on full rows (RoBERTa); sop: MLM + sentence "
+                         "order (ALBERT); electra: replaced-token detection, fill-mask by its "
+                         "generator (default: bert)")
+    de.set_defaults(func=demo_command)

@@ -1,6 +1,6 @@
 """Multi-node launch with the `deepspeed` launcher (pdsh over ssh) from a hostfile.
 
-    python -m mlm_dist.launch.multinode [options] HOSTFILE CONFIG [key=value ...]
+    mlm-dist launch [options] HOSTFILE CONFIG [key=value ...]
     launcher/deepspeed_multinode.sh [options] HOSTFILE CONFIG [key=value ...]   (the same)
 
 Run it on the first host of HOSTFILE. Before anything starts it checks the hostfile (one
@@ -270,6 +270,8 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
     check_host_name(master_addr, "--master-addr")
 
     config = Path(args.config)
+    # Here, not at the top: the pre-flight imports torch, which `mlm-dist launch --help` and
+    # the hostfile's checks above should not wait for.
     from mlm_dist.training.preflight import launch_preflight
 
     # The ranks' own checks, here and once, rather than on every node after the launch.
@@ -291,16 +293,17 @@ def plan(args: argparse.Namespace, environ: dict[str, str] | None = None,
                   env_path, ranks, env.get("DS_ACCELERATOR"))
 
 
-def build_parser(prog: str = "deepspeed_multinode") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Start `mlm-dist train` on every host of HOSTFILE with the deepspeed "
-                    "launcher (pdsh over passwordless ssh). Run it on the first host.",
-        epilog="The hostfile deepspeed reads and the environment file (DS_ENV_FILE) exported "
-               "on every node are written to <out_dir>/launch/. Variables forwarded from this "
-               "environment: " + ", ".join(FORWARD_NAMES) + ", "
-               + ", ".join(p + "*" for p in FORWARD_PREFIXES) + ", PATH (this Python's bin "
-               "first), plus ~/.deepspeed_env and ./.deepspeed_env if present, plus --env.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`mlm-dist launch`'s options."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = ("Start `mlm-dist train` on every host of HOSTFILE with the deepspeed "
+                     "launcher (pdsh over passwordless ssh). Run it on the first host.")
+    p.epilog = ("The hostfile deepspeed reads and the environment file (DS_ENV_FILE) exported "
+                "on every node are written to <out_dir>/launch/. Variables forwarded from this "
+                "environment: " + ", ".join(FORWARD_NAMES) + ", "
+                + ", ".join(prefix + "*" for prefix in FORWARD_PREFIXES) + ", PATH (this "
+                "Python's bin first), plus ~/.deepspeed_env and ./.deepspeed_env if present, "
+                "plus --env.")
     p.add_argument("hostfile", help="one `host slots=N` line per node")
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards=/shared/x")
@@ -317,20 +320,14 @@ def build_parser(prog: str = "deepspeed_multinode") -> argparse.ArgumentParser:
                    help="the Python the ranks run (default: this one; same path on every node)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the hostfile, environment and command; start nothing")
-    return p
+    p.set_defaults(func=run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        launch = plan(args)
-    except ValueError as e:  # LaunchError, ConfigError
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    launch = plan(args)
     if launch.forwarded_accelerator is not None:
         # The CPU image sets it; on GPU nodes it would make every rank train on the CPU.
-        print(f"{parser.prog}: every rank gets DS_ACCELERATOR={launch.forwarded_accelerator} "
+        print(f"mlm-dist launch: every rank gets DS_ACCELERATOR={launch.forwarded_accelerator} "
               "from this environment" + (" and trains on the CPU; unset it to train on GPUs"
                                          if launch.forwarded_accelerator == "cpu" else ""),
               file=sys.stderr)
@@ -338,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {launch.hostfile_path}\n{launch.hostfile_text}"
               f"# {launch.env_path}\n{launch.env_text}"
               f"# command ({launch.ranks} ranks)\n{shlex.join(launch.command)}")
-        return 0
+        return
     for path, text in ((launch.hostfile_path, launch.hostfile_text),
                        (launch.env_path, launch.env_text)):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +343,3 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, DS_ENV_FILE=str(launch.env_path.absolute()))
     print(f"launching {launch.ranks} ranks: {shlex.join(launch.command)}", flush=True)
     os.execve(launch.command[0], launch.command, env)  # signals reach deepspeed directly
-
-
-if __name__ == "__main__":
-    sys.exit(main())

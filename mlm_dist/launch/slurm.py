@@ -296,6 +296,8 @@ def run(args: argparse.Namespace) -> None:
     if not Path(job.config).is_file():
         raise SlurmError(f"--config {job.config} does not exist")
     script = sbatch_script(job)  # every option checked
+    # Here, not at the top: the pre-flight imports torch, which `mlm-dist slurm --help` and
+    # writing a script should not wait for.
     from mlm_dist.training.preflight import launch_preflight
 
     # The ranks' own checks for nodes × ranks, before anything is queued; the ranks always
@@ -314,14 +316,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"submitted job {job_id}")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "slurm", help="write (and --submit) an sbatch script: srun, requeue on time limit",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        epilog="Example:\n  mlm-dist slurm --config configs/bert-base.yaml --nodes 4 "
-               "--gpus-per-node 8 \\\n      --partition gpu --time 2-00:00:00 --out-script "
-               "bert.sbatch --submit data.shards=/shared/shards")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`mlm-dist slurm`'s options."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+    p.epilog = ("Example:\n  mlm-dist slurm --config configs/bert-base.yaml --nodes 4 "
+                "--gpus-per-node 8 \\\n      --partition gpu --time 2-00:00:00 --out-script "
+                "bert.sbatch --submit data.shards=/shared/shards")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True,
@@ -360,4 +361,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--submit", action="store_true", help="submit it with sbatch")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards=/shared/x")
     p.set_defaults(func=run)
-    return p
