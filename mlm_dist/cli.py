@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import linecache
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mlm_dist.bench import gpu as bench_gpu
 from mlm_dist.bench import memory as bench_memory
 from mlm_dist.bench import task_text as bench_task_text
 from mlm_dist.bench import train as bench_train
+from mlm_dist.errors import PathExistsError, UsageError, UserError
 from mlm_dist.launch import slurm
 
 
@@ -88,7 +88,7 @@ def _refuse_build_options(args) -> None:
     flag = "--verify" if args.verify else "--merge"
     stray = [k for k in _PREPARE_BUILD_DEFAULTS if getattr(args, k) is not None]
     if stray:
-        raise ValueError(f"{flag} takes only a directory (and --workers, --quiet); drop "
+        raise UsageError(f"{flag} takes only a directory (and --workers, --quiet); drop "
                          + ", ".join("--" + k.replace("_", "-") for k in stray))
 
 
@@ -98,9 +98,9 @@ def _build_options(args) -> None:
         if getattr(args, key) is None:
             setattr(args, key, default)
     if args.tokenizer is None or args.out is None:
-        raise ValueError("prepare --input needs --tokenizer DIR and --out DIR")
+        raise UsageError("prepare --input needs --tokenizer DIR and --out DIR")
     if args.num_partitions > 1 and args.partition_index is None:
-        raise ValueError(f"--num-partitions {args.num_partitions} needs --partition-index "
+        raise UsageError(f"--num-partitions {args.num_partitions} needs --partition-index "
                          f"(0..{args.num_partitions - 1}; in a Slurm array job, "
                          "$SLURM_ARRAY_TASK_ID)")
 
@@ -193,7 +193,7 @@ def _consolidate(args) -> None:
 
     out = Path(args.out)
     if out.exists():
-        raise FileExistsError(f"--out {out} already exists; choose another path")
+        raise PathExistsError(f"--out {out} already exists; choose another path")
     model, cfg, _ = load_checkpoint(args.checkpoint)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(model.state_dict(), tmp)
@@ -401,29 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a bug, or a failure nobody foresaw: the traceback is what is needed
+    except UserError as e:  # anything else is a bug, or a failure nobody foresaw: its traceback
         print(f"mlm-dist {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def is_user_error(e: BaseException) -> bool:
-    """An error our own checks raised for the user: a ValueError (ConfigError and the other
-    errors of this package derive from it), OSError or RuntimeError that a `raise` statement
-    of mlm_dist threw, with a message naming the thing and the fix. The same kinds raised
-    inside a library (numpy's shape errors, torch's) are not: they are shown whole."""
-    if not isinstance(e, (ValueError, OSError, RuntimeError)) or e.__traceback__ is None:
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    ours = Path(code.co_filename).resolve().is_relative_to(_PACKAGE)
-    return ours and linecache.getline(code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 if __name__ == "__main__":

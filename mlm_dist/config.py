@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mlm_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-fixable problem with the run configuration; the message names the key."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlm_dist.data.shards import ShardFormatError
+
 if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
     import numpy as np
 
@@ -135,7 +137,7 @@ def create_training_instances(documents: list, max_seq_length: int, short_seq_pr
     documents = [[s for s in doc if len(s)] for doc in documents]
     documents = [doc for doc in documents if doc]
     if not documents:
-        raise ValueError("no document with any tokens to make instances from")
+        raise ShardFormatError("no document with any tokens to make instances from")
     rng.shuffle(documents)
     instances: list[Instance] = []
     passes = 0
@@ -161,6 +163,6 @@ def read_train_documents(shards_dir: str | Path) -> list:
         documents.extend([token_ids(s) for s in document]  # ids only: the reference masks tokens
                          for document in read_documents(shard.path, shard.documents, 1, 0, skips))
     if skips.documents:
-        raise ValueError(f"{skips.documents} train documents of {shards_dir} could not be read "
-                         "(warnings above); check the shards with `mlm-dist prepare --verify`")
+        raise ShardFormatError(f"{skips.documents} train documents of {shards_dir} could not be read "
+                               "(warnings above); check the shards with `mlm-dist prepare --verify`")
     return documents

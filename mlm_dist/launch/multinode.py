@@ -29,8 +29,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlm_dist.errors import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError, ValueError):
     """A user-fixable problem found before launching; the message names the thing to fix."""
 
 
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         launch = plan(args)
-    except ValueError as e:  # LaunchError, ConfigError
+    except UserError as e:  # LaunchError, ConfigError, ...: anything else shows its traceback
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     if launch.forwarded_accelerator is not None:
