@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlm_dist.data.shards import ShardFormatError
-
 if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
     import numpy as np
 
@@ -137,7 +135,7 @@ def create_training_instances(documents: list, max_seq_length: int, short_seq_pr
     documents = [[s for s in doc if len(s)] for doc in documents]
     documents = [doc for doc in documents if doc]
     if not documents:
-        raise ShardFormatError("no document with any tokens to make instances from")
+        raise ValueError("no document with any tokens to make instances from")
     rng.shuffle(documents)
     instances: list[Instance] = []
     passes = 0
@@ -155,7 +153,7 @@ def read_train_documents(shards_dir: str | Path) -> list:
     """Every train document of the shards (lists of sentence id arrays), in manifest order."""
     from mlm_dist.data.pipeline import manifest_shards
     from mlm_dist.data.reader import SkipCounter, read_documents
-    from mlm_dist.data.shards import token_ids
+    from mlm_dist.data.shards import ShardFormatError, token_ids
 
     skips = SkipCounter()
     documents = []
