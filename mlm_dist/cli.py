@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import linecache
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from mlm_dist.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -124,29 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a bug, or a failure nobody foresaw: the traceback is what is needed
+    except UserError as e:  # anything else is a bug, or a failure nobody foresaw: its traceback
         print(f"mlm-dist {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def is_user_error(e: BaseException) -> bool:
-    """An error our own checks raised for the user: a ValueError (ConfigError and the other
-    errors of this package derive from it), OSError or RuntimeError that a `raise` statement
-    of mlm_dist threw, with a message naming the thing and the fix. The same kinds raised
-    inside a library (numpy's shape errors, torch's) are not: they are shown whole."""
-    if not isinstance(e, (ValueError, OSError, RuntimeError)) or e.__traceback__ is None:
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    ours = Path(code.co_filename).resolve().is_relative_to(_PACKAGE)
-    return ours and linecache.getline(code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 if __name__ == "__main__":

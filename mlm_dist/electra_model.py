@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlm_dist.config import ModelConfig, generator_config
+from mlm_dist.config import ConfigError, ModelConfig, generator_config
 from mlm_dist.model import (IGNORE_INDEX, Encoder, EncoderLayer, MaskedLMHead, Packing,
                             run_layers)
 
@@ -84,8 +84,8 @@ class ElectraForPretraining(Encoder):
         self.generator_cfg = generator_config(cfg, generator_size)
         g = self.generator_cfg
         if g.hidden_size % g.num_heads:
-            raise ValueError(f"objective.generator_size {generator_size}: generator hidden size "
-                             f"{g.hidden_size} is not divisible by its {g.num_heads} heads")
+            raise ConfigError(f"objective.generator_size {generator_size}: generator hidden size "
+                              f"{g.hidden_size} is not divisible by its {g.num_heads} heads")
         self.generator = Generator(g, cfg.hidden_size)
         self.mlm_head = GeneratorHead(cfg, g.hidden_size)
         self.mlm_head.decoder.weight = self.embeddings.tokens.weight  # tied, as in the paper

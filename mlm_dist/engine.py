@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase, TrainConfig
+from mlm_dist.errors import UserError
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """No device to train on as asked: no usable GPU, or a GPU binding that cannot be read.
     The message names the variable or option to change."""
 

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mlm_dist.config import ModelConfig
+from mlm_dist.config import ConfigError, ModelConfig
 
 IGNORE_INDEX = -100  # label value meaning "no prediction here" (F.cross_entropy's default)
 
@@ -353,8 +353,8 @@ class Encoder(nn.Module):
             raise ValueError("model.vocab_size must be resolved from the tokenizer before "
                              f"building the model (got {cfg.vocab_size})")
         if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"model.hidden_size {cfg.hidden_size} is not divisible by "
-                             f"model.num_heads {cfg.num_heads}")
+            raise ConfigError(f"model.hidden_size {cfg.hidden_size} is not divisible by "
+                              f"model.num_heads {cfg.num_heads}")
         self.cfg = cfg
         if checkpoint_activations is None:
             checkpoint_activations = bool(getattr(cfg, "checkpoint_activations", False))

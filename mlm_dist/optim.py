@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mlm_dist.config import RunConfig
+from mlm_dist.config import ConfigError, RunConfig
 from mlm_dist.model import parameter_groups
 from mlm_dist.precision import precision_for
 
@@ -203,9 +203,9 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float,
     if name == "adamw":
         fused = fused and fused_adamw_available(device)
         if skip_non_finite and not fused:
-            raise ValueError(f"optim.name=adamw: the non-finite guard at train.zero_stage=0 "
-                             f"needs torch's fused AdamW, which {device} lacks; use "
-                             "train.zero_stage=1 (DeepSpeed's own check)")
+            raise ConfigError(f"optim.name=adamw: the non-finite guard at train.zero_stage=0 "
+                              f"needs torch's fused AdamW, which {device} lacks; use "
+                              "train.zero_stage=1 (DeepSpeed's own check)")
         kwargs = {"fused": True} if fused else {}
         adamw = GuardedAdamW if skip_non_finite else torch.optim.AdamW
         return adamw(param_groups, lr=lr, betas=betas, eps=eps,
@@ -213,7 +213,7 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float,
     if name == "lamb":
         lamb = GuardedLamb if skip_non_finite else Lamb
         return lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    raise ConfigError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
 
 
 def learning_rate_factor(cfg: RunConfig, step: int) -> float:

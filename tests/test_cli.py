@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from launch import REPO, env
-from mlm_dist import cli
+from mlm_dist import cli, flops
 from mlm_dist.commands import checkpoint
+from mlm_dist.errors import UsageError, UserError
 
 
 def test_building_the_parser_imports_nothing_heavy():
@@ -49,3 +50,25 @@ def test_a_bug_shows_its_traceback(monkeypatch):
     monkeypatch.setattr(checkpoint, "consolidate", broken)
     with pytest.raises(ValueError, match="reshape"):
         cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
+
+
+def test_a_user_error_raised_anywhere_is_one_line(monkeypatch, capsys):
+    # The rule is the exception's type, not where it was raised: here a library (sorted) calls
+    # the code that raises, and the raising line is a generator's throw, not a `raise`.
+    def check(value):
+        (_ for _ in ()).throw(UsageError(f"--out {value} already exists; choose another path"))
+
+    monkeypatch.setattr(cli, "_consolidate", lambda args: sorted([args.out, "z"], key=check))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("mlm-dist consolidate: error: --out y already exists; "
+                                       "choose another path\n")
+
+
+def test_a_plain_value_error_of_ours_shows_its_traceback(monkeypatch):
+    # An internal check (a bug if it fires) raises the builtin: not one line, but the traceback.
+    monkeypatch.setattr(cli, "_consolidate", lambda args: flops._check_share("share", 2.0))
+    with pytest.raises(ValueError, match=r"share must be in \[0, 1\]") as raised:
+        cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
+    assert not isinstance(raised.value, UserError)

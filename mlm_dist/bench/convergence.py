@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # imported where used: registering the command must stay chea
 from mlm_dist.bench.convergence_eval import evaluate_runs, plot_curves
 from mlm_dist.bench.reference_trainer import REFERENCE_RECIPES, say, train_reference
 from mlm_dist.demo.run import TINY_CONFIG as REPO_CONFIG  # packaged: found in a wheel too
+from mlm_dist.errors import MissingPackageError, PathExistsError, UsageError
 # The targets, on the means over seeds: ours must match the reference's quality for the same
 # tokens, in less time.
 MLM_LOSS_MARGIN = 0.02
@@ -85,7 +86,8 @@ def train_ours(config: Path, overrides: list[str], run_dir: Path, ranks: int) ->
     import torch
 
     from mlm_dist.training import checkpoint
-    from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
+    from mlm_dist.launch.local import (RanksFailedError, free_port, launcher_command,
+                                       remove_shm_buffers)
 
     port = free_port()
     cmd = launcher_command(ranks, port, "mlm_dist", "train", "--config", str(config),
@@ -101,8 +103,8 @@ def train_ours(config: Path, overrides: list[str], run_dir: Path, ranks: int) ->
             for line in proc.stdout:
                 sys.stderr.write(line)
         if proc.returncode:
-            raise RuntimeError(f"our training run failed (exit code {proc.returncode}; its log "
-                               f"is above); remove {run_dir} before running the benchmark again")
+            raise RanksFailedError(f"our training run failed (exit code {proc.returncode}; its log "
+                                   f"is above); remove {run_dir} before running the benchmark again")
     finally:
         remove_shm_buffers(port)
     seconds = time.perf_counter() - start
@@ -185,7 +187,7 @@ def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
                 "valid_fraction": valid_fraction}
     record = out / "data.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
-        raise ValueError(f"{out} holds the data of {json.loads(record.read_text())}, not of "
+        raise UsageError(f"{out} holds the data of {json.loads(record.read_text())}, not of "
                          f"{settings}; choose another --out")
     record.write_text(json.dumps(settings))
     text, tokenizer, shards = out / f"{corpus}.txt", out / "tokenizer", out / "shards"
@@ -206,7 +208,7 @@ def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
     from mlm_dist.data.shards import Manifest
 
     if not Manifest.load(shards).totals("valid")["documents"]:
-        raise ValueError(f"{shards} has no validation documents: remove it and run again with a "
+        raise UsageError(f"{shards} has no validation documents: remove it and run again with a "
                          "larger --valid-fraction")
     return shards
 
@@ -219,13 +221,13 @@ def _side_done(run_dir: Path, signature: dict) -> dict | None:
     if record.is_file():
         done = json.loads(record.read_text())
         if done["signature"] != signature:
-            raise ValueError(f"{run_dir} was trained with another config, other overrides or "
+            raise UsageError(f"{run_dir} was trained with another config, other overrides or "
                              f"ranks (it had {done['signature']['overrides']} on "
                              f"{done['signature']['ranks']} ranks); choose another --out or "
                              "remove it")
         return done
     if run_dir.exists():
-        raise FileExistsError(f"{run_dir} holds an unfinished run (no {SIDE_RECORD}); remove it "
+        raise PathExistsError(f"{run_dir} holds an unfinished run (no {SIDE_RECORD}); remove it "
                               "and run the benchmark again")
     return None
 
@@ -271,7 +273,7 @@ def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = REPO_C
     result that the command prints and writes to <out>/<objective>/result.json."""
     require_matplotlib()
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: give 1 or more (3 or more to compare means)")
+        raise UsageError(f"--seeds {seeds}: give 1 or more (3 or more to compare means)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     every = every or max(1, steps // 10)
@@ -296,8 +298,8 @@ def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = REPO_C
 
 def require_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:  # before the hours of training, not after
-        raise ValueError("bench convergence draws its curves with matplotlib: "
-                         "pip install matplotlib (it is in mlm-dist's [test] extra)")
+        raise MissingPackageError("bench convergence draws its curves with matplotlib: "
+                                  "pip install matplotlib (it is in mlm-dist's [test] extra)")
 
 
 def bench_seeds(config: Path, overrides: list[str], n: int) -> list[int]:
@@ -327,7 +329,7 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
     cfg, tokenizer = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
     phase = cfg.schedule.phases[0]
     if phase.global_batch % (phase.micro_batch * ranks):
-        raise ValueError(f"schedule.phases.0.global_batch {phase.global_batch} is not divisible "
+        raise UsageError(f"schedule.phases.0.global_batch {phase.global_batch} is not divisible "
                          f"by micro_batch × ranks = {phase.micro_batch} × {ranks}")
     # Ours gives each rank cores // ranks threads (engine.init_distributed); the reference
     # gets as many threads in total.

@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlm_dist.bench.tasks import FORMATS, TOKENS
+from mlm_dist.bench.tasks import FORMATS, TOKENS, TaskError
 from mlm_dist.bench.tasks_builtin import BUILTIN_TASKS
+from mlm_dist.errors import PathNotFoundError, UsageError
 
 SMALL_MODEL_LRS = (1e-4, 3e-4, 1e-3)
 BERT_PAPER_LRS = (2e-5, 3e-5, 5e-5)
@@ -70,7 +71,7 @@ def hf_folder(path: str | Path, scratch: Path) -> tuple[Path, str]:
     try:
         root, tag = locate(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor "
+        raise PathNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor "
                                 f"a checkpoint: {e}") from None
     from mlm_dist.objectives import objective_for
     from mlm_dist.training.checkpoint import load_checkpoint
@@ -125,7 +126,7 @@ def evaluate_model(name: str, folder: Path, described: str, task, *, pretrained:
     positions = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
     max_length = args.max_length or min(DEFAULT_MAX_LENGTH, positions)
     if max_length > positions:
-        raise ValueError(f"--max-length {max_length} exceeds {folder}'s "
+        raise UsageError(f"--max-length {max_length} exceeds {folder}'s "
                          f"max_position_embeddings {positions}; lower it")
     if folder not in encoded_by_folder:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -161,9 +162,9 @@ def check_numbers(args) -> None:
                         ("--batch-size", args.batch_size), ("--max-train", args.max_train),
                         ("--max-length", args.max_length)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} {value}: must be at least 1")
+            raise UsageError(f"{flag} {value}: must be at least 1")
     if args.lrs and min(args.lrs) <= 0:
-        raise ValueError(f"--lrs {' '.join(map(str, args.lrs))}: learning rates must be "
+        raise UsageError(f"--lrs {' '.join(map(str, args.lrs))}: learning rates must be "
                          "positive")
 
 
@@ -176,7 +177,7 @@ def read_task(args):
     if args.task:
         stray = [f"--{k}" for k in ("dev", "test", "format") if getattr(args, k)]
         if stray:
-            raise ValueError(f"{' '.join(stray)} go with --train FILE, not with --task")
+            raise TaskError(f"{' '.join(stray)} go with --train FILE, not with --task")
         return builtin_task(args.task, fraction=args.split_fraction, seed=args.split_seed)
     return file_task(args.train, args.dev, args.test, args.format,
                      text_field=args.text_field, label_field=args.label_field,
@@ -188,8 +189,8 @@ def load_task(args):
 
     task = read_task(args)
     if len(task.labels) < 2:
-        raise ValueError(f"task {task.name} has one label ({task.labels}); a classifier "
-                         "needs at least two")
+        raise TaskError(f"task {task.name} has one label ({task.labels}); a classifier "
+                        "needs at least two")
     task.train = sample(task.train, args.max_train, args.split_seed)
     return task
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlm_dist.bench.tasks import CLASSIFICATION, Task
+from mlm_dist.errors import UsageError
 
 IGNORE = -100  # the label torch's cross-entropy (and transformers' heads) skip
 
@@ -75,7 +76,7 @@ class Encoded:
 
 def encode(tokenizer, task: Task, split: list, max_length: int) -> Encoded:
     if not tokenizer.is_fast:
-        raise ValueError(f"{tokenizer.name_or_path}: bench finetune needs a fast tokenizer "
+        raise UsageError(f"{tokenizer.name_or_path}: bench finetune needs a fast tokenizer "
                          "(tokenizer.json): it reads the character offsets of the pieces")
     label_ids = {label: i for i, label in enumerate(task.labels)}
     if task.kind == CLASSIFICATION:

@@ -29,6 +29,7 @@ import torch
 from mlm_dist.bench.finetune_encode import IGNORE, Encoded
 from mlm_dist.bench.finetune_metrics import classification_scores, entity_scores
 from mlm_dist.bench.tasks import CLASSIFICATION, Task
+from mlm_dist.interop.huggingface import ModelFolderError
 
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
@@ -71,7 +72,7 @@ def check_loading(model, info: dict, folder) -> dict:
     random_encoder = {k for k in missing if k.startswith(base)}
     mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
     if no_place or random_encoder or mismatched:
-        raise ValueError(
+        raise ModelFolderError(
             f"{folder}: its weights do not fit {type(model).__name__}'s encoder "
             f"(missing: {sorted(random_encoder)[:6]}, unused: {sorted(no_place)[:6]}, other "
             f"shape: {mismatched[:6]}); fine-tuning would start part of the encoder from "

@@ -10,6 +10,8 @@ files score as written). seqeval knows B/I/E/S; BMES files spell the middle M, r
 
 from __future__ import annotations
 
+from mlm_dist.errors import MissingPackageError
+
 PRIMARY = {"classification": "accuracy", "tokens": "entity_f1"}  # what picks the learning rate
 
 
@@ -30,8 +32,8 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
     try:
         from seqeval.metrics import f1_score, precision_score, recall_score
     except ImportError:
-        raise RuntimeError("entity F1 is counted by seqeval, which is not installed: "
-                           "pip install 'mlm-dist[bench]' (or pip install seqeval)") from None
+        raise MissingPackageError("entity F1 is counted by seqeval, which is not installed: "
+                                  "pip install 'mlm-dist[bench]' (or pip install seqeval)") from None
     gold, pred = _as_bioes(gold), _as_bioes(pred)
     # zero_division=0: no entity predicted (a model that learnt nothing yet) scores 0, quietly.
     return {"entity_f1": f1_score(gold, pred, zero_division=0),

@@ -153,7 +153,7 @@ def read_train_documents(shards_dir: str | Path) -> list:
     """Every train document of the shards (lists of sentence id arrays), in manifest order."""
     from mlm_dist.data.pipeline import manifest_shards
     from mlm_dist.data.reader import SkipCounter, read_documents
-    from mlm_dist.data.shards import token_ids
+    from mlm_dist.data.shards import ShardFormatError, token_ids
 
     skips = SkipCounter()
     documents = []
@@ -161,6 +161,6 @@ def read_train_documents(shards_dir: str | Path) -> list:
         documents.extend([token_ids(s) for s in document]  # ids only: the reference masks tokens
                          for document in read_documents(shard.path, shard.documents, 1, 0, skips))
     if skips.documents:
-        raise ValueError(f"{skips.documents} train documents of {shards_dir} could not be read "
-                         "(warnings above); check the shards with `mlm-dist prepare --verify`")
+        raise ShardFormatError(f"{skips.documents} train documents of {shards_dir} could not be read "
+                               "(warnings above); check the shards with `mlm-dist prepare --verify`")
     return documents

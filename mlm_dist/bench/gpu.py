@@ -45,7 +45,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.errors import PathExistsError, PathNotFoundError, UsageError
+from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
 
 GPU_CONFIG = "configs/bert-base.yaml"
 # On a CPU: the demo's tiny config at a quarter of its width, with a second phase at 512 so that
@@ -88,7 +89,7 @@ def bench_gpu(config: str | None, overrides: list[str] = (), *, out: str | None 
     import torch
 
     if steps < 2:
-        raise ValueError(f"--steps {steps}: the resumed run needs at least 2 steps (it saves "
+        raise UsageError(f"--steps {steps}: the resumed run needs at least 2 steps (it saves "
                          "half-way and resumes from there)")
     _check_out(out)
     from mlm_dist.bench.train import bench_config
@@ -127,7 +128,7 @@ def bench_gpu(config: str | None, overrides: list[str] = (), *, out: str | None 
 def _check_out(out: str | None) -> None:
     if out is not None and Path(out).exists() and (not Path(out).is_dir()
                                                    or any(Path(out).iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty directory; bench gpu "
+        raise PathExistsError(f"--out {out} exists and is not an empty directory; bench gpu "
                               "writes its corpus, shards and runs there: give a new one")
 
 
@@ -138,7 +139,7 @@ def run_config(config: str | None, overrides: list[str], cuda: bool) -> tuple[st
         return config, overrides
     if cuda:
         if not Path(GPU_CONFIG).is_file():
-            raise FileNotFoundError(f"--config: the default {GPU_CONFIG} is not in {Path.cwd()}; "
+            raise PathNotFoundError(f"--config: the default {GPU_CONFIG} is not in {Path.cwd()}; "
                                     "run from the mlm_dist checkout or pass --config")
         return GPU_CONFIG, overrides
     from mlm_dist.demo.run import TINY_CONFIG
@@ -434,8 +435,8 @@ def launch(module_and_args: list[str], log: Path) -> str:
         remove_shm_buffers(port)
     output = log.read_text(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}); the end of "
-                           f"its output:\n{output[-3000:]}")
+        raise RanksFailedError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}); the end of "
+                               f"its output:\n{output[-3000:]}")
     return output
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
+from mlm_dist.errors import UsageError
+
 if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
     import numpy as np
 
@@ -36,7 +38,7 @@ def group_texts(documents: list, block_size: int, cls_id: int, sep_id: int) -> n
         whole = len(stream) // block_size
         blocks.append(stream[:whole * block_size].reshape(whole, block_size))
     if not texts or not sum(len(b) for b in blocks):
-        raise ValueError(f"the train documents hold fewer than {block_size} tokens: no block of "
+        raise UsageError(f"the train documents hold fewer than {block_size} tokens: no block of "
                          "run_mlm.py's length can be cut from them")
     return np.concatenate(blocks)
 

@@ -26,6 +26,7 @@ import torch
 from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
+from mlm_dist.errors import UsageError
 from mlm_dist.masking import TokenMasker
 from mlm_dist.masking import max_predictions as derived_max_predictions
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
@@ -89,7 +90,7 @@ def bench_masking(tokenizer_dir: str | None = None, *, batch: int = 256, seq_len
     from mlm_dist.interop.huggingface import hf_tokenizer
 
     if seq_len < 8 or batch < 1 or repeats < 1:
-        raise ValueError(f"bench_masking needs seq_len >= 8, batch >= 1 and repeats >= 1; got "
+        raise UsageError(f"bench_masking needs seq_len >= 8, batch >= 1 and repeats >= 1; got "
                          f"seq_len={seq_len}, batch={batch}, repeats={repeats}")
     device = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="bench-masking-") as tmp:

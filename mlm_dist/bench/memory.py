@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from mlm_dist.bench.train import DEFAULT_VOCAB, bench_config
-from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
+from mlm_dist.errors import UsageError
+from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
 
 
 def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
@@ -145,7 +146,7 @@ def bench_memory(config: str | None, overrides: list[str] = (), *, stages=(0, 1,
     results = []
     for stage in stages:
         if stage not in (0, 1, 2, 3):
-            raise ValueError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
+            raise UsageError(f"--stages: ZeRO stage {stage} does not exist; use 0, 1, 2 or 3")
     for stage in stages:
         port = free_port()
         with tempfile.TemporaryDirectory(prefix=f"bench-memory-z{stage}-") as tmp:
@@ -172,9 +173,9 @@ def bench_memory(config: str | None, overrides: list[str] = (), *, stages=(0, 1,
                 remove_shm_buffers(port)
             files = sorted(Path(tmp).glob("rank*.json"))
             if proc.returncode != 0 or len(files) != ranks:
-                raise RuntimeError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
-                                   f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                   f"{proc.stderr[-5000:]}")
+                raise RanksFailedError(f"bench memory: ZeRO {stage} on {ranks} ranks failed "
+                                       f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                       f"{proc.stderr[-5000:]}")
             per_rank = [json.loads(f.read_text()) for f in files]
         psi = per_rank[0]["parameters"]
         predicted = zero_prediction(stage, psi, ranks, precision)

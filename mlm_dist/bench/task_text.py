@@ -30,7 +30,8 @@ from pathlib import Path
 # Standard library only at import (the rest is imported when the command runs): `mlm-dist`
 # imports this module to build its parser.
 from mlm_dist.bench.finetune import add_task_options, read_task
-from mlm_dist.bench.tasks import CLASSIFICATION, Task
+from mlm_dist.bench.tasks import CLASSIFICATION, Task, TaskError
+from mlm_dist.errors import PathExistsError
 
 
 def example_text(task: Task, example) -> str:
@@ -69,12 +70,12 @@ def task_text_command(args) -> None:
     lang = check_language(args.lang)  # an unknown code stops here, before the task is read
     out = Path(args.out)
     if out.exists():
-        raise FileExistsError(f"--out {out} already exists; choose another path or remove it")
+        raise PathExistsError(f"--out {out} already exists; choose another path or remove it")
     task = read_task(args)
     documents, counts = train_documents(task, lang)
     if not documents:
-        raise ValueError(f"task {task.name}'s train split holds no text outside dev and test; "
-                         "nothing to write")
+        raise TaskError(f"task {task.name}'s train split holds no text outside dev and test; "
+                        "nothing to write")
     written = write_txt_corpus(out, documents)
     print(json.dumps({"task": task.name, "kind": task.kind, "split": "train",
                       "sizes": task.sizes(), **counts, "out": str(out), "lang": args.lang,

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlm_dist.errors import PathNotFoundError, UserError
+
 CLASSIFICATION = "classification"
 TOKENS = "tokens"
 FORMATS = ("tsv", "jsonl", "conll")
@@ -27,6 +29,11 @@ FORMATS = ("tsv", "jsonl", "conll")
 _SUFFIX_FORMATS = {".tsv": "tsv", ".jsonl": "jsonl", ".conll": "conll", ".bio": "conll",
                    ".iob": "conll", ".bmes": "conll"}
 _TAG = re.compile(r"O|[BIEMS](-.+)?")
+
+
+class TaskError(UserError, ValueError):
+    """A fine-tuning task that cannot be read or split as given: its files, their format,
+    their labels; the message names the file (and line) and the option to change."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,8 @@ def format_of(path: str | Path, given: str | None) -> str:
         return given
     found = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
     if found is None:
-        raise ValueError(f"cannot tell the format of {path} from its name; add --format "
-                         + "|".join(FORMATS))
+        raise TaskError(f"cannot tell the format of {path} from its name; add --format "
+                        + "|".join(FORMATS))
     return found
 
 
@@ -83,7 +90,7 @@ def read_examples(path: str | Path, fmt: str, text_field: str = "text",
     """The examples of one file: TextExample for tsv/jsonl, TaggedSentence for conll."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
+        raise PathNotFoundError(f"task file {path} does not exist")
     lines = path.read_text(encoding="utf-8").splitlines()
     if fmt == "tsv":
         examples = _read_tsv(path, lines, text_field, label_field)
@@ -92,18 +99,18 @@ def read_examples(path: str | Path, fmt: str, text_field: str = "text",
     elif fmt == "conll":
         examples = read_conll_lines(path, lines)
     else:
-        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise TaskError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise TaskError(f"{path} holds no examples")
     return examples
 
 
 def _read_tsv(path: Path, lines: list[str], text_field: str, label_field: str) -> list:
     header = lines[0].split("\t") if lines else []
     if text_field not in header or label_field not in header:
-        raise ValueError(f"{path}: the first line must name the tab-separated columns, among "
-                         f"them {text_field!r} and {label_field!r} (it is {header}); other "
-                         "names: --text-field, --label-field")
+        raise TaskError(f"{path}: the first line must name the tab-separated columns, among "
+                        f"them {text_field!r} and {label_field!r} (it is {header}); other "
+                        "names: --text-field, --label-field")
     text_at, label_at = header.index(text_field), header.index(label_field)
     examples = []
     for n, line in enumerate(lines[1:], start=2):
@@ -111,8 +118,8 @@ def _read_tsv(path: Path, lines: list[str], text_field: str, label_field: str) -
             continue
         cells = line.split("\t")
         if len(cells) != len(header):
-            raise ValueError(f"{path}:{n}: {len(cells)} tab-separated cells, the header has "
-                             f"{len(header)} (a tab inside a text?)")
+            raise TaskError(f"{path}:{n}: {len(cells)} tab-separated cells, the header has "
+                            f"{len(header)} (a tab inside a text?)")
         examples.append(_text_example(path, n, cells[text_at], cells[label_at]))
     return examples
 
@@ -125,10 +132,10 @@ def _read_jsonl(path: Path, lines: list[str], text_field: str, label_field: str)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            raise TaskError(f"{path}:{n}: not a JSON object ({e.msg})") from None
         if not isinstance(record, dict) or text_field not in record or label_field not in record:
-            raise ValueError(f"{path}:{n}: needs the keys {text_field!r} and {label_field!r} "
-                             "(other names: --text-field, --label-field)")
+            raise TaskError(f"{path}:{n}: needs the keys {text_field!r} and {label_field!r} "
+                            "(other names: --text-field, --label-field)")
         examples.append(_text_example(path, n, record[text_field], record[label_field]))
     return examples
 
@@ -136,7 +143,7 @@ def _read_jsonl(path: Path, lines: list[str], text_field: str, label_field: str)
 def _text_example(path: Path, n: int, text, label) -> TextExample:
     text, label = str(text).strip(), str(label).strip()
     if not text or not label:
-        raise ValueError(f"{path}:{n}: empty {'text' if not text else 'label'}")
+        raise TaskError(f"{path}:{n}: empty {'text' if not text else 'label'}")
     return TextExample(text, label)
 
 
@@ -152,11 +159,11 @@ def read_conll_lines(path: str | Path, lines: list[str]) -> list[TaggedSentence]
             words, tags = [], []
             continue
         if len(cells) < 2:
-            raise ValueError(f"{path}:{n}: a word and its tag, separated by whitespace, "
-                             f"expected; found {line!r}")
+            raise TaskError(f"{path}:{n}: a word and its tag, separated by whitespace, "
+                            f"expected; found {line!r}")
         if not _TAG.fullmatch(cells[-1]):
-            raise ValueError(f"{path}:{n}: {cells[-1]!r} is not a BIO, BIOES or BMES tag "
-                             "(O, or B/I/E/M/S optionally followed by -TYPE)")
+            raise TaskError(f"{path}:{n}: {cells[-1]!r} is not a BIO, BIOES or BMES tag "
+                            "(O, or B/I/E/M/S optionally followed by -TYPE)")
         words.append(cells[0])
         tags.append(cells[-1])
     return sentences
@@ -179,12 +186,12 @@ def complete_splits(train: list, dev: list | None, test: list | None, *, fractio
     if not missing:
         return train, dev, test, {}
     if not 0 < fraction < 0.5:
-        raise ValueError(f"--split-fraction {fraction}: choose a share between 0 and 0.5")
+        raise TaskError(f"--split-fraction {fraction}: choose a share between 0 and 0.5")
     take = round(len(train) * fraction)
     if take < 1 or len(train) - take * len(missing) < 1:
-        raise ValueError(f"{len(train)} training examples are too few to take {fraction:.0%} "
-                         f"each for {' and '.join(missing)}; give them as files "
-                         f"(--{' --'.join(missing)})")
+        raise TaskError(f"{len(train)} training examples are too few to take {fraction:.0%} "
+                        f"each for {' and '.join(missing)}; give them as files "
+                        f"(--{' --'.join(missing)})")
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     parts, start = {}, 0
@@ -244,7 +251,7 @@ def file_task(train: str, dev: str | None, test: str | None, fmt: str | None, *,
 
     parts = [read(train), read(dev), read(test)]
     if len({kind_of(p) for p in parts if p is not None}) > 1:
-        raise ValueError("--train, --dev and --test must be of one kind of task")
+        raise TaskError("--train, --dev and --test must be of one kind of task")
     train_part, dev_part, test_part, note = complete_splits(*parts, fraction=fraction, seed=seed)
     source = {"train": str(train), "dev": str(dev) if dev else None,
               "test": str(test) if test else None, "format": format_of(train, fmt), **note}

@@ -30,6 +30,7 @@ from typing import Callable
 
 from mlm_dist.bench.tasks import (CLASSIFICATION, TOKENS, Task, TextExample, complete_splits,
                                   distinct_examples, read_conll_lines)
+from mlm_dist.errors import MissingPackageError, PathNotFoundError
 
 EXTRA = "pip install 'mlm-dist[bench]'"
 
@@ -118,14 +119,14 @@ def package_files(spec: BuiltinTask) -> list[Path]:
     try:
         dist = metadata.distribution(spec.package)
     except metadata.PackageNotFoundError:
-        raise RuntimeError(f"--task {spec.name} reads its data from the {spec.package} package, "
-                           f"which is not installed: {spec.install}") from None
+        raise MissingPackageError(f"--task {spec.name} reads its data from the {spec.package} package, "
+                                  f"which is not installed: {spec.install}") from None
     paths = []
     for ending in spec.files:
         found = [f for f in dist.files or [] if str(f).endswith(ending)]
         path = Path(dist.locate_file(found[0])) if found else None
         if path is None or not path.is_file():
-            raise FileNotFoundError(f"--task {spec.name}: {spec.package} {dist.version} is "
+            raise PathNotFoundError(f"--task {spec.name}: {spec.package} {dist.version} is "
                                     f"installed without {ending}; reinstall it ({spec.install})")
         paths.append(path)
     return paths

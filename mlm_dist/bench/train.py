@@ -42,6 +42,7 @@ import json
 import statistics
 
 from mlm_dist.config import RunConfig, SequencePhase, load_config
+from mlm_dist.errors import UsageError
 
 # torch, numpy, transformers and deepspeed are imported where they are used, so that
 # registering these commands costs `mlm-dist --help` nothing.
@@ -71,7 +72,7 @@ def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
     if max_predictions:
         phase = dataclasses.replace(phase, max_predictions=max_predictions)
     if phase.seq_len > cfg.model.max_positions:
-        raise ValueError(f"--seq-len {phase.seq_len} exceeds model.max_positions "
+        raise UsageError(f"--seq-len {phase.seq_len} exceeds model.max_positions "
                          f"{cfg.model.max_positions}")
     return dataclasses.replace(phase, max_predictions=derived_max_predictions(phase, cfg.masking))
 
@@ -131,11 +132,11 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
 
 def _check_options(precision: str, device, steps: int, warmup: int) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+        raise UsageError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
 
 
 def _workload(cfg: RunConfig, phase: SequencePhase, shards: str | None, *, count: int,

@@ -7,6 +7,7 @@ registering the bench commands costs `mlm-dist --help` nothing."""
 from __future__ import annotations
 
 from mlm_dist.config import SequencePhase
+from mlm_dist.errors import UsageError
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -112,7 +113,7 @@ def shards_vocabulary(shards: str, vocab_size: int):
 
     vocab = Tokenizer.load(Manifest.load(shards).tokenizer.path).vocabulary
     if vocab.size != vocab_size:
-        raise ValueError(f"--shards {shards}: its tokenizer has {vocab.size} ids, the model "
+        raise UsageError(f"--shards {shards}: its tokenizer has {vocab.size} ids, the model "
                          f"{vocab_size}; drop model.vocab_size / --vocab-size (they are taken "
                          "from the shards) or use shards of this model's tokenizer")
     return vocab

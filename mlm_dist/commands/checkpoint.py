@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mlm_dist.errors import PathExistsError
+
 
 def add_export_hf_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
@@ -99,7 +101,7 @@ def consolidate(args) -> None:
 
     out = Path(args.out)
     if out.exists():
-        raise FileExistsError(f"--out {out} already exists; choose another path")
+        raise PathExistsError(f"--out {out} already exists; choose another path")
     model, cfg, _ = load_checkpoint(args.checkpoint)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(model.state_dict(), tmp)

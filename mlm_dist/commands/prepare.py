@@ -11,6 +11,7 @@ from mlm_dist.data.partitions import merge_partitions
 from mlm_dist.data.prepare import prepare_shards
 from mlm_dist.data.verify import verify_shards
 from mlm_dist.data.workers import default_workers
+from mlm_dist.errors import UsageError
 
 
 def add_arguments(pr: argparse.ArgumentParser) -> None:
@@ -103,7 +104,7 @@ def _refuse_build_options(args) -> None:
     flag = "--verify" if args.verify else "--merge"
     stray = [k for k in _PREPARE_BUILD_DEFAULTS if getattr(args, k) is not None]
     if stray:
-        raise ValueError(f"{flag} takes only a directory (and --workers, --quiet); drop "
+        raise UsageError(f"{flag} takes only a directory (and --workers, --quiet); drop "
                          + ", ".join("--" + k.replace("_", "-") for k in stray))
 
 
@@ -113,9 +114,9 @@ def _build_options(args) -> None:
         if getattr(args, key) is None:
             setattr(args, key, default)
     if args.tokenizer is None or args.out is None:
-        raise ValueError("prepare --input needs --tokenizer DIR and --out DIR")
+        raise UsageError("prepare --input needs --tokenizer DIR and --out DIR")
     if args.num_partitions > 1 and args.partition_index is None:
-        raise ValueError(f"--num-partitions {args.num_partitions} needs --partition-index "
+        raise UsageError(f"--num-partitions {args.num_partitions} needs --partition-index "
                          f"(0..{args.num_partitions - 1}; in a Slurm array job, "
                          "$SLURM_ARRAY_TASK_ID)")
 

@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mlm_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-fixable problem with the run configuration; the message names the key."""
 
 

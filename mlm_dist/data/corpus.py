@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from mlm_dist.data.formats import (KNOWN_SUFFIXES, TEXT_FIELD, FileCounts, check_file,
                                    check_text_field, read_texts)
 from mlm_dist.data.sentences import AUTO, check_language, detect_language, split_sentences
+from mlm_dist.data.formats import CorpusError
+from mlm_dist.errors import PathExistsError, PathNotFoundError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -38,16 +40,16 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not inputs:
-        raise ValueError("no inputs given; pass --input files, directories or glob patterns "
-                         f"({', '.join(KNOWN_SUFFIXES)})")
+        raise CorpusError("no inputs given; pass --input files, directories or glob patterns "
+                          f"({', '.join(KNOWN_SUFFIXES)})")
     files: list[Path] = []
     named_by: dict[Path, str] = {}
     for argument in inputs:
         for path in _expand(str(argument)):
             real = path.resolve()
             if real in named_by:
-                raise ValueError(f"input {path} is named twice (by {named_by[real]!r} and "
-                                 f"{str(argument)!r}); name each file once")
+                raise CorpusError(f"input {path} is named twice (by {named_by[real]!r} and "
+                                  f"{str(argument)!r}); name each file once")
             named_by[real] = str(argument)
             files.append(path)
     return files
@@ -62,10 +64,10 @@ def _expand(argument: str) -> list[Path]:
     if _GLOB_CHARS.search(argument):  # a literal name with [ ] in it was taken above
         matches = sorted(glob.glob(argument, recursive=True))
         if not matches:
-            raise FileNotFoundError(f"--input pattern {argument!r} matches nothing; check the "
+            raise PathNotFoundError(f"--input pattern {argument!r} matches nothing; check the "
                                     "pattern (it is expanded by mlm-dist, not by a shell)")
         return [file for match in matches for file in _expand_match(Path(match))]
-    raise FileNotFoundError(f"input {argument} does not exist; give files, directories or glob "
+    raise PathNotFoundError(f"input {argument} does not exist; give files, directories or glob "
                             "patterns")
 
 
@@ -83,7 +85,7 @@ def _files_below(directory: Path) -> list[Path]:
         found.extend(Path(dirpath) / name for name in filenames
                      if name.endswith(KNOWN_SUFFIXES) and not name.startswith("."))
     if not found:
-        raise FileNotFoundError(f"directory {directory} holds no input files: looked for "
+        raise PathNotFoundError(f"directory {directory} holds no input files: looked for "
                                 f"{', '.join(KNOWN_SUFFIXES)} files (name files with other "
                                 "suffixes directly or with a glob pattern)")
     return sorted(found, key=lambda p: p.parts)
@@ -121,9 +123,9 @@ def write_txt_corpus(path: str | Path, documents: Iterable[list[str]],
     under the real one; an existing file is never replaced."""
     target = Path(path)
     if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another path or remove it")
+        raise PathExistsError(f"{target} already exists; choose another path or remove it")
     if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
+        raise CorpusError(f"max_documents must be at least 1, got {max_documents}")
     target.parent.mkdir(parents=True, exist_ok=True)
     stats = {"documents": 0, "sentences": 0}
     tmp = target.with_name(target.name + ".tmp")

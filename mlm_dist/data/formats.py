@@ -44,6 +44,8 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from mlm_dist.errors import UserError
+
 TEXT_FIELD = "text"
 # What a directory contributes. Not plain .json: directories of downloaded datasets hold
 # .json configuration files (dataset_info.json); name .json corpus files directly or by a glob.
@@ -66,6 +68,11 @@ _ENCODED_REPLACEMENT = "\ufffd".encode()
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class CorpusError(UserError, ValueError):
+    """An input corpus that cannot be read as given (a file, a field, a line), or a corpus
+    that cannot make shards; the message names the file and the fix."""
+
+
 @dataclass
 class FileCounts:
     """What reading one file skipped or repaired; the readers add to it as they go."""
@@ -77,8 +84,8 @@ class FileCounts:
 
 def check_text_field(text_field: str) -> str:
     if not isinstance(text_field, str) or not all(text_field.split(".")):
-        raise ValueError(f"--text-field {text_field!r} is not a field name: give NAME, or a "
-                         "dotted path into nested objects such as meta.body")
+        raise CorpusError(f"--text-field {text_field!r} is not a field name: give NAME, or a "
+                          "dotted path into nested objects such as meta.body")
     return text_field
 
 
@@ -115,14 +122,14 @@ def check_file(path: Path, text_field: str = TEXT_FIELD):
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise ValueError(f"input {path} cannot be read ({e.strerror or e}); fix its "
-                         "permissions or leave it out") from None
+        raise CorpusError(f"input {path} cannot be read ({e.strerror or e}); fix its "
+                          "permissions or leave it out") from None
     suffix = _compression(path)
     if suffix and head:
         kind, magics = _COMPRESSIONS[suffix]
         if not head.startswith(magics):
-            raise ValueError(f"input {path} is named {suffix} but is not {kind}-compressed; "
-                             f"rename it without {suffix}, or compress it")
+            raise CorpusError(f"input {path} is named {suffix} but is not {kind}-compressed; "
+                              f"rename it without {suffix}, or compress it")
     kind = format_of(path)
     if kind == PARQUET:
         _parquet_text_column(path, text_field).close()
@@ -143,10 +150,10 @@ def _check_json_field(path: Path, text_field: str):
         if _lookup(record, text_field) is not _MISSING:
             return
     if first_keys is not None:
-        raise ValueError(f"input {path}: none of its first records has the field "
-                         f"{text_field!r} (the first has: {', '.join(first_keys) or 'no fields'}); "
-                         "name the text field with --text-field (dotted for nested objects: "
-                         "meta.body)")
+        raise CorpusError(f"input {path}: none of its first records has the field "
+                          f"{text_field!r} (the first has: {', '.join(first_keys) or 'no fields'}); "
+                          "name the text field with --text-field (dotted for nested objects: "
+                          "meta.body)")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -190,9 +197,9 @@ def _json_texts(path: Path, lines: Iterator[tuple[int, str]], counts: FileCounts
                 counts.missing_text += 1
             continue
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: the field {text_field!r} holds a "
-                             f"{type(text).__name__}, not a string; name the text field with "
-                             "--text-field (dotted for nested objects: meta.body)")
+            raise CorpusError(f"{path}:{lineno}: the field {text_field!r} holds a "
+                              f"{type(text).__name__}, not a string; name the text field with "
+                              "--text-field (dotted for nested objects: meta.body)")
         text, surrogates = _SURROGATE.subn("\ufffd", text)
         counts.invalid_utf8 += surrogates
         yield text, None
@@ -207,11 +214,11 @@ def _json_records(path: Path, lines: Iterator[tuple[int, str]], text_field: str
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
-                             "JSON-lines file must be one object") from None
+            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
+                              "JSON-lines file must be one object") from None
         if not isinstance(record, dict):
-            raise ValueError(f'{path}:{lineno}: expected an object with a "{text_field}" '
-                             f"string, got a {type(record).__name__}")
+            raise CorpusError(f'{path}:{lineno}: expected an object with a "{text_field}" '
+                              f"string, got a {type(record).__name__}")
         yield lineno, record
 
 
@@ -254,8 +261,8 @@ def _parquet_texts(path: Path, counts: FileCounts, text_field: str) -> Iterator[
                     else:
                         yield text, None
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"input {path} is a damaged Parquet file ({e}); download it "
-                         "again") from None
+        raise CorpusError(f"input {path} is a damaged Parquet file ({e}); download it "
+                          "again") from None
 
 
 def _column_texts(column, counts: FileCounts) -> list[str | None]:
@@ -281,8 +288,8 @@ def _parquet_text_column(path: Path, text_field: str):
         # row group's column is read when its batches are reached.
         parquet = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"input {path} is not a readable Parquet file ({e}); download it "
-                         "again, or rename it if it is another format") from None
+        raise CorpusError(f"input {path} is not a readable Parquet file ({e}); download it "
+                          "again, or rename it if it is another format") from None
     try:
         _check_parquet_column(path, parquet.schema_arrow, text_field)
     except ValueError:
@@ -296,20 +303,20 @@ def _check_parquet_column(path: Path, schema, text_field: str):
 
     keys = text_field.split(".")
     if keys[0] not in schema.names:
-        raise ValueError(f"input {path} has no column {keys[0]!r} (its columns: "
-                         f"{', '.join(schema.names)}); name the text column with --text-field")
+        raise CorpusError(f"input {path} has no column {keys[0]!r} (its columns: "
+                          f"{', '.join(schema.names)}); name the text column with --text-field")
     kind = schema.field(keys[0]).type
     for depth, key in enumerate(keys[1:], 1):
         if not pa.types.is_struct(kind) or kind.get_field_index(key) < 0:
             has = (f"its fields: {', '.join(kind.field(i).name for i in range(kind.num_fields))}"
                    if pa.types.is_struct(kind) else f"it is {kind}")
-            raise ValueError(f"input {path}: column {'.'.join(keys[:depth])!r} has no field "
-                             f"{key!r} ({has}); name the text column with --text-field")
+            raise CorpusError(f"input {path}: column {'.'.join(keys[:depth])!r} has no field "
+                              f"{key!r} ({has}); name the text column with --text-field")
         kind = kind.field(key).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or pa.types.is_string_view(kind)):
-        raise ValueError(f"input {path}: column {text_field!r} is {kind}, not a string; name "
-                         "the text column with --text-field")
+        raise CorpusError(f"input {path}: column {text_field!r} is {kind}, not a string; name "
+                          "the text column with --text-field")
 
 
 # ----------------------------------------------------------------------------- bytes to lines
@@ -330,8 +337,8 @@ def _lines(path: Path, counts: FileCounts) -> Iterator[tuple[int, str]]:
         except (EOFError, OSError, zlib.error, zstandard.ZstdError, _ZstdTruncated) as e:
             if suffix is None:
                 raise
-            raise ValueError(f"input {path} is a damaged {_COMPRESSIONS[suffix][0]} file ({e}); "
-                             "compress or download it again") from None
+            raise CorpusError(f"input {path} is a damaged {_COMPRESSIONS[suffix][0]} file ({e}); "
+                              "compress or download it again") from None
 
 
 def _decode(raw: bytes, counts: FileCounts) -> str:

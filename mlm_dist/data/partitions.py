@@ -19,7 +19,9 @@ import hashlib
 import re
 from pathlib import Path
 
-from mlm_dist.data.shards import MANIFEST_FILE, Manifest, PrepareInfo
+from mlm_dist.data.formats import CorpusError
+from mlm_dist.data.shards import MANIFEST_FILE, Manifest, PrepareInfo, ShardFormatError
+from mlm_dist.errors import PathExistsError, PathNotFoundError, UsageError
 
 _PARTIAL_MANIFEST = re.compile(r"manifest\.p(\d{5,})-of-(\d{5,})\.json")
 
@@ -35,11 +37,11 @@ def shard_prefix(split: str, partition: int | None) -> str:
 def check_partition(count, index):
     for name, value in (("--num-partitions", count), ("--partition-index", index)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise UsageError(f"{name} must be an integer, got {value!r}")
     if count < 1:
-        raise ValueError(f"--num-partitions must be at least 1, got {count}")
+        raise UsageError(f"--num-partitions must be at least 1, got {count}")
     if not 0 <= index < count:
-        raise ValueError(f"--partition-index must be in 0..{count - 1} for --num-partitions "
+        raise UsageError(f"--partition-index must be in 0..{count - 1} for --num-partitions "
                          f"{count}, got {index} (a Slurm array --array=0-{count - 1} gives "
                          "$SLURM_ARRAY_TASK_ID in that range)")
 
@@ -47,7 +49,7 @@ def check_partition(count, index):
 def partition_file_indices(files: int, count: int, index: int) -> list[int]:
     """Indices (into the whole sorted input list) of the files partition `index` reads."""
     if files < count:
-        raise ValueError(f"--num-partitions {count} is more than the {files} input files: inputs "
+        raise UsageError(f"--num-partitions {count} is more than the {files} input files: inputs "
                          "are partitioned by file, so use at most that many partitions (or split "
                          "the corpus into more files)")
     return list(range(index, files, count))
@@ -61,32 +63,32 @@ def inputs_sha256(files: list[Path]) -> str:
 def check_out_dir(out: Path, count: int, index: int):
     """Refuse an --out where this run would overwrite or mix with shards already written."""
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the shards")
+        raise PathExistsError(f"--out {out} is a file; give a directory for the shards")
     if not out.is_dir():
         return
     partials = sorted(p.name for p in out.iterdir() if _PARTIAL_MANIFEST.fullmatch(p.name))
     if count == 1:
         if (out / MANIFEST_FILE).exists() or partials or any(out.glob("*.tar")):
-            raise FileExistsError(f"{out} already holds shards; choose a new --out directory "
+            raise PathExistsError(f"{out} already holds shards; choose a new --out directory "
                                   "(shards are never overwritten)")
         return
     if (out / MANIFEST_FILE).exists():
-        raise FileExistsError(f"{out} already holds finished shards ({MANIFEST_FILE}); choose a "
+        raise PathExistsError(f"{out} already holds finished shards ({MANIFEST_FILE}); choose a "
                               "new --out directory (shards are never overwritten)")
     other_counts = {int(_PARTIAL_MANIFEST.fullmatch(n).group(2)) for n in partials} - {count}
     if other_counts:
-        raise FileExistsError(f"{out} holds partitions of a run with --num-partitions "
+        raise PathExistsError(f"{out} holds partitions of a run with --num-partitions "
                               f"{min(other_counts)}, not {count}; use that run's --num-partitions "
                               "or a new --out directory")
     own = partial_manifest_name(index, count)
     if (out / own).exists():
-        raise FileExistsError(f"partition {index} of {count} is already done: {out / own} "
+        raise PathExistsError(f"partition {index} of {count} is already done: {out / own} "
                               "exists (shards are never overwritten); run the missing partitions, "
                               f"then `mlm-dist prepare --merge {out}`")
     leftovers = sorted(p.name for split in ("train", "valid")
                        for p in out.glob(f"{shard_prefix(split, index)}-*.tar"))
     if leftovers:
-        raise FileExistsError(
+        raise PathExistsError(
             f"{out} already holds shards of partition {index} ({', '.join(leftovers[:3])}"
             f"{', …' if len(leftovers) > 3 else ''}) but no {own}: an interrupted run of this "
             f"partition left them. Remove them ({out}/train-p{index:05d}-*.tar and "
@@ -99,9 +101,9 @@ def merge_partitions(directory: str | Path) -> Manifest:
     """Join the partial manifests of `directory` into its manifest.json and return it."""
     root = Path(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"--merge {root}: no such directory")
+        raise PathNotFoundError(f"--merge {root}: no such directory")
     if (root / MANIFEST_FILE).exists():
-        raise FileExistsError(f"{root / MANIFEST_FILE} already exists: the partitions are merged "
+        raise PathExistsError(f"{root / MANIFEST_FILE} already exists: the partitions are merged "
                               "already (manifests are never overwritten)")
     found = {}
     for path in root.iterdir():
@@ -109,18 +111,18 @@ def merge_partitions(directory: str | Path) -> Manifest:
         if match:
             found[int(match.group(1)), int(match.group(2))] = path
     if not found:
-        raise FileNotFoundError(f"{root} has no partial manifests (manifest.pNNNNN-of-NNNNN.json); "
+        raise PathNotFoundError(f"{root} has no partial manifests (manifest.pNNNNN-of-NNNNN.json); "
                                 "make them with `mlm-dist prepare … --num-partitions P "
                                 "--partition-index i` for each i")
     counts = sorted({count for _, count in found})
     if len(counts) > 1:
-        raise ValueError(f"{root} mixes partitions of runs with --num-partitions "
-                         f"{', '.join(map(str, counts))}; a directory must hold one run")
+        raise ShardFormatError(f"{root} mixes partitions of runs with --num-partitions "
+                               f"{', '.join(map(str, counts))}; a directory must hold one run")
     count = counts[0]
     missing = [i for i in range(count) if (i, count) not in found]
     if missing:
         names = ", ".join(partial_manifest_name(i, count) for i in missing[:5])
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"{root}: {len(missing)} of {count} partitions are missing ({names}"
             f"{', …' if len(missing) > 5 else ''}); those jobs failed or are still running: run "
             f"`mlm-dist prepare … --num-partitions {count} --partition-index i` for them "
@@ -146,8 +148,8 @@ def merge_partitions(directory: str | Path) -> Manifest:
                           missing_text=sum(i.missing_text for i in infos),
                           missing_text_files=sum(i.missing_text_files for i in infos)))
     if merged.totals("train")["documents"] == 0:
-        raise ValueError(f"no partition of {root} has any train document: the inputs have no "
-                         "text; nothing to merge")
+        raise CorpusError(f"no partition of {root} has any train document: the inputs have no "
+                          "text; nothing to merge")
     merged.save(root)
     return merged
 
@@ -159,9 +161,9 @@ def _check_partitions_agree(root: Path, parts: list[tuple[Path, Manifest]], coun
     for index, (path, manifest) in enumerate(parts):
         info = manifest.prepare
         if info is None or info.partition != index or info.num_partitions != count:
-            raise ValueError(f"{path} does not describe partition {index} of {count} (its "
-                             f"'prepare' entry says {info}); it was renamed or edited: make it "
-                             "again with `mlm-dist prepare`")
+            raise ShardFormatError(f"{path} does not describe partition {index} of {count} (its "
+                                   f"'prepare' entry says {info}); it was renamed or edited: make it "
+                                   "again with `mlm-dist prepare`")
         for what, mine, theirs, fix in (
                 ("tokenizer sha256", manifest.tokenizer.sha256, first.tokenizer.sha256,
                  "every partition must use the same --tokenizer"),
@@ -177,17 +179,17 @@ def _check_partitions_agree(root: Path, parts: list[tuple[Path, Manifest]], coun
                 ("text field", info.text_field, first.prepare.text_field,
                  "use the same --text-field")):
             if mine != theirs:
-                raise ValueError(f"{path.name} and {first_path.name} in {root} differ in {what} "
-                                 f"({mine} vs {theirs}): {fix}; re-run the partitions that differ")
+                raise ShardFormatError(f"{path.name} and {first_path.name} in {root} differ in {what} "
+                                       f"({mine} vs {theirs}): {fix}; re-run the partitions that differ")
         for shards in manifest.splits.values():
             for shard in shards:
                 if shard.path in seen:
-                    raise ValueError(f"shard {shard.path} is listed by both {seen[shard.path].name} "
-                                     f"and {path.name}; re-run those partitions into a new --out")
+                    raise ShardFormatError(f"shard {shard.path} is listed by both {seen[shard.path].name} "
+                                           f"and {path.name}; re-run those partitions into a new --out")
                 seen[shard.path] = path
                 file = root / shard.path  # inside root: Manifest.read checked the path
                 if not file.is_file() or file.stat().st_size != shard.bytes:
-                    raise FileNotFoundError(
+                    raise PathNotFoundError(
                         f"shard {file} listed in {path.name} is missing or not {shard.bytes} bytes; "
                         f"copy it again, or delete {path.name} and that partition's shards and "
                         "re-run it")

@@ -32,13 +32,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mlm_dist.config import DataConfig
+from mlm_dist.config import ConfigError, DataConfig
 from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter, pairs_per_row
 from mlm_dist.data.examples import ExampleBuilder, Pair
 from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.remote import StreamSettings, shard_location
-from mlm_dist.data.shards import Manifest
+from mlm_dist.data.shards import Manifest, ShardFormatError
 from mlm_dist.tokenizer import Vocabulary
 
 
@@ -55,8 +55,8 @@ def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
     `directory` may be a URL (remote.py): then each shard's path is a URL too."""
     manifest = Manifest.load(directory)
     if split not in manifest.splits or not manifest.splits[split]:
-        raise ValueError(f"data.shards: {directory} has no {split!r} shards; "
-                         "re-run `mlm-dist prepare`")
+        raise ShardFormatError(f"data.shards: {directory} has no {split!r} shards; "
+                               "re-run `mlm-dist prepare`")
     return [Shard(shard_location(directory, s.path), s.documents, s.bytes)
             for s in manifest.splits[split]]
 
@@ -230,7 +230,7 @@ class ResumableLoader:
         num_workers = data.num_workers
         readers = world_size * max(1, num_workers)
         if not shards:
-            raise ValueError("data.shards: the manifest lists no train shards")
+            raise ShardFormatError("data.shards: the manifest lists no train shards")
         state = state or {}
         self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         self.batches = int(state.get("batches", 0))
@@ -238,7 +238,7 @@ class ResumableLoader:
         self.signature = {"seed": seed, "readers": readers, "shards": len(shards),
                           "open_documents": data.open_documents}
         if state and state.get("signature") != self.signature:
-            raise ValueError(
+            raise ConfigError(
                 f"the saved data position was made with {state.get('signature')} and this run "
                 f"has {self.signature}; resume with the same seed, shards, ranks, "
                 "data.open_documents and "

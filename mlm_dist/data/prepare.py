@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from mlm_dist.data.corpus import CorpusReader, check_readable, resolve_inputs
 from mlm_dist.data.encoding import DocumentEncoder, EncodedDocument, document_batches
-from mlm_dist.data.formats import TEXT_FIELD
+from mlm_dist.data.formats import TEXT_FIELD, CorpusError
 from mlm_dist.data.partitions import (check_out_dir, check_partition, inputs_sha256,
                                       partial_manifest_name, partition_file_indices, shard_prefix)
 from mlm_dist.data.shards import (MANIFEST_FILE, Manifest, PrepareInfo, ShardInfo, TokenizerInfo,
                                   document_key, encode_sample, tar_end, token_dtype)
 from mlm_dist.data.words import check_language
 from mlm_dist.data.workers import check_workers, ordered_map
+from mlm_dist.errors import UsageError
 from mlm_dist.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid")
@@ -101,10 +102,10 @@ def prepare_shards(
         for writer in writers.values():
             writer.close()
         if partition is None and not writers["train"].shards:
-            raise ValueError(f"no document in {_named(files)} has any text"
-                             + _missing_text_hint(reader) + "; inputs must be text (one "
-                             "sentence a line, blank line between documents), JSON lines or "
-                             "Parquet with a text field (--text-field), optionally compressed")
+            raise CorpusError(f"no document in {_named(files)} has any text"
+                              + _missing_text_hint(reader) + "; inputs must be text (one "
+                              "sentence a line, blank line between documents), JSON lines or "
+                              "Parquet with a text field (--text-field), optionally compressed")
         manifest = Manifest(
             tokenizer=TokenizerInfo(sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
                                     path=str(Path(tokenizer.path).resolve().parent)),
@@ -132,14 +133,14 @@ def prepare_shards(
 def _check_options(docs_per_shard: int, valid_fraction: float, seed: int, shuffle_mb: int):
     """Every mistake we can see up front is reported before a single document is tokenized."""
     if isinstance(shuffle_mb, bool) or not isinstance(shuffle_mb, int) or shuffle_mb < 0:
-        raise ValueError(f"shuffle_mb (--shuffle-mb) must be an integer >= 0 (0: keep the corpus "
+        raise UsageError(f"shuffle_mb (--shuffle-mb) must be an integer >= 0 (0: keep the corpus "
                          f"order), got {shuffle_mb!r}")
     if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or docs_per_shard < 1:
-        raise ValueError(f"docs_per_shard must be a positive integer, got {docs_per_shard!r}")
+        raise UsageError(f"docs_per_shard must be a positive integer, got {docs_per_shard!r}")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
+        raise UsageError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        raise UsageError(f"seed must be an integer, got {seed!r}")
 
 
 def _missing_text_hint(reader: CorpusReader) -> str:

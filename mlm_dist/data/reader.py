@@ -22,11 +22,12 @@ import numpy as np
 from mlm_dist.data.remote import (StreamSettings, is_remote, open_stream, reason, redacted,
                                   transport_errors)
 from mlm_dist.data.shards import decode_document
+from mlm_dist.errors import UserError
 
 log = logging.getLogger("mlm_dist.data")
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError, ValueError):
     """More data was lost than the run allows (data.max_skipped_samples)."""
 
 

@@ -37,6 +37,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from mlm_dist.config import ConfigError, DataConfig
+from mlm_dist.errors import UserError
 
 log = logging.getLogger("mlm_dist.data")
 
@@ -57,7 +58,7 @@ CREDENTIALS_HINT = {
     "https": "~/.netrc if the server asks for a login"}
 
 
-class RemoteShardsError(OSError):
+class RemoteShardsError(UserError, OSError):
     """A shard location that cannot be read: unreachable, unauthorised or not there."""
 
 

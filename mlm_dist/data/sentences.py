@@ -48,6 +48,8 @@ from itertools import accumulate
 
 import sentencex
 
+from mlm_dist.errors import UsageError
+
 # Languages sentencex has rule sets of its own for (any other code it silently treats as
 # English, so we refuse it instead), plus "zh", which is repaired here like "ja".
 SUPPORTED_LANGUAGES = ("am", "ar", "bg", "bn", "ca", "da", "de", "el", "en", "es", "fi", "fr",
@@ -62,7 +64,7 @@ def check_language(lang: str) -> str:
     code = str(lang).strip().lower().replace("_", "-").split("-")[0]
     if code == AUTO or code in SUPPORTED_LANGUAGES:
         return code
-    raise ValueError(f"unknown language {lang!r} for sentence splitting; use one of "
+    raise UsageError(f"unknown language {lang!r} for sentence splitting; use one of "
                      f"{AUTO}, {', '.join(SUPPORTED_LANGUAGES)}")
 
 

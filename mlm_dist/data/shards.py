@@ -40,6 +40,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from mlm_dist.errors import PathExistsError, PathNotFoundError, UserError
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
 WORD_START = 1 << 40  # the flag bit in a decoded token (ids stay below 2**31)
@@ -137,20 +139,20 @@ def decode_document(sample: dict) -> list[np.ndarray]:
     where = _sample_name(sample)
     for field in ("tokens.npy", "lengths.npy", "starts.npy"):
         if field not in sample:
-            raise ValueError(f"{where} has no {field!r}; is this a shard written by `mlm-dist prepare`?")
+            raise ShardFormatError(f"{where} has no {field!r}; is this a shard written by `mlm-dist prepare`?")
     tokens = _array_of(sample["tokens.npy"], where, "tokens.npy")
     lengths = _array_of(sample["lengths.npy"], where, "lengths.npy")
     starts = _array_of(sample["starts.npy"], where, "starts.npy")
     if lengths.size and lengths.min() <= 0:
-        raise ValueError(f"{where}: lengths.npy has a sentence of {lengths.min()} tokens; "
-                         "the shard is corrupt, re-create it with `mlm-dist prepare`")
+        raise ShardFormatError(f"{where}: lengths.npy has a sentence of {lengths.min()} tokens; "
+                               "the shard is corrupt, re-create it with `mlm-dist prepare`")
     total = int(lengths.sum(dtype=np.int64))
     if total != tokens.size:
-        raise ValueError(f"{where}: sentence lengths add up to {total} but there are "
-                         f"{tokens.size} tokens; the shard is corrupt, re-create it with `mlm-dist prepare`")
+        raise ShardFormatError(f"{where}: sentence lengths add up to {total} but there are "
+                               f"{tokens.size} tokens; the shard is corrupt, re-create it with `mlm-dist prepare`")
     if starts.size != tokens.size:
-        raise ValueError(f"{where}: starts.npy has {starts.size} flags for {tokens.size} tokens; "
-                         "the shard is corrupt, re-create it with `mlm-dist prepare`")
+        raise ShardFormatError(f"{where}: starts.npy has {starts.size} flags for {tokens.size} tokens; "
+                               "the shard is corrupt, re-create it with `mlm-dist prepare`")
     if lengths.size == 0:
         return []
     packed = tokens.astype(np.int64) | (starts.astype(np.int64) * WORD_START)
@@ -180,11 +182,11 @@ def _array_of(value, where: str, field: str) -> np.ndarray:
     try:
         array = value if isinstance(value, np.ndarray) else _npy_from_bytes(value)
     except (ValueError, TypeError, EOFError) as e:
-        raise ValueError(f"{where}: {field} is not a readable .npy array ({e}); the shard is "
-                         "corrupt, re-create it with `mlm-dist prepare`") from None
+        raise ShardFormatError(f"{where}: {field} is not a readable .npy array ({e}); the shard is "
+                               "corrupt, re-create it with `mlm-dist prepare`") from None
     if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ValueError(f"{where}: {field} is a {array.ndim}-D {array.dtype} array, expected 1-D "
-                         "integers; is this a shard written by `mlm-dist prepare`?")
+        raise ShardFormatError(f"{where}: {field} is a {array.ndim}-D {array.dtype} array, expected 1-D "
+                               "integers; is this a shard written by `mlm-dist prepare`?")
     return array
 
 
@@ -206,8 +208,9 @@ def _sample_name(sample: dict) -> str:
 
 # ----------------------------------------------------------------------------- manifest
 
-class ShardFormatError(ValueError):
-    """Shards written in another format than this mlm_dist reads."""
+class ShardFormatError(UserError, ValueError):
+    """Shards or a manifest this mlm_dist cannot read: another format, a corrupt or incomplete
+    shard, a split that is not there; the message says how to make them again."""
 
 
 @dataclass
@@ -262,7 +265,7 @@ class Manifest:
         """Write `directory/filename` (manifest.json unless a partial one); never replaces one."""
         target = Path(directory) / filename
         if target.exists():
-            raise FileExistsError(f"{target} already exists; write the shards to a new directory")
+            raise PathExistsError(f"{target} already exists; write the shards to a new directory")
         data = {"format": self.format, "tokenizer": asdict(self.tokenizer), "dtype": self.dtype,
                 "splits": {name: [asdict(s) for s in shards] for name, shards in self.splits.items()}}
         if self.prepare is not None:
@@ -295,13 +298,13 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_FILE
         if not directory.is_dir():
-            raise FileNotFoundError(f"shard directory {directory} does not exist; {_PREPARE_HINT}")
+            raise PathNotFoundError(f"shard directory {directory} does not exist; {_PREPARE_HINT}")
         if not path.is_file() and any(directory.glob("manifest.p*-of-*.json")):
-            raise FileNotFoundError(f"{directory} holds the partial manifests of a partitioned "
+            raise PathNotFoundError(f"{directory} holds the partial manifests of a partitioned "
                                     f"`prepare` but no {MANIFEST_FILE}: once every partition is "
                                     f"done, run `mlm-dist prepare --merge {directory}`")
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no {MANIFEST_FILE}, so it is not a finished "
+            raise PathNotFoundError(f"{directory} has no {MANIFEST_FILE}, so it is not a finished "
                                     f"shard directory; {_PREPARE_HINT}")
         return cls.read(path)
 
@@ -322,7 +325,7 @@ class Manifest:
         except (ValueError, KeyError, TypeError) as e:
             problem = (f"missing key {e}" if isinstance(e, KeyError) else
                        f"not JSON: {e}" if isinstance(e, json.JSONDecodeError) else str(e))
-            raise ValueError(f"{where} is malformed ({problem}); {_PREPARE_HINT}") from None
+            raise ShardFormatError(f"{where} is malformed ({problem}); {_PREPARE_HINT}") from None
 
 
 def _publish(tmp: Path, target: Path):
@@ -331,11 +334,11 @@ def _publish(tmp: Path, target: Path):
         # A hard link is atomic and refuses an existing name, where a rename would replace it.
         os.link(tmp, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} already exists; write the shards to a new directory") from None
+        raise PathExistsError(f"{target} already exists; write the shards to a new directory") from None
     except OSError:
         # Filesystems without hard links: check, then rename (a race window of microseconds).
         if target.exists():
-            raise FileExistsError(f"{target} already exists; write the shards to a new "
+            raise PathExistsError(f"{target} already exists; write the shards to a new "
                                   "directory") from None
         tmp.replace(target)
 
@@ -421,19 +424,19 @@ def shard_paths(directory: str | Path, split: str) -> list[str]:
     root = Path(directory).resolve()
     manifest = Manifest.load(root)
     if split not in manifest.splits:
-        raise ValueError(f"{root / MANIFEST_FILE} has no split {split!r}; it has "
-                         f"{', '.join(sorted(manifest.splits)) or 'none'}")
+        raise ShardFormatError(f"{root / MANIFEST_FILE} has no split {split!r}; it has "
+                               f"{', '.join(sorted(manifest.splits)) or 'none'}")
     paths = []
     for shard in manifest.splits[split]:
         path = root / shard.path
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {root / MANIFEST_FILE} is missing; "
+            raise PathNotFoundError(f"shard {path} listed in {root / MANIFEST_FILE} is missing; "
                                     "copy the whole shard directory, or re-run `mlm-dist prepare`")
         size = path.stat().st_size
         if size != shard.bytes:
-            raise ValueError(f"shard {path} is {size} bytes but {root / MANIFEST_FILE} says "
-                             f"{shard.bytes}: it is truncated or was replaced; copy it again, or "
-                             "re-run `mlm-dist prepare`")
+            raise ShardFormatError(f"shard {path} is {size} bytes but {root / MANIFEST_FILE} says "
+                                   f"{shard.bytes}: it is truncated or was replaced; copy it again, or "
+                                   "re-run `mlm-dist prepare`")
         paths.append(str(path))
     return paths
 

@@ -20,6 +20,8 @@ from functools import cached_property
 
 import numpy as np
 
+from mlm_dist.errors import UsageError
+
 SEGMENTERS = {"ja": "MeCab (fugashi + unidic-lite)", "zh": "jieba"}
 
 
@@ -39,7 +41,7 @@ class WordSegmenter:
 
     def __init__(self, lang: str):
         if lang not in SEGMENTERS:
-            raise ValueError(f"no word segmenter for {lang!r}; segmented languages: "
+            raise UsageError(f"no word segmenter for {lang!r}; segmented languages: "
                              f"{', '.join(SEGMENTERS)}")
         self.lang = lang
 

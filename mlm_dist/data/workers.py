@@ -11,6 +11,8 @@ import os
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from mlm_dist.errors import UsageError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -26,7 +28,7 @@ def default_workers() -> int:
 
 def check_workers(workers) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
+        raise UsageError(f"--workers must be a positive integer, got {workers!r}")
     return workers
 
 

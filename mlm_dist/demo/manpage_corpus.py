@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 from mlm_dist.data.corpus import distinct_documents, write_txt_corpus
 from mlm_dist.data.sentences import split_sentences
+from mlm_dist.errors import PathNotFoundError
 
 MAN_ROOT = Path("/usr/share/man")
 # dpkg's database of installed packages: <package>.list (<package>:<arch>.list when the package
@@ -134,7 +135,7 @@ def require_pages(source: CorpusSource, man_root: Path = MAN_ROOT,
     """Stop with the fix if the source's package is not there (see `unavailable`)."""
     reason = unavailable(source, man_root, dpkg_info)
     if reason is not None:
-        raise FileNotFoundError(reason)
+        raise PathNotFoundError(reason)
 
 
 def unavailable(source: CorpusSource, man_root: Path = MAN_ROOT,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlm_dist.data.corpus import distinct_documents, split_sentences, write_txt_corpus
+from mlm_dist.errors import PathNotFoundError
 
 # Directories that hold tests, third-party packages, demos or generated code rather than
 # documented library modules. (pydoc_data's help topics are read on their own, at the end.)
@@ -72,7 +73,7 @@ def stdlib_texts() -> Iterator[str]:
 def stdlib_root() -> Path:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise FileNotFoundError(f"Python's standard library source is not at {root}; the demo "
+        raise PathNotFoundError(f"Python's standard library source is not at {root}; the demo "
                                 "corpus needs it: use a Python installation that ships its .py files")
     return root
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mlm_dist.errors import UsageError
 from mlm_dist.model import Encoder
 from mlm_dist.tokenizer import Tokenizer
 
@@ -15,7 +16,7 @@ def fill_mask(model: Encoder, tokenizer: Tokenizer, text: str,
     network of any objective (its MLM head, `token_logits`)."""
     ids = [tokenizer.cls_id] + tokenizer.encode(text, parse_mask=True) + [tokenizer.sep_id]
     if tokenizer.mask_id not in ids:
-        raise ValueError(f"fill-mask: no [MASK] in {text!r}")
+        raise UsageError(f"fill-mask: no [MASK] in {text!r}")
     input_ids = torch.tensor([ids])
     positions = (input_ids[0] == tokenizer.mask_id).nonzero().view(1, -1)
     token_logits = model.token_logits(input_ids, torch.zeros_like(input_ids),

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mlm_dist.config import ModelConfig
+from mlm_dist.errors import PathExistsError, PathNotFoundError, UserError
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, SPECIAL_TOKENS,
                                 UNK_ID, Tokenizer)
 from mlm_dist.tokenizer.sentencepiece import CJK_SPACES_PATTERN
@@ -92,6 +93,11 @@ HF_BUFFERS = {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class ModelFolderError(UserError, ValueError):
+    """A model or tokenizer that cannot be carried to or from Hugging Face: a folder that is not
+    a BERT this run can continue, weights that do not fit, a tokenizer export cannot write."""
+
+
 def _pattern(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
@@ -137,7 +143,7 @@ def _fill_tied(sd: dict, tied: dict, side: str) -> dict:
         if alias not in sd:
             sd[alias] = sd[source]
         elif sd[alias] is not sd[source] and not torch.equal(sd[alias], sd[source]):
-            raise ValueError(f"{side} state dict: {alias} should be tied to {source} but differs")
+            raise ModelFolderError(f"{side} state dict: {alias} should be tied to {source} but differs")
     return sd
 
 
@@ -218,15 +224,15 @@ def pretrained_model_config(hf_dir: str | Path, cfg: ModelConfig) -> ModelConfig
     the shape is the checkpoint's, never configured a second time."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"model.init_from: {path} does not exist; point it at a Hugging "
+        raise PathNotFoundError(f"model.init_from: {path} does not exist; point it at a Hugging "
                                 "Face BERT folder (config.json, weights, tokenizer)")
     hf = json.loads(path.read_text())
     problems = [f"{k}={hf.get(k)!r} (need {v!r})" for k, v in
                 (("model_type", "bert"), ("hidden_act", "gelu"),
                  ("position_embedding_type", "absolute")) if hf.get(k, v) != v]
     if problems:
-        raise ValueError(f"model.init_from: {path} is not a BERT mlm_dist can continue: "
-                         + ", ".join(problems))
+        raise ModelFolderError(f"model.init_from: {path} is not a BERT mlm_dist can continue: "
+                               + ", ".join(problems))
     return dataclasses.replace(
         cfg, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -247,15 +253,15 @@ def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     elif (d / "pytorch_model.bin").is_file():
         hf_sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"model.init_from: no model.safetensors or pytorch_model.bin "
+        raise PathNotFoundError(f"model.init_from: no model.safetensors or pytorch_model.bin "
                                 f"in {d}")
     if not any(k.startswith(("bert.", "cls.")) for k in hf_sd):
         hf_sd = {f"bert.{k}": v for k, v in hf_sd.items()}  # a BertModel's names have no prefix
     try:
         return from_hf_state_dict({k: v.float() for k, v in hf_sd.items()}, heads_optional=True)
     except KeyError as e:
-        raise ValueError(f"model.init_from: {d} is not a BERT this run can continue: "
-                         f"{e.args[0]}") from None
+        raise ModelFolderError(f"model.init_from: {d} is not a BERT this run can continue: "
+                               f"{e.args[0]}") from None
 
 
 def load_pretrained(cfg: ModelConfig, objective=None, say=print):
@@ -276,12 +282,12 @@ def load_pretrained(cfg: ModelConfig, objective=None, say=print):
     unused = sorted(k for k in theirs if k not in own)
     not_heads = [k for k in fresh if not k.startswith(HEAD_MODULES)]
     if not_heads:  # the mapping requires the encoder: only a model of another shape gets here
-        raise ValueError(f"model.init_from: {cfg.init_from} lacks {not_heads[:8]}")
+        raise ModelFolderError(f"model.init_from: {cfg.init_from} lacks {not_heads[:8]}")
     wrong = [f"{k} {tuple(theirs[k].shape)} (need {tuple(own[k].shape)})"
              for k in own if k in theirs and theirs[k].shape != own[k].shape]
     if wrong:
-        raise ValueError(f"model.init_from: {cfg.init_from} has tensors of another shape than "
-                         f"its config.json describes: {wrong[:8]}")
+        raise ModelFolderError(f"model.init_from: {cfg.init_from} has tensors of another shape than "
+                               f"its config.json describes: {wrong[:8]}")
     model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
     if say is not None and fresh:
         say(f"model.init_from: {cfg.init_from} has no {', '.join(fresh)}: freshly initialised")
@@ -309,8 +315,8 @@ def hf_tokenizer(tokenizer_dir: str | Path, model_max_length: int):
     # below reproduces exactly them.
     if not (norm.remove_extra_whitespaces and norm.escape_whitespaces
             and trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix):
-        raise ValueError(f"{ours.path}: unsupported SentencePiece options for export "
-                         "(expected the defaults used by `mlm-dist tokenizer train`)")
+        raise ModelFolderError(f"{ours.path}: unsupported SentencePiece options for export "
+                               "(expected the defaults used by `mlm-dist tokenizer train`)")
 
     byte_fallback = trainer.byte_fallback
     backend = _backend_model(proto, ours.path)
@@ -376,8 +382,8 @@ def _backend_model(proto, path: Path):
         backend = BackendTokenizer(BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
                                        fuse_unk=True, byte_fallback=byte_fallback, dropout=None))
     else:
-        raise ValueError(f"{path}: SentencePiece model type {trainer.model_type} cannot be "
-                         "exported (unigram and bpe can)")
+        raise ModelFolderError(f"{path}: SentencePiece model type {trainer.model_type} cannot be "
+                               "exported (unigram and bpe can)")
     return backend
 
 
@@ -518,12 +524,12 @@ def tokenizer_for_export(out: Path, tokenizer_dir: str | Path, cfg: ModelConfig)
     """Before any work: `out` must be new (or an empty directory), and the tokenizer the one
     of the model's vocabulary. Returns the tokenizer to write beside the weights."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export target {out} already exists and is not empty; "
+        raise PathExistsError(f"export target {out} already exists and is not empty; "
                               "choose another --out or remove it")
     ours = Tokenizer.load(tokenizer_dir)
     if ours.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
-                         f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
+        raise ModelFolderError(f"tokenizer {ours.path} has {ours.vocab_size} pieces but the model's "
+                               f"vocab_size is {cfg.vocab_size}; export with the tokenizer it was trained with")
     return ours
 
 

@@ -12,6 +12,13 @@ import socket
 import sys
 from pathlib import Path
 
+from mlm_dist.errors import UserError
+
+
+class RanksFailedError(UserError, RuntimeError):
+    """Ranks started with `launcher_command` exited with an error. Their own output (above,
+    or quoted in the message) says why; a user's mistake there was already one line."""
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (the OS picks it), for MASTER_PORT."""

@@ -29,8 +29,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlm_dist.errors import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError, ValueError):
     """A user-fixable problem found before launching; the message names the thing to fix."""
 
 

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from mlm_dist.errors import PathExistsError, PathNotFoundError, UserError
 from mlm_dist.tokenizer.vocabulary import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID,
                                            Vocabulary)
 
@@ -61,6 +62,11 @@ _CJK = ("\u2e80-\u2fdf\u2ff0-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u31a0
 # (Oniguruma) reads as Python's re does.
 CJK_SPACES_PATTERN = f"(?<=[{_CJK}])[{_SPACES}]+|[{_SPACES}]+(?=[{_CJK}])"
 _CJK_SPACES = re.compile(CJK_SPACES_PATTERN)
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be trained with the options given, or a folder that holds no
+    tokenizer mlm_dist can use."""
 
 
 def train_tokenizer(
@@ -102,7 +108,7 @@ def train_tokenizer(
     out = Path(out_dir)
     target = out / MODEL_FILE
     if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another --out or remove it")
+        raise PathExistsError(f"{target} already exists; choose another --out or remove it")
     _check_options(vocab_size, character_coverage, byte_fallback)
     cjk = _is_cjk(lang)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +144,7 @@ def train_tokenizer(
     except RuntimeError as e:
         if source_errors:  # the corpus reader's own error (bad JSON, damaged .gz) says it best
             raise source_errors[0] from None
-        raise ValueError(_training_error(str(e), vocab_size, character_coverage,
+        raise TokenizerError(_training_error(str(e), vocab_size, character_coverage,
                                          byte_fallback)) from None
     # Write under a temporary name first so a crash never leaves a half-written model behind.
     tmp = target.with_suffix(".model.tmp")
@@ -209,15 +215,15 @@ def corpus_language(documents: Iterable) -> str:
 
 def _check_options(vocab_size: int, character_coverage: float, byte_fallback: bool) -> None:
     if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:  # SentencePiece refuses others
-        raise ValueError(f"--character-coverage {character_coverage} must be between "
-                         f"{MIN_CHARACTER_COVERAGE} and 1 (0.9995 for Japanese or Chinese, 1.0 "
-                         "for small alphabets)")
+        raise TokenizerError(f"--character-coverage {character_coverage} must be between "
+                             f"{MIN_CHARACTER_COVERAGE} and 1 (0.9995 for Japanese or Chinese, 1.0 "
+                             "for small alphabets)")
     reserved = len(SPECIAL_TOKENS) + (BYTE_PIECES if byte_fallback else 0)
     if vocab_size <= reserved:
         bytes_ = f" and the {BYTE_PIECES} byte pieces of --byte-fallback" if byte_fallback else ""
-        raise ValueError(f"--vocab-size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} "
-                         f"special tokens{bytes_} take {reserved} ids, and the corpus's "
-                         "characters and words need more on top")
+        raise TokenizerError(f"--vocab-size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} "
+                             f"special tokens{bytes_} take {reserved} ids, and the corpus's "
+                             "characters and words need more on top")
 
 
 # SentencePiece's messages for a vocabulary that does not fit the corpus; they name its own
@@ -261,9 +267,9 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         for i, tok in enumerate(SPECIAL_TOKENS):
             if self.sp.id_to_piece(i) != tok:
-                raise ValueError(f"{model_path} is not an mlm_dist tokenizer: id {i} is "
-                                 f"{self.sp.id_to_piece(i)!r}, expected {tok!r}; "
-                                 "train one with `mlm-dist tokenizer train`")
+                raise TokenizerError(f"{model_path} is not an mlm_dist tokenizer: id {i} is "
+                                     f"{self.sp.id_to_piece(i)!r}, expected {tok!r}; "
+                                     "train one with `mlm-dist tokenizer train`")
         normalizer = _model_proto(self.sp.serialized_model_proto()).normalizer_spec
         # For Japanese/Chinese text (module docstring): spaces next to CJK characters dropped.
         self.cjk = normalizer.name == CJK_NORMALIZATION
@@ -278,7 +284,7 @@ class Tokenizer:
             if is_wordpiece_dir(p):
                 return WordPieceTokenizer(p)
         if not model.is_file():
-            raise FileNotFoundError(f"no tokenizer at {p}: expected {MODEL_FILE} (train one with "
+            raise PathNotFoundError(f"no tokenizer at {p}: expected {MODEL_FILE} (train one with "
                                     "`mlm-dist tokenizer train --input … --out DIR`) or a "
                                     "Hugging Face BERT tokenizer (tokenizer.json or vocab.txt)")
         return cls(model)

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from mlm_dist.tokenizer.sentencepiece import TokenizerError
 from mlm_dist.tokenizer.vocabulary import SPECIAL_TOKENS, Vocabulary
 
 
@@ -51,7 +52,7 @@ class WordPieceTokenizer:
         ids = [self.backend.token_to_id(t) for t in SPECIAL_TOKENS]
         if None in ids:
             missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
-            raise ValueError(f"{self.path} has no {', '.join(missing)}: not a BERT tokenizer")
+            raise TokenizerError(f"{self.path} has no {', '.join(missing)}: not a BERT tokenizer")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
 
     @property

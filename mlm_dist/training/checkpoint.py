@@ -33,7 +33,8 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.nn as nn
 
-from mlm_dist.config import RunConfig, dump_yaml, load_config
+from mlm_dist.config import ConfigError, RunConfig, dump_yaml, load_config
+from mlm_dist.errors import PathNotFoundError, UserError
 from mlm_dist.training import faults
 
 CHECKPOINTS = "checkpoints"
@@ -43,7 +44,7 @@ UNIVERSAL = "universal"
 _TAG = re.compile(r"step_(\d{8,})$")
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
     """A save failed (usually a full disk); the message says how much room checkpoints need."""
 
 
@@ -245,9 +246,9 @@ def locate(path: str | Path) -> tuple[Path, str]:
     if newest is not None:
         return p, newest.name
     if _TAG.match(p.name) and p.is_dir():
-        raise FileNotFoundError(f"{p} is an incomplete checkpoint (a save that did not finish: "
+        raise PathNotFoundError(f"{p} is an incomplete checkpoint (a save that did not finish: "
                                 f"no {COMPLETE}); use an earlier step_* directory")
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"{p} is not a checkpoint: expected a run directory, its {CHECKPOINTS}/ directory "
         f"or a step_* directory holding {COMPLETE}")
 
@@ -270,6 +271,6 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, RunConfig, Path]:
     state.setdefault("mlm_head.decoder.weight", state["embeddings.tokens.weight"])  # tied
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {root / tag} does not match the model in its config: "
-                         f"missing {missing}, unexpected {unexpected}")
+        raise ConfigError(f"checkpoint {root / tag} does not match the model in its config: "
+                          f"missing {missing}, unexpected {unexpected}")
     return model.eval(), cfg, root / tag

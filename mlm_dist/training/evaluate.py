@@ -24,7 +24,8 @@ import torch.distributed as dist
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase
 from mlm_dist.data.batches import Batch, BatchWriter
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
-from mlm_dist.data.shards import Manifest
+from mlm_dist.data.shards import Manifest, ShardFormatError
+from mlm_dist.errors import UsageError
 from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.objectives import objective_for
@@ -83,9 +84,9 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
         if g % world_size == rank:
             rows.append(score(batch, g))
     if not total:
-        raise ValueError(f"the validation split of {shards or cfg.data.shards} gives no "
-                         f"examples at seq_len {phase.seq_len}; re-run `mlm-dist prepare` with a "
-                         "larger --valid-fraction")
+        raise ShardFormatError(f"the validation split of {shards or cfg.data.shards} gives no "
+                               f"examples at seq_len {phase.seq_len}; re-run `mlm-dist prepare` with a "
+                               "larger --valid-fraction")
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each):
     # a rank short of one scores batch 0 again and throws the result away.
     per_rank = math.ceil(total / world_size)
@@ -214,7 +215,7 @@ def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len
     tokenizer = Tokenizer.load(tokenizer_dir)
     data = data or cfg.data.shards
     if Manifest.load(data).tokenizer.sha256 != tokenizer.sha256:
-        raise ValueError(f"--data {data} was not prepared with this model's tokenizer "
+        raise UsageError(f"--data {data} was not prepared with this model's tokenizer "
                          f"({tokenizer.path}); the ids would not mean what the model learned")
     model.eval()
     return {"seq_len": phase.seq_len,

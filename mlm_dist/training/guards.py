@@ -8,9 +8,10 @@ import signal
 import torch
 
 from mlm_dist.config import TrainConfig
+from mlm_dist.errors import UserError
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserError, RuntimeError):
     pass
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from mlm_dist.config import ConfigError, RunConfig, load_config, validate_topology
 from mlm_dist.data import remote
 from mlm_dist.data.shards import Manifest
+from mlm_dist.errors import PathExistsError
 from mlm_dist.tokenizer import Tokenizer
 from mlm_dist.training.checkpoint import CHECKPOINTS, RUN_CONFIG, latest_complete
 
@@ -58,7 +59,7 @@ def check_run_dir(cfg: RunConfig) -> None:
     newest = latest_complete(Path(cfg.out_dir) / CHECKPOINTS)
     if newest and not cfg.checkpoint.resume:
         # Never train over an existing run: its checkpoints would be mixed with ours.
-        raise FileExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
+        raise PathExistsError(f"out_dir: {cfg.out_dir} already holds checkpoints; pass "
                               "checkpoint.resume=true to continue it, or choose another out_dir")
     if newest and (newest / RUN_CONFIG).is_file():  # without it, restoring says what is wrong
         # Another objective's network has other heads: the checkpoint would not load.
@@ -79,23 +80,23 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
         check_remote_shards(cfg, manifest)
     tokenizer = Tokenizer.load(cfg.data.tokenizer or manifest.tokenizer.path)
     if tokenizer.sha256 != manifest.tokenizer.sha256:
-        raise ValueError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
-                         f"{cfg.data.shards} were made with; point data.tokenizer at that one "
-                         "or re-run `mlm-dist prepare`")
+        raise ConfigError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
+                          f"{cfg.data.shards} were made with; point data.tokenizer at that one "
+                          "or re-run `mlm-dist prepare`")
     model_cfg = cfg.model
     if model_cfg.init_from:
         from mlm_dist.interop.huggingface import pretrained_model_config
 
         model_cfg = pretrained_model_config(model_cfg.init_from, model_cfg)
         if Tokenizer.load(model_cfg.init_from).sha256 != tokenizer.sha256:
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_from: the shards in {cfg.data.shards} were not made with "
                 f"{model_cfg.init_from}'s tokenizer; re-run `mlm-dist prepare --tokenizer "
                 f"{model_cfg.init_from} …` so token ids mean what the model learned")
     vocab = model_cfg.vocab_size or tokenizer.vocab_size
     if vocab != tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size: {vocab} does not match the tokenizer's "
-                         f"{tokenizer.vocab_size}; leave it 0 to take it from the tokenizer")
+        raise ConfigError(f"model.vocab_size: {vocab} does not match the tokenizer's "
+                          f"{tokenizer.vocab_size}; leave it 0 to take it from the tokenizer")
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab),
         data=dataclasses.replace(cfg.data, tokenizer=str(Path(tokenizer.path).parent.resolve()),
