@@ -58,7 +58,7 @@ def test_a_user_error_raised_anywhere_is_one_line(monkeypatch, capsys):
     def check(value):
         (_ for _ in ()).throw(UsageError(f"--out {value} already exists; choose another path"))
 
-    monkeypatch.setattr(cli, "_consolidate", lambda args: sorted([args.out, "z"], key=check))
+    monkeypatch.setattr(checkpoint, "consolidate", lambda args: sorted([args.out, "z"], key=check))
     with pytest.raises(SystemExit) as stop:
         cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
     assert stop.value.code == 2
@@ -68,7 +68,7 @@ def test_a_user_error_raised_anywhere_is_one_line(monkeypatch, capsys):
 
 def test_a_plain_value_error_of_ours_shows_its_traceback(monkeypatch):
     # An internal check (a bug if it fires) raises the builtin: not one line, but the traceback.
-    monkeypatch.setattr(cli, "_consolidate", lambda args: flops._check_share("share", 2.0))
+    monkeypatch.setattr(checkpoint, "consolidate", lambda args: flops._check_share("share", 2.0))
     with pytest.raises(ValueError, match=r"share must be in \[0, 1\]") as raised:
         cli.main(["consolidate", "--checkpoint", "x", "--out", "y"])
     assert not isinstance(raised.value, UserError)
