@@ -11,7 +11,7 @@ import torch
 from launch import metrics, train
 from mlm_dist.config import DataConfig, MaskingConfig, ModelConfig
 from mlm_dist.data.batches import PackedBatchWriter, pairs_per_row
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
 from mlm_dist.data.shards import Manifest
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import IGNORE_INDEX, BertForPretraining, Packing
@@ -126,9 +126,10 @@ def test_moving_a_packed_batch_moves_the_tensors_it_holds(tiny_shards):
 
 
 def loader(shards, state=None, pack=True, micro=4, workers=0):
-    return ResumableLoader(manifest_shards(shards), seq_len=64, micro_batch=micro, rank=0,
-                           world_size=1, seed=3, vocab=vocab_of(shards), state=state,
-                           data=DataConfig(num_workers=workers, pack=pack))
+    settings = LoaderSettings(manifest_shards(shards), seq_len=64, micro_batch=micro, rank=0,
+                              world_size=1, seed=3, vocab=vocab_of(shards),
+                              data=DataConfig(num_workers=workers, pack=pack))
+    return ResumableLoader(settings, state=state)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

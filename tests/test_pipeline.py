@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_fixtures import corpus_documents, write_shards
-from mlm_dist.data.pipeline import (Consumed, ReaderStream, ResumableLoader, Shard,
-                                    manifest_shards, regroup, work_units)
+from mlm_dist.data.pipeline import (Consumed, LoaderSettings, ReaderStream, ResumableLoader,
+                                    Shard, manifest_shards, regroup, work_units)
 from mlm_dist.config import DataConfig
 from mlm_dist.data.shards import WORD_START, Manifest
 from mlm_dist.tokenizer import CLS_ID, SEP_ID, Tokenizer
@@ -25,10 +25,11 @@ def loader(shards_dir, rank=0, world=2, workers=0, seed=0, seq_len=64, micro=4, 
            open_documents=1):
     """open_documents=1: one work unit per shard, as the shard-level tests below expect."""
     vocab = Tokenizer.load(Manifest.load(shards_dir).tokenizer.path).vocabulary
-    return ResumableLoader(manifest_shards(shards_dir), seq_len=seq_len, micro_batch=micro,
-                           rank=rank, world_size=world, seed=seed, vocab=vocab, state=state,
-                           data=DataConfig(num_workers=workers, shuffle_buffer=16,
-                                           open_documents=open_documents))
+    settings = LoaderSettings(manifest_shards(shards_dir), seq_len=seq_len, micro_batch=micro,
+                              rank=rank, world_size=world, seed=seed, vocab=vocab,
+                              data=DataConfig(num_workers=workers, shuffle_buffer=16,
+                                              open_documents=open_documents))
+    return ResumableLoader(settings, state=state)
 
 
 def ids(batches):

@@ -20,7 +20,7 @@ from launch import cli, metrics, train
 from remote_servers import CuttingProxy, FileServer, environment, s3_bucket, silent_port
 from mlm_dist.config import ConfigError, DataConfig, load_config
 from mlm_dist.data import remote
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.remote import RemoteShardsError, StreamSettings
 from mlm_dist.data.shards import Manifest
@@ -46,9 +46,10 @@ def documents(path: str, expected: int, streams=FAST, skips=None):
 
 def loader(location, workers=2, rank=0, state=None, **data):
     vocab = Tokenizer.load(Manifest.load(location).tokenizer.path).vocabulary
-    return ResumableLoader(manifest_shards(location), seq_len=64, micro_batch=4, rank=rank,
-                           world_size=2, seed=3, vocab=vocab, state=state,
-                           data=DataConfig(num_workers=workers, shuffle_buffer=16, **data))
+    settings = LoaderSettings(manifest_shards(location), seq_len=64, micro_batch=4, rank=rank,
+                              world_size=2, seed=3, vocab=vocab,
+                              data=DataConfig(num_workers=workers, shuffle_buffer=16, **data))
+    return ResumableLoader(settings, state=state)
 
 
 def batches(location, n=12, **kwargs):

@@ -9,7 +9,7 @@ import torch
 
 from cjk_text import CHINESE, JAPANESE, write_corpus
 from mlm_dist.config import DataConfig, MaskingConfig
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
 from mlm_dist.data.prepare import prepare_shards
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.shards import token_ids, word_starts
@@ -135,9 +135,10 @@ def test_whole_word_mask_rate_is_prob(cjk, tiny_shards, tiny_tokenizer, lang):
     tokenizer, shards = cjk[lang] if lang in cjk else (tiny_tokenizer, tiny_shards)
     masker = TokenMasker(tokenizer.vocabulary, MaskingConfig(whole_word=True),
                          max_predictions=24, seed=0, rank=0, device="cpu")
-    loader = ResumableLoader(manifest_shards(shards), seq_len=128, micro_batch=32, rank=0,
-                             world_size=1, seed=0, data=DataConfig(num_workers=0),
-                             vocab=tokenizer.vocabulary)
+    loader = ResumableLoader(LoaderSettings(manifest_shards(shards), seq_len=128, micro_batch=32,
+                                            rank=0, world_size=1, seed=0,
+                                            data=DataConfig(num_workers=0),
+                                            vocab=tokenizer.vocabulary))
     masked = eligible = 0
     for step, batch in enumerate(itertools.islice(loader, 40)):
         out = masker(batch.input_ids, step, word_starts=batch.word_starts)

@@ -127,17 +127,18 @@ def ours_real_tokens(cfg, tokenizer, ranks: int, steps: int) -> int:
     """The non-padding tokens our run trained on, counted by replaying its loader: each rank's
     stream is a function of the seed, its rank and the world size only (what makes a resumed
     run exact), so the same loader built here yields the same batches."""
-    from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+    from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
     from mlm_dist.objectives import objective_for
 
     phase = cfg.schedule.phases[0]
     micro_batches = steps * phase.global_batch // (phase.micro_batch * ranks)  # per rank
     total = 0
     for rank in range(ranks):
-        loader = ResumableLoader(manifest_shards(cfg.data.shards), seq_len=phase.seq_len,
-                                 micro_batch=phase.micro_batch, rank=rank, world_size=ranks,
-                                 seed=cfg.train.seed, data=cfg.data, vocab=tokenizer.vocabulary,
-                                 examples_of=objective_for(cfg).example_builder)
+        loader = ResumableLoader(LoaderSettings(
+            manifest_shards(cfg.data.shards), seq_len=phase.seq_len,
+            micro_batch=phase.micro_batch, rank=rank, world_size=ranks, seed=cfg.train.seed,
+            data=cfg.data, vocab=tokenizer.vocabulary,
+            examples_of=objective_for(cfg).example_builder))
         try:
             for _ in range(micro_batches):
                 total += int(next(loader).attention_mask.sum())

@@ -24,7 +24,7 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
                  objective: str = "bert") -> dict:
     """One reader's figures at `seq_len`: see the module's docstring. `vocab`: the shards'
     tokenizer.Vocabulary; `objective`: whose examples (objective.name)."""
-    from mlm_dist.data.batches import BatchWriter, example_length
+    from mlm_dist.data.batches import assemble, example_length, writer_for
     from mlm_dist.data.pipeline import ReaderStream, manifest_shards
     from mlm_dist.objectives import objective_for
 
@@ -32,23 +32,28 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
     builder = objective_for(ObjectiveConfig(name=objective)).example_builder
     stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data,
                           examples_of=builder, vocab=vocab)
-    writer = BatchWriter(micro_batch, seq_len, vocab)
-    made = real_tokens = distinct = 0
-    documents: set = set()
+    real_tokens = distinct = 0
+    documents: set = set()  # of the micro-batch being made
+
+    def counted(examples):
+        """The examples, their tokens and documents counted as they go into a batch."""
+        nonlocal real_tokens
+        for pair, position in examples:
+            epoch, unit, _ = position
+            real_tokens += example_length(pair.a, pair.b)
+            documents.add((epoch, unit, pair.document))
+            yield pair, position
+
+    writer = writer_for(micro_batch, seq_len, vocab, pack=False)
     start = time.perf_counter()
-    for pair, (epoch, unit, _) in stream.examples():
-        real_tokens += example_length(pair.a, pair.b)
-        documents.add((epoch, unit, pair.document))
-        if writer.add(pair.a, pair.b, pair.label):
-            writer.take()
-            made += 1
-            distinct += len(documents)
-            documents.clear()
-            if made == 1:
-                first_batch = time.perf_counter() - start
-                start = time.perf_counter()
-            if made == batches + 1:
-                break
+    for made, _ in enumerate(assemble(counted(stream.examples()), writer), start=1):
+        distinct += len(documents)
+        documents.clear()
+        if made == 1:
+            first_batch = time.perf_counter() - start
+            start = time.perf_counter()
+        if made == batches + 1:
+            break
     elapsed = time.perf_counter() - start
     sequences = batches * micro_batch
     return {"objective": objective, "seq_len": seq_len, "micro_batch": micro_batch,

@@ -87,23 +87,16 @@ def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
     """`count` micro-batches of real pairs from the train shards, made as the loader makes them
     (one reader from the start; rows padded to seq_len): the fill of real data, not of
     synthetic near-full rows."""
+    import itertools
+
     from mlm_dist.config import DataConfig
-    from mlm_dist.data.batches import BatchWriter, PackedBatchWriter, pairs_per_row
+    from mlm_dist.data.batches import assemble, writer_for
     from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 
     stream = ReaderStream(manifest_shards(shards_dir), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=seed, data=DataConfig(shards=shards_dir))
-    writer = (PackedBatchWriter(phase.micro_batch, phase.seq_len, vocab,
-                                pairs_per_row(phase.seq_len)) if pack
-              else BatchWriter(phase.micro_batch, phase.seq_len, vocab))
-    batches = []
-    for pair, _ in stream.examples():
-        if not writer.fits(pair.a, pair.b):  # a packed batch is done: the pair opens the next
-            batches.append(writer.take())
-        if len(batches) < count and writer.add(pair.a, pair.b, pair.label):
-            batches.append(writer.take())
-        if len(batches) == count:
-            return batches
+    writer = writer_for(phase.micro_batch, phase.seq_len, vocab, pack=pack)
+    return [batch for batch, _ in itertools.islice(assemble(stream.examples(), writer), count)]
 
 
 def shards_vocabulary(shards: str, vocab_size: int):

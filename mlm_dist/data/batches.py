@@ -1,14 +1,17 @@
 """Examples (data/examples.py: pairs, or single segments) into fixed-shape batches: one a row
-(BatchWriter), or several (PackedBatchWriter, `data.pack`); and the Batch the training step and
-evaluation take."""
+(BatchWriter), or several (PackedBatchWriter, `data.pack`), chosen by `writer_for`; `assemble`,
+the one loop that feeds a writer a stream of examples, for the loader, evaluation and the
+benchmarks alike; and the Batch the training step and evaluation take."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
+from mlm_dist.data.examples import Pair
 from mlm_dist.data.shards import token_ids, word_starts
 from mlm_dist.model import IGNORE_INDEX, Packing
 from mlm_dist.tokenizer import Vocabulary
@@ -199,3 +202,33 @@ class PackedBatchWriter:
                       padded=d.padded())
         self._new()
         return batch
+
+
+def writer_for(micro_batch: int, seq_len: int, vocab: Vocabulary, *,
+               pack: bool) -> BatchWriter | PackedBatchWriter:
+    """The writer of `data.pack`: several examples a row, or one."""
+    if pack:
+        return PackedBatchWriter(micro_batch, seq_len, vocab, pairs_per_row(seq_len))
+    return BatchWriter(micro_batch, seq_len, vocab)
+
+
+def assemble(examples: Iterable[tuple[Pair, tuple]], writer: BatchWriter | PackedBatchWriter, *,
+             partial: bool = False) -> Iterator[tuple[Batch, tuple]]:
+    """Each batch `writer` makes of `examples` ((example, position after it), as
+    ReaderStream.examples yields them), with the position after its last example: where a
+    resumed stream starts for the next batch. A packed batch is closed by the first example
+    that fits in none of its rows, so its position is the one *before* that example, which
+    then opens the next batch.
+
+    `partial`: when the examples run out, the examples still in the writer as one more batch,
+    filled up with rows that count for nothing (BatchWriter.take_partial; one example a row
+    only). Without it they are dropped: the loader's streams never end."""
+    previous = None  # where the stream stands after the last example in the writer
+    for pair, position in examples:
+        if not writer.fits(pair.a, pair.b):
+            yield writer.take(), previous
+        if writer.add(pair.a, pair.b, pair.label):
+            yield writer.take(), position
+        previous = position
+    if partial and writer.rows:
+        yield writer.take_partial(), previous

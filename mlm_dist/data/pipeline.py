@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mlm_dist.config import ConfigError, DataConfig
-from mlm_dist.data.batches import Batch, BatchWriter, PackedBatchWriter, pairs_per_row
+from mlm_dist.data.batches import Batch, assemble, writer_for
 from mlm_dist.data.examples import ExampleBuilder, Pair
 from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents
@@ -162,48 +162,60 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What one rank's stream of batches is made of, fixed for a phase: built once by whoever
+    asks for a loader and handed down to the stream its workers run. `vocab`: of the tokenizer
+    the shards were made with; `examples_of`: the objective's example builder
+    (Objective.example_builder)."""
+
+    shards: list[Shard]
+    seq_len: int
+    micro_batch: int
+    rank: int
+    world_size: int
+    seed: int
+    data: DataConfig
+    vocab: Vocabulary
+    examples_of: ExampleBuilder = nsp_pairs
+
+    @property
+    def workers(self) -> int:
+        """Readers per rank: one per dataloader worker, one when the rank reads itself."""
+        return max(1, self.data.num_workers)
+
+    @property
+    def readers(self) -> int:
+        """Readers of the whole job, among which the shards are dealt."""
+        return self.world_size * self.workers
+
+
 class PretrainingStream(torch.utils.data.IterableDataset):
     """The batches of one rank; each dataloader worker runs one reader."""
 
-    def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
-                 positions: dict[int, tuple[int, int, int]], worker_offset: int,
-                 consumed: Consumed | None, examples_of: ExampleBuilder = nsp_pairs):
-        self.shards = shards
-        self.seq_len, self.micro_batch = seq_len, micro_batch
-        self.rank, self.world_size = rank, world_size
-        self.workers = max(1, data.num_workers)
-        self.seed, self.data, self.vocab = seed, data, vocab
+    def __init__(self, settings: LoaderSettings, *, positions: dict[int, tuple[int, int, int]],
+                 worker_offset: int, consumed: Consumed | None):
+        self.settings = settings
         self.positions = positions
         self.worker_offset = worker_offset
         self.consumed = consumed
-        self.examples_of = examples_of
 
     def __iter__(self) -> Iterator[Batch]:
+        s = self.settings
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         # The DataLoader always asks worker 0 first; after a resume the next batch is due from
         # worker (batches consumed % W), so worker w plays that role. See ResumableLoader.
-        role = (worker + self.worker_offset) % self.workers
-        reader = self.rank * self.workers + role
-        stream = ReaderStream(self.shards, reader, self.world_size * self.workers, self.seq_len,
-                              self.seed, self.data, self.consumed,
-                              examples_of=self.examples_of, vocab=self.vocab)
-        writer = (PackedBatchWriter(self.micro_batch, self.seq_len, self.vocab,
-                                    pairs_per_row(self.seq_len)) if self.data.pack
-                  else BatchWriter(self.micro_batch, self.seq_len, self.vocab))
-        previous = None  # where the stream stands after the last example in the writer
-        for pair, position in stream.examples(self.positions.get(reader, (0, 0, 0))):
-            if not writer.fits(pair.a, pair.b):  # a packed batch is done: this one opens the next
-                yield self._stamped(writer.take(), reader, previous, stream)
-            if writer.add(pair.a, pair.b, pair.label):
-                yield self._stamped(writer.take(), reader, position, stream)
-            previous = position
-
-    @staticmethod
-    def _stamped(batch: Batch, reader: int, position, stream: ReaderStream) -> Batch:
-        batch.reader, batch.position, batch.skipped = reader, position, stream.skips.documents
-        return batch
+        role = (worker + self.worker_offset) % s.workers
+        reader = s.rank * s.workers + role
+        stream = ReaderStream(s.shards, reader, s.readers, s.seq_len, s.seed, s.data,
+                              self.consumed, examples_of=s.examples_of, vocab=s.vocab)
+        writer = writer_for(s.micro_batch, s.seq_len, s.vocab, pack=s.data.pack)
+        examples = stream.examples(self.positions.get(reader, (0, 0, 0)))
+        for batch, position in assemble(examples, writer):
+            batch.reader, batch.position = reader, position
+            batch.skipped = stream.skips.documents
+            yield batch
 
 
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
@@ -221,22 +233,18 @@ class ResumableLoader:
     (prefetched batches do not count), plus the number of batches consumed.
     """
 
-    def __init__(self, shards: list[Shard], *, seq_len: int, micro_batch: int, rank: int,
-                 world_size: int, seed: int, data: DataConfig, vocab: Vocabulary,
-                 pin_memory: bool = False, state: dict | None = None,
-                 examples_of: ExampleBuilder = nsp_pairs):
-        """vocab: of the tokenizer the shards were made with; examples_of: the objective's
-        example builder (Objective.example_builder)."""
-        num_workers = data.num_workers
-        readers = world_size * max(1, num_workers)
-        if not shards:
+    def __init__(self, settings: LoaderSettings, *, pin_memory: bool = False,
+                 state: dict | None = None):
+        """state: a state_dict() to resume from (None: from the start)."""
+        if not settings.shards:
             raise ShardFormatError("data.shards: the manifest lists no train shards")
         state = state or {}
         self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         self.batches = int(state.get("batches", 0))
         self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
-        self.signature = {"seed": seed, "readers": readers, "shards": len(shards),
-                          "open_documents": data.open_documents}
+        self.signature = {"seed": settings.seed, "readers": settings.readers,
+                          "shards": len(settings.shards),
+                          "open_documents": settings.data.open_documents}
         if state and state.get("signature") != self.signature:
             raise ConfigError(
                 f"the saved data position was made with {state.get('signature')} and this run "
@@ -245,17 +253,16 @@ class ResumableLoader:
                 "data.num_workers")
         consumed = state.get("consumed")
         self.consumed = consumed and Consumed(consumed["epoch"], frozenset(consumed["shards"]))
-        stream = PretrainingStream(shards, seq_len=seq_len, micro_batch=micro_batch, rank=rank,
-                                   world_size=world_size, seed=seed, data=data, vocab=vocab,
-                                   positions=self.positions,
-                                   worker_offset=self.batches % max(1, num_workers),
-                                   consumed=self.consumed, examples_of=examples_of)
+        stream = PretrainingStream(settings, positions=self.positions,
+                                   worker_offset=self.batches % settings.workers,
+                                   consumed=self.consumed)
+        num_workers = settings.data.num_workers
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,
             # Its own generator: creating a loader must not advance the global torch RNG that
             # dropout draws from, or a resumed run would drift from the uninterrupted one.
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(settings.seed),
             worker_init_fn=_leave_stop_signals_to_the_rank)
         self.iterator = iter(self.loader)
         self.skipped_base = dict(self.skipped)

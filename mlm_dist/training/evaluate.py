@@ -13,6 +13,7 @@ caps the pass at the split's first examples (0 = the whole split).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.config import ConfigError, RunConfig, SequencePhase
-from mlm_dist.data.batches import Batch, BatchWriter
+from mlm_dist.data.batches import Batch, assemble, writer_for
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest, ShardFormatError
 from mlm_dist.errors import UsageError
@@ -39,17 +40,10 @@ def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
     stream = ReaderStream(manifest_shards(shards, "valid"), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=cfg.eval.seed, data=cfg.data,
                           examples_of=objective_for(cfg).example_builder, vocab=vocab)
-    writer = BatchWriter(phase.micro_batch, phase.seq_len, vocab)
-    cap = cfg.eval.max_pairs or math.inf
-    pairs = 0
-    for pair, _ in stream.examples(epochs=1):
-        pairs += 1
-        if writer.add(pair.a, pair.b, pair.label):
-            yield writer.take()
-        if pairs >= cap:
-            break
-    if writer.rows:
-        yield writer.take_partial()
+    examples = itertools.islice(stream.examples(epochs=1), cfg.eval.max_pairs or None)
+    writer = writer_for(phase.micro_batch, phase.seq_len, vocab, pack=False)
+    for batch, _ in assemble(examples, writer, partial=True):
+        yield batch
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.config import RunConfig
-from mlm_dist.data.pipeline import ResumableLoader, Shard, carry_to_next_unit, regroup
+from mlm_dist.data.pipeline import (LoaderSettings, ResumableLoader, Shard, carry_to_next_unit,
+                                    regroup)
 from mlm_dist.objectives import objective_for
 from mlm_dist.tokenizer import Vocabulary
 
@@ -41,10 +42,11 @@ class TrainState:
             if self.position.phase != phase_index:
                 state = carry_to_next_unit(state)
         phase = cfg.schedule.phases[phase_index]
-        return ResumableLoader(shards, seq_len=phase.seq_len, micro_batch=phase.micro_batch,
-                               rank=rank, world_size=world_size, seed=cfg.train.seed,
-                               data=cfg.data, vocab=vocab, pin_memory=device.type == "cuda",
-                               state=state, examples_of=objective_for(cfg).example_builder)
+        settings = LoaderSettings(shards, seq_len=phase.seq_len, micro_batch=phase.micro_batch,
+                                  rank=rank, world_size=world_size, seed=cfg.train.seed,
+                                  data=cfg.data, vocab=vocab,
+                                  examples_of=objective_for(cfg).example_builder)
+        return ResumableLoader(settings, pin_memory=device.type == "cuda", state=state)
 
     def remember(self, phase_index: int, loader: ResumableLoader) -> None:
         """Keep `loader`'s position: the next phase's loader (or a rolled-back one) starts
