@@ -67,9 +67,11 @@ def test_bench_train_on_real_shards_counts_real_tokens(tiny_shards):
     assert 0 < ours["fill"] < 1 and ours["fill"] <= hf["fill"] <= 1
     for side in (ours, hf):
         assert side["real_tokens_per_s"] > 0
+        # mfu_real is printed to 4 decimals: half a unit of the last one, on a slow machine
+        # more than the relative tolerance
         assert side["mfu_real"] == pytest.approx(
             side["real_tokens_per_s"] * side["flops_per_token"] / r["peak"]["flops_per_s"],
-            rel=2e-3)
+            rel=2e-3, abs=5e-5)
     assert r["real_tokens_ratio"] == pytest.approx(
         ours["real_tokens_per_s"] / hf["real_tokens_per_s"], abs=2e-3)
     packed = bench_train(bench_config(TINY, [*SMALL, "data.pack=true"],
