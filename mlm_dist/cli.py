@@ -19,10 +19,13 @@ from mlm_dist.errors import UserError
 @dataclass(frozen=True)
 class Command:
     """`options` is "module:function": the function adds the command's options to its parser and
-    sets `func`, the handler; a group has `subcommands` instead."""
+    sets `func`, the handler, unless `run` names it ("module:function" too, imported only when
+    the command runs: a benchmark imports torch at its top, its options must not); a group has
+    `subcommands` instead."""
     name: str
     help: str
     options: str = ""
+    run: str = ""
     subcommands: tuple[Command, ...] = ()
 
 
@@ -48,23 +51,29 @@ COMMANDS = (
     Command("bench", "benchmarks that print figures (JSON)", subcommands=(
         Command("data", "loader sequences/s per worker, fill and documents per micro-batch; "
                 "on-device masking cost against transformers' DataCollatorForLanguageModeling",
-                "mlm_dist.bench.data:add_arguments"),
+                "mlm_dist.commands.bench:add_data_arguments", "mlm_dist.bench.data:data_command"),
         Command("train", "training-step throughput and MFU of our stack (optionally against "
-                "transformers' BertForPreTraining), JSON", "mlm_dist.bench.train:add_arguments"),
+                "transformers' BertForPreTraining), JSON", "mlm_dist.commands.bench:add_train_arguments",
+                "mlm_dist.bench.train:train_command"),
         Command("memory", "bytes per rank (params, grads, optimizer states, peak RSS) under "
                 "ZeRO stages on N ranks, against the ZeRO paper's formulas, and a micro-batch's "
-                "activations against ours, JSON", "mlm_dist.bench.memory:add_arguments"),
+                "activations against ours, JSON", "mlm_dist.commands.bench:add_memory_arguments",
+                "mlm_dist.bench.memory:memory_command"),
         Command("convergence", "ours vs a transformers+torch reference trainer, per objective: "
                 "validation loss and wall time for the same tokens, over seeds (JSON + PNG)",
-                "mlm_dist.bench.convergence:add_arguments"),
+                "mlm_dist.commands.bench:add_convergence_arguments",
+                "mlm_dist.bench.convergence:convergence_command"),
         Command("finetune", "downstream accuracy: fine-tune a model and the same architecture "
                 "from random weights on a classification or NER task (JSON)",
-                "mlm_dist.bench.finetune:add_arguments"),
+                "mlm_dist.commands.bench:add_finetune_arguments",
+                "mlm_dist.bench.finetune:finetune_command"),
         Command("task-text", "write a task's training texts as a corpus for `prepare` (domain "
-                "adaptation before fine-tuning)", "mlm_dist.bench.task_text:add_arguments"),
+                "adaptation before fine-tuning)", "mlm_dist.commands.bench:add_task_text_arguments",
+                "mlm_dist.bench.task_text:task_text_command"),
         Command("gpu", "the one-GPU check (minutes): device and versions, attention kernels, "
                 "syncs per step, bench train vs HF, exact resume under deepspeed, peak memory "
-                "vs the formula; JSON, exit 1 if a check fails", "mlm_dist.bench.gpu:add_arguments"),
+                "vs the formula; JSON, exit 1 if a check fails", "mlm_dist.commands.bench:add_gpu_arguments",
+                "mlm_dist.bench.gpu:gpu_command"),
     )),
     Command("demo", "corpus -> tokenizer -> shards -> 2-rank training -> fill-mask",
             "mlm_dist.demo.run:add_arguments"),
@@ -107,6 +116,8 @@ def _add_commands(parser: argparse.ArgumentParser, commands: tuple[Command, ...]
     sub = parser.add_subparsers(dest=dest, required=True, parser_class=_CommandParser)
     for command in commands:
         p = sub.add_parser(command.name, help=command.help, options=command.options)
+        if command.run:
+            p.set_defaults(func=command.run)
         if command.subcommands:
             _add_commands(p, command.subcommands, f"{command.name}_command")
 
@@ -122,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     args = build_parser().parse_args(argv)
+    run = _function(args.func) if isinstance(args.func, str) else args.func
     try:
-        args.func(args)
+        run(args)
     except UserError as e:  # anything else is a bug, or a failure nobody foresaw: its traceback
         print(f"mlm-dist {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -41,34 +41,40 @@ evaluation, under --out/<objective>/seed-<seed>/; result.json and convergence.pn
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
-    from mlm_dist.config import ModelConfig, RunConfig, SequencePhase
-    from mlm_dist.tokenizer import Tokenizer
-
-# torch, numpy, transformers and deepspeed are imported where they are used, so that
-# registering the command costs `mlm-dist --help` nothing.
+import torch
 
 from mlm_dist.bench.convergence_eval import evaluate_runs, plot_curves
+from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.reference_trainer import REFERENCE_RECIPES, say, train_reference
-from mlm_dist.demo.run import TINY_CONFIG as REPO_CONFIG  # packaged: found in a wheel too
+from mlm_dist.commands.bench import CONVERGENCE_CONFIG, CONVERGENCE_VALID_FRACTION
+from mlm_dist.config import ConfigError, ModelConfig, RunConfig, SequencePhase, load_config
+from mlm_dist.data.corpus import iter_documents
+from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
+from mlm_dist.data.prepare import prepare_shards
+from mlm_dist.data.shards import Manifest
+from mlm_dist.data.workers import default_workers
 from mlm_dist.errors import MissingPackageError, PathExistsError, UsageError
+from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
+from mlm_dist.objectives import objective_for
+from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
+from mlm_dist.training import checkpoint
+from mlm_dist.training.preflight import resolve_data
+
 # The targets, on the means over seeds: ours must match the reference's quality for the same
 # tokens, in less time.
 MLM_LOSS_MARGIN = 0.02
 PAIR_ACC_MARGIN = 0.01  # the pair task's accuracy (NSP, SOP)
 # Book-sized documents are few: a larger valid fraction than `prepare`'s default keeps a few.
-DEFAULT_VALID_FRACTION = 0.05
 # A few shards per rank for either corpus (~100 books, ~50k short documents): our loader mixes
 # the pairs of the documents of one shard at a time, as it would on a real corpus's shards.
 DOCS_PER_SHARD = {"books": 16, "short": 4000}
@@ -83,12 +89,6 @@ SAMPLE_FIGURES = ("val/mask_rate", "val/sequences", "val/predictions")
 
 
 def train_ours(config: Path, overrides: list[str], run_dir: Path, ranks: int) -> dict:
-    import torch
-
-    from mlm_dist.training import checkpoint
-    from mlm_dist.launch.local import (RanksFailedError, free_port, launcher_command,
-                                       remove_shm_buffers)
-
     port = free_port()
     cmd = launcher_command(ranks, port, "mlm_dist", "train", "--config", str(config),
                            *overrides, f"out_dir={run_dir}")
@@ -127,9 +127,6 @@ def ours_real_tokens(cfg, tokenizer, ranks: int, steps: int) -> int:
     """The non-padding tokens our run trained on, counted by replaying its loader: each rank's
     stream is a function of the seed, its rank and the world size only (what makes a resumed
     run exact), so the same loader built here yields the same batches."""
-    from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
-    from mlm_dist.objectives import objective_for
-
     phase = cfg.schedule.phases[0]
     micro_batches = steps * phase.global_batch // (phase.micro_batch * ranks)  # per rank
     total = 0
@@ -153,8 +150,6 @@ def ours_real_tokens(cfg, tokenizer, ranks: int, steps: int) -> int:
 
 def check_comparable(cfg) -> None:
     """What the reference reproduces; anything else would compare two different recipes."""
-    from mlm_dist.config import ConfigError
-
     if cfg.objective.name not in REFERENCE_RECIPES:
         raise ConfigError(f"objective.name: bench convergence has a reference trainer for "
                           f"{', '.join(REFERENCE_RECIPES)}, not {cfg.objective.name}")
@@ -177,12 +172,6 @@ def check_comparable(cfg) -> None:
 def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
                  max_documents: int | None) -> Path:
     """corpus -> tokenizer -> shards under `out`, each stage skipped when its output exists."""
-    from mlm_dist.bench.corpora import write_corpus
-    from mlm_dist.data.corpus import iter_documents
-    from mlm_dist.data.prepare import prepare_shards
-    from mlm_dist.data.workers import default_workers
-    from mlm_dist.tokenizer import sentences_of, train_tokenizer
-
     # An --out holds one corpus and its shards: a rerun must ask for the same ones.
     settings = {"corpus": corpus, "max_documents": max_documents, "vocab_size": vocab_size,
                 "valid_fraction": valid_fraction}
@@ -206,8 +195,6 @@ def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
         t, v = manifest.totals("train"), manifest.totals("valid")
         say(f"[3/6] shards: train {t['documents']} documents, {t['tokens']} tokens; valid "
             f"{v['documents']} documents, {v['tokens']} tokens -> {shards}")
-    from mlm_dist.data.shards import Manifest
-
     if not Manifest.load(shards).totals("valid")["documents"]:
         raise UsageError(f"{shards} has no validation documents: remove it and run again with a "
                          "larger --valid-fraction")
@@ -266,9 +253,9 @@ class Setup:
         return self.run_dir / "reference"
 
 
-def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = REPO_CONFIG,
+def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = CONVERGENCE_CONFIG,
                     overrides: list[str] = (), ranks: int = 2, every: int = 0, seeds: int = 1,
-                    vocab_size: int = 8000, valid_fraction: float = DEFAULT_VALID_FRACTION,
+                    vocab_size: int = 8000, valid_fraction: float = CONVERGENCE_VALID_FRACTION,
                     max_documents: int | None = None) -> dict:
     """The whole benchmark under `out`, each stage skipped when its output exists; returns the
     result that the command prints and writes to <out>/<objective>/result.json."""
@@ -306,8 +293,6 @@ def require_matplotlib() -> None:
 def bench_seeds(config: Path, overrides: list[str], n: int) -> list[int]:
     """The seeds of the N runs a side: the config's train.seed (with the overrides) and the
     next N - 1."""
-    from mlm_dist.config import load_config
-
     first = load_config(config, [*overrides, "data.shards=unused"]).train.seed
     return [first + k for k in range(n)]
 
@@ -316,9 +301,6 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
                   steps: int, every: int, ranks: int, seed: int) -> Setup:
     """The run config of both sides of one seed (checked for what the reference reproduces),
     the reference's threads, and the signature of this seed's sides."""
-    from mlm_dist.config import load_config
-    from mlm_dist.training.preflight import resolve_data
-
     # Ours gets these on its command line; the reference reads the same resolved config.
     run_overrides = [*overrides, f"data.shards={shards}", f"schedule.phases.0.until_step={steps}",
                      f"checkpoint.every={every}", "checkpoint.keep=0", "checkpoint.resume=false",
@@ -440,8 +422,6 @@ def side_summary(run: dict, curve: list[dict]) -> dict:
 def mean_and_spread(runs: list[dict], keys: list[str]) -> dict:
     """The mean and the sample standard deviation (n - 1; None for one run) of each of `keys`
     over `runs`."""
-    import statistics
-
     values = {k: [r[k] for r in runs] for k in keys}
     return {"mean": {k: statistics.fmean(v) for k, v in values.items()},
             "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}}
@@ -471,8 +451,6 @@ def assemble_result(setups: list[Setup], runs: list[tuple[dict, dict, dict]],
                     plot: Path) -> dict:
     """The JSON result: the set-up, both sides (every run, the mean and spread over seeds),
     the differences of the means and the targets."""
-    from mlm_dist.objectives import objective_for
-
     sides: dict[str, list[dict]] = {"ours": [], "reference": []}
     for setup, (ours, reference, curves) in zip(setups, runs):
         o = {"seed": setup.seed, **side_summary(ours, curves["ours"])}
@@ -508,8 +486,6 @@ def assemble_result(setups: list[Setup], runs: list[tuple[dict, dict, dict]],
 
 
 def split_totals(shards: Path, split: str) -> dict:
-    from mlm_dist.data.shards import Manifest
-
     return Manifest.load(shards).totals(split)
 
 
@@ -528,34 +504,3 @@ def convergence_command(args) -> None:
     print(json.dumps(result, indent=2, ensure_ascii=False))  # the corpus and plot paths as written
     if args.check and not result["targets_hold"]:
         sys.exit(1)
-
-
-def add_arguments(c: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench convergence`'s options."""
-    c.formatter_class = argparse.RawDescriptionHelpFormatter
-    c.description = __doc__
-    c.add_argument("--corpus", required=True, choices=["books", "short"],
-                   help="book-length documents (200-2,000 sentences) or short ones (1-40), "
-                        "built from docstrings on this machine")
-    c.add_argument("--out", required=True, help="directory for the corpus and shards, and "
-                   "under <objective>/ both sides' runs of every seed, result.json and "
-                   "convergence.png (stages already there are reused)")
-    c.add_argument("--steps", type=int, default=2500, help="optimizer steps of each side "
-                   "(default 2500)")
-    c.add_argument("--every", type=int, default=0,
-                   help="steps between saved models for the validation curve (default steps/10)")
-    c.add_argument("--config", default=str(REPO_CONFIG), help="YAML run config (default "
-                   "configs/tiny.yaml); one sequence phase")
-    c.add_argument("--seeds", type=int, default=1,
-                   help="runs a side, with train.seed, train.seed + 1, ...: the result has "
-                        "each side's mean and sample standard deviation (default 1; 3 or more "
-                        "to compare means within 0.02)")
-    c.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks of our run")
-    c.add_argument("--vocab-size", type=int, default=8000)
-    c.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION)
-    c.add_argument("--max-documents", type=int,
-                   help="cut the corpus after this many documents (quick runs)")
-    c.add_argument("--check", action="store_true", help="exit 1 when a target does not hold")
-    c.add_argument("overrides", nargs="*", help="dotted config overrides for both sides, "
-                   "e.g. objective.name=mlm optim.lr=5e-4")
-    c.set_defaults(func=convergence_command)

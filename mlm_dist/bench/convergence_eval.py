@@ -5,10 +5,16 @@ and masks; and the plot of both sides' validation curves, every seed."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import torch
+
 from mlm_dist.bench.reference_trainer import initial_state_dict, say
+from mlm_dist.objectives import objective_for
+from mlm_dist.training.checkpoint import CHECKPOINTS, load_checkpoint, tag_for
+from mlm_dist.training.evaluate import evaluate
 
 EVAL_MICRO_BATCH = 32
 
@@ -18,10 +24,6 @@ def score(model, cfg, shards, tokenizer) -> dict:
     """Validation figures of `model` (the objective's network) on the valid split of `shards`:
     evaluate.py's one deterministic pass (the first eval.max_pairs examples), the same examples
     and masks whatever the model, so both sides' numbers compare."""
-    import dataclasses
-
-    from mlm_dist.training.evaluate import evaluate
-
     phase = dataclasses.replace(cfg.schedule.phases[-1], micro_batch=EVAL_MICRO_BATCH)
     model.eval()
     return evaluate(model, cfg, phase, tokenizer.vocabulary, shards=str(shards), rank=0,
@@ -35,11 +37,6 @@ def saved_steps(every: int, total: int) -> list[int]:
 def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: int) -> dict:
     """Score the shared initial weights (step 0) and every saved model of both sides, all in
     the objective's network (the reference's saved weights carry our names: strict load)."""
-    import torch
-
-    from mlm_dist.objectives import objective_for
-    from mlm_dist.training.checkpoint import CHECKPOINTS, load_checkpoint, tag_for
-
     shards = cfg.data.shards
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = objective_for(cfg).build_model(cfg.model)

@@ -4,19 +4,24 @@ the batches hold.
 One reader runs in this process (what each dataloader worker does), reading the train shards
 from their start; the figure is sequences per second per worker once the first micro-batch is
 out (the steady rate, to compare with what one accelerator consumes), and beside it the
-seconds to that first micro-batch (imports, a remote store's first connection, the shuffle
-buffer filling). Beside it: the fill (real tokens / positions, one example a row: the
+seconds to that first micro-batch (a remote store's first connection, the shuffle buffer
+filling). Beside it: the fill (real tokens / positions, one example a row: the
 objective's, `--objective`) and the distinct documents per micro-batch (how well examples of
 different documents are mixed; the micro-batch size at most).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from mlm_dist.bench.masking import bench_masking
 from mlm_dist.config import DataConfig, ObjectiveConfig
+from mlm_dist.data.batches import assemble, example_length, writer_for
+from mlm_dist.data.pipeline import ReaderStream, manifest_shards
+from mlm_dist.data.shards import Manifest
+from mlm_dist.objectives import objective_for
+from mlm_dist.tokenizer import Tokenizer
 
 
 def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
@@ -24,10 +29,6 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
                  objective: str = "bert") -> dict:
     """One reader's figures at `seq_len`: see the module's docstring. `vocab`: the shards'
     tokenizer.Vocabulary; `objective`: whose examples (objective.name)."""
-    from mlm_dist.data.batches import assemble, example_length, writer_for
-    from mlm_dist.data.pipeline import ReaderStream, manifest_shards
-    from mlm_dist.objectives import objective_for
-
     shards = manifest_shards(shards_dir)
     builder = objective_for(ObjectiveConfig(name=objective)).example_builder
     stream = ReaderStream(shards, reader=0, readers=1, seq_len=seq_len, seed=seed, data=data,
@@ -68,10 +69,6 @@ def bench_loader(shards_dir: str, vocab, data: DataConfig, *, seq_len: int,
 
 
 def data_command(args) -> None:
-    from mlm_dist.bench.masking import bench_masking
-    from mlm_dist.data.shards import Manifest
-    from mlm_dist.tokenizer import Tokenizer
-
     tokenizer = args.tokenizer or Manifest.load(args.shards).tokenizer.path
     vocab = Tokenizer.load(tokenizer).vocabulary
     data = DataConfig(shards=args.shards, open_documents=args.open_documents)
@@ -83,21 +80,3 @@ def data_command(args) -> None:
                             repeats=args.repeats)
     print(json.dumps({"loader": loader, "masking": masking}, indent=2))
 
-
-def add_arguments(d: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench data`'s options."""
-    d.add_argument("--shards", required=True, help="directory written by `mlm-dist prepare`, "
-                   "or a URL where it is served (as data.shards): compare the two")
-    d.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
-    d.add_argument("--micro-batch", type=int, default=32)
-    d.add_argument("--batches", type=int, default=200)
-    d.add_argument("--open-documents", type=int, default=DataConfig.open_documents,
-                   help="documents whose pairs are interleaved (data.open_documents)")
-    d.add_argument("--objective", choices=("bert", "mlm", "sop", "electra"), default="bert",
-                   help="whose examples the loader builds (objective.name)")
-    d.add_argument("--tokenizer", help="tokenizer dir for the masking figures "
-                   "(default: the shards' tokenizer)")
-    d.add_argument("--mask-batch", type=int, default=256)
-    d.add_argument("--mask-seq-len", type=int, default=512)
-    d.add_argument("--repeats", type=int, default=5)
-    d.set_defaults(func=data_command)

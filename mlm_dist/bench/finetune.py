@@ -29,7 +29,6 @@ test missing are taken from train by a seeded split. JSON on stdout, progress on
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -38,22 +37,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlm_dist.bench.tasks import FORMATS, TOKENS, TaskError
-from mlm_dist.bench.tasks_builtin import BUILTIN_TASKS
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from mlm_dist.bench.finetune_encode import encode
+from mlm_dist.bench.finetune_loop import entity_f1_ceiling, run
+from mlm_dist.bench.finetune_metrics import PRIMARY
+from mlm_dist.bench.task_options import read_task
+from mlm_dist.bench.tasks import TOKENS, TaskError, sample
+from mlm_dist.commands.bench import FINETUNE_MIN_EPOCHS, FINETUNE_MIN_STEPS
 from mlm_dist.errors import PathNotFoundError, UsageError
+from mlm_dist.objectives import objective_for
+from mlm_dist.training.checkpoint import load_checkpoint, locate
 
 SMALL_MODEL_LRS = (1e-4, 3e-4, 1e-3)
 BERT_PAPER_LRS = (2e-5, 3e-5, 5e-5)
 BERT_BASE_HIDDEN = 768
 DEFAULT_MAX_LENGTH = 128
-# BERT fine-tunes for 2-4 epochs; on a task of a few hundred examples that is a few dozen
-# steps, too few for a small model to learn anything (ja-ner: entity F1 0.0 after 3 epochs,
-# 0.24 after 20, a tiny model from random weights). So at least this many steps by default.
-MIN_EPOCHS, MIN_STEPS = 3, 300
 
 
 def default_epochs(train_examples: int, batch_size: int) -> int:
-    return max(MIN_EPOCHS, math.ceil(MIN_STEPS / math.ceil(train_examples / batch_size)))
+    return max(FINETUNE_MIN_EPOCHS,
+               math.ceil(FINETUNE_MIN_STEPS / math.ceil(train_examples / batch_size)))
 
 
 def default_lrs(hidden_size: int) -> tuple[float, ...]:
@@ -66,16 +71,11 @@ def hf_folder(path: str | Path, scratch: Path) -> tuple[Path, str]:
     path = Path(path)
     if (path / "config.json").is_file():
         return path, f"Hugging Face folder {path}"
-    from mlm_dist.training.checkpoint import locate
-
     try:
         root, tag = locate(path)
     except FileNotFoundError as e:
         raise PathNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor "
                                 f"a checkpoint: {e}") from None
-    from mlm_dist.objectives import objective_for
-    from mlm_dist.training.checkpoint import load_checkpoint
-
     model, cfg, tokenizer_dir = load_checkpoint(root / tag)
     out = scratch / f"export-{len(list(scratch.iterdir()))}"
     objective = objective_for(cfg)
@@ -95,8 +95,6 @@ def summary(values: list[float]) -> dict:
 def best_of(task_kind: str, runs: list[dict]) -> dict:
     """Dev and test at the learning rate whose mean dev figure is best, and the mean dev
     figure of every learning rate."""
-    from mlm_dist.bench.finetune_metrics import PRIMARY
-
     metric = PRIMARY[task_kind]
     lrs = sorted({r["lr"] for r in runs})
     dev_by_lr = {lr: statistics.fmean(r["dev"][metric] for r in runs if r["lr"] == lr)
@@ -116,12 +114,6 @@ def say(line: str) -> None:
 def evaluate_model(name: str, folder: Path, described: str, task, *, pretrained: bool,
                    epochs: int, args, encoded_by_folder: dict, device) -> dict:
     """Every (learning rate, seed) run of one model, and its figures at its best rate."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from mlm_dist.bench.finetune_encode import encode
-    from mlm_dist.bench.finetune_loop import entity_f1_ceiling, run
-    from mlm_dist.bench.finetune_metrics import PRIMARY
-
     config = AutoConfig.from_pretrained(folder)
     positions = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
     max_length = args.max_length or min(DEFAULT_MAX_LENGTH, positions)
@@ -168,25 +160,7 @@ def check_numbers(args) -> None:
                          "positive")
 
 
-def read_task(args):
-    """The task of the options add_task_options adds, dev and test included: the same split
-    for every command given the same options (`bench task-text` writes only its train texts)."""
-    from mlm_dist.bench.tasks import file_task
-    from mlm_dist.bench.tasks_builtin import builtin_task
-
-    if args.task:
-        stray = [f"--{k}" for k in ("dev", "test", "format") if getattr(args, k)]
-        if stray:
-            raise TaskError(f"{' '.join(stray)} go with --train FILE, not with --task")
-        return builtin_task(args.task, fraction=args.split_fraction, seed=args.split_seed)
-    return file_task(args.train, args.dev, args.test, args.format,
-                     text_field=args.text_field, label_field=args.label_field,
-                     fraction=args.split_fraction, seed=args.split_seed)
-
-
 def load_task(args):
-    from mlm_dist.bench.tasks import sample
-
     task = read_task(args)
     if len(task.labels) < 2:
         raise TaskError(f"task {task.name} has one label ({task.labels}); a classifier "
@@ -196,8 +170,6 @@ def load_task(args):
 
 
 def finetune_command(args) -> None:
-    import torch
-
     start = time.perf_counter()
     check_numbers(args)
     task = load_task(args)
@@ -215,8 +187,6 @@ def finetune_command(args) -> None:
             models.append(evaluate_model(name, folder, described, task, pretrained=pretrained,
                                          epochs=epochs, args=args, encoded_by_folder=encoded,
                                          device=device))
-    from mlm_dist.bench.finetune_metrics import PRIMARY
-
     metric = PRIMARY[task.kind]
     report = {
         "task": {"name": task.name, "kind": task.kind, "labels": task.labels,
@@ -246,49 +216,3 @@ def _rounded(s: dict) -> dict:
 
 def _pm(s: dict) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-
-def add_arguments(f: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench finetune`'s options."""
-    f.formatter_class = argparse.RawDescriptionHelpFormatter
-    f.description = __doc__
-    f.add_argument("--model", required=True, metavar="DIR",
-                   help="run dir, checkpoints dir, step dir, or a Hugging Face folder")
-    f.add_argument("--compare", action="append", default=[], metavar="DIR",
-                   help="another model to fine-tune side by side (repeatable)")
-    add_task_options(f)
-    f.add_argument("--seeds", type=int, default=3, help="runs per learning rate, seeds 0..N-1")
-    f.add_argument("--lrs", type=float, nargs="+", metavar="LR",
-                   help="learning-rate grid (default: 2e-5 3e-5 5e-5 from hidden size 768 up, "
-                        "1e-4 3e-4 1e-3 below)")
-    f.add_argument("--epochs", type=int,
-                   help=f"passes over the training examples (default {MIN_EPOCHS}, or more to "
-                        f"make at least {MIN_STEPS} steps)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--max-length", type=int,
-                   help="pieces per example, [CLS] and [SEP] included (default 128, or the "
-                        "model's max_position_embeddings if smaller)")
-    f.add_argument("--max-train", type=int, metavar="N",
-                   help="fine-tune on a seeded sample of N training examples (quick runs)")
-    f.set_defaults(func=finetune_command)
-
-
-def add_task_options(parser) -> None:
-    """The options that name a task and its split, read by read_task. One definition for
-    `bench finetune` and `bench task-text`, so that the same options mean the same split."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", choices=sorted(BUILTIN_TASKS),
-                        help="a built-in task, read from an installed package")
-    source.add_argument("--train", metavar="FILE", help="the task's training file")
-    parser.add_argument("--dev", metavar="FILE", help="default: taken from --train")
-    parser.add_argument("--test", metavar="FILE", help="default: taken from --train")
-    parser.add_argument("--format", choices=FORMATS,
-                        help="of the task files (default: from the name: .tsv .jsonl .conll "
-                             ".bio .iob .bmes)")
-    parser.add_argument("--text-field", default="text",
-                        help="TSV column / JSONL key of the text")
-    parser.add_argument("--label-field", default="label",
-                        help="TSV column / JSONL key of the label")
-    parser.add_argument("--split-fraction", type=float, default=0.1,
-                        help="share of train taken for each of dev and test when not given")
-    parser.add_argument("--split-seed", type=int, default=0)

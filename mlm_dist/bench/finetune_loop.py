@@ -25,6 +25,9 @@ import math
 import time
 
 import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
+from transformers.utils import logging as hf_logging
 
 from mlm_dist.bench.finetune_encode import IGNORE, Encoded
 from mlm_dist.bench.finetune_metrics import classification_scores, entity_scores
@@ -43,9 +46,6 @@ CLIP_NORM = 1.0
 def task_model(folder, task: Task, *, pretrained: bool, seed: int):
     """The task model of `folder`'s architecture: with its weights (`pretrained`) or from
     random ones. `seed` sets the task head's initial weights (and every weight when random)."""
-    from transformers import (AutoConfig, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
-
     model_class = (AutoModelForSequenceClassification if task.kind == CLASSIFICATION
                    else AutoModelForTokenClassification)
     labels = task.labels
@@ -92,8 +92,6 @@ class _WithoutLoadReport(logging.Filter):
 def _load_report_withheld():
     """transformers' report of unused and new weights left out (check_loading decides on the
     same facts), and its per-load progress bar with it (a command loads a model per run)."""
-    from transformers.utils import logging as hf_logging
-
     logger = logging.getLogger("transformers.modeling_utils")
     report_filter = _WithoutLoadReport()
     bars = hf_logging.is_progress_bar_enabled()

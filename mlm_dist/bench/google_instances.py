@@ -15,10 +15,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
-    import numpy as np
+import numpy as np
+
+from mlm_dist.data.pipeline import manifest_shards
+from mlm_dist.data.reader import SkipCounter, read_documents
+from mlm_dist.data.shards import ShardFormatError, token_ids
 
 
 @dataclass
@@ -69,8 +71,6 @@ def create_instances_from_document(all_documents: list, document_index: int,
     takes its B from another document, labelled as a swap: ALBERT's script does so (ours cuts
     the sentence in two instead: data/sop.py), and this reference is that script's recipe.
     """
-    import numpy as np
-
     document = all_documents[document_index]
     max_num_tokens = max_seq_length - 3  # [CLS], [SEP], [SEP]
     target_seq_length = max_num_tokens
@@ -151,10 +151,6 @@ def create_training_instances(documents: list, max_seq_length: int, short_seq_pr
 
 def read_train_documents(shards_dir: str | Path) -> list:
     """Every train document of the shards (lists of sentence id arrays), in manifest order."""
-    from mlm_dist.data.pipeline import manifest_shards
-    from mlm_dist.data.reader import SkipCounter, read_documents
-    from mlm_dist.data.shards import ShardFormatError, token_ids
-
     skips = SkipCounter()
     documents = []
     for shard in manifest_shards(shards_dir, "train"):

@@ -30,7 +30,6 @@ false, is listed in "failed", and the command exits 1.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -45,10 +44,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mlm_dist.bench.memory import activation_prediction, zero_prediction
+from mlm_dist.bench.memory_rank import _CountingForward
+from mlm_dist.bench.steps import OursStep, torch_dtype
+from mlm_dist.bench.syncs import summary
+from mlm_dist.bench.train import bench_config, bench_train, phase_for
+from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
+from mlm_dist.commands.bench import GPU_CONFIG, GPU_RESUME_STEPS
+from mlm_dist.data.corpus import iter_documents
+from mlm_dist.data.prepare import prepare_shards
+from mlm_dist.data.shards import Manifest
+from mlm_dist.demo.run import TINY_CONFIG
+from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
+from mlm_dist.engine import DEEPSPEED_VERSION, Topology, choose_accelerator, device_report
 from mlm_dist.errors import PathExistsError, PathNotFoundError, UsageError
 from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
+from mlm_dist.model import Packing, attention_bias, attention_plan, num_parameters
+from mlm_dist.tokenizer import sentences_of, train_tokenizer
+from mlm_dist.training.checkpoint import CHECKPOINTS, tag_for, tags
 
-GPU_CONFIG = "configs/bert-base.yaml"
 # On a CPU: the demo's tiny config at a quarter of its width, with a second phase at 512 so that
 # every part runs at both lengths, and micro-batches small enough for Hugging Face's full-vocab
 # head. The whole check then takes a minute or two.
@@ -61,7 +79,6 @@ CPU_OVERRIDES = [
 CORPUS_DOCUMENTS, VOCAB_SIZE = 1000, 4000  # ~60k tokens of docstrings; built in seconds
 TRAIN_SEQ_LENS = (128, 512)
 SYNC_STEPS, SYNC_LOG_EVERY = 10, 5  # steps 1-3 and 5-8 are steady: no log, save or warm-up
-DEFAULT_STEPS = 20
 LAUNCH_TIMEOUT_S = 1200
 
 
@@ -83,18 +100,13 @@ ATTENTION_CASES = {"no_padding": (False, False), "padding": (True, False),
 
 
 def bench_gpu(config: str | None, overrides: list[str] = (), *, out: str | None = None,
-              steps: int = DEFAULT_STEPS) -> dict:
+              steps: int = GPU_RESUME_STEPS) -> dict:
     """Every part of the check (see the module docstring); the report, with "failed": the
     names of the checks that ran and failed."""
-    import torch
-
     if steps < 2:
         raise UsageError(f"--steps {steps}: the resumed run needs at least 2 steps (it saves "
                          "half-way and resumes from there)")
     _check_out(out)
-    from mlm_dist.bench.train import bench_config
-    from mlm_dist.engine import choose_accelerator  # imports DeepSpeed
-
     # CPU only when asked for, as `mlm-dist train` does: no silent CPU run on a GPU machine.
     accelerator = choose_accelerator(os.environ, torch.cuda.is_available(),
                                      torch.cuda.device_count())
@@ -142,8 +154,6 @@ def run_config(config: str | None, overrides: list[str], cuda: bool) -> tuple[st
             raise PathNotFoundError(f"--config: the default {GPU_CONFIG} is not in {Path.cwd()}; "
                                     "run from the mlm_dist checkout or pass --config")
         return GPU_CONFIG, overrides
-    from mlm_dist.demo.run import TINY_CONFIG
-
     return str(TINY_CONFIG), [*CPU_OVERRIDES, *overrides]
 
 
@@ -179,10 +189,6 @@ def failed_checks(report: dict) -> list[str]:
 
 
 def device_facts(device, reason: str) -> dict:
-    import torch
-
-    from mlm_dist.engine import DEEPSPEED_VERSION, Topology, device_report
-
     facts = {"device": str(device), "reason": reason,
              "report": device_report(Topology(0, 0, 1, 1, device, reason)),
              "torch": torch.__version__, "deepspeed": DEEPSPEED_VERSION,
@@ -198,11 +204,6 @@ def device_facts(device, reason: str) -> dict:
 
 def build_shards(work: Path) -> Path:
     """Corpus, tokenizer and shards in `work`, as the demo builds them, smaller."""
-    from mlm_dist.data.corpus import iter_documents
-    from mlm_dist.data.prepare import prepare_shards
-    from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
-    from mlm_dist.tokenizer import sentences_of, train_tokenizer
-
     corpus, tokenizer, shards = work / "corpus.txt", work / "tokenizer", work / "shards"
     write_stdlib_corpus(corpus, max_documents=CORPUS_DOCUMENTS)
     train_tokenizer(sentences_of(iter_documents([corpus])), tokenizer, vocab_size=VOCAB_SIZE,
@@ -216,8 +217,6 @@ def build_shards(work: Path) -> Path:
 
 
 def attention_report(cfg, device) -> dict:
-    from mlm_dist.model import attention_plan
-
     report: dict = {"plans": {case: attention_plan(device.type, padded=padded,
                                                    packed=packed)._asdict()
                               for case, (padded, packed) in ATTENTION_CASES.items()}}
@@ -236,8 +235,6 @@ def attention_report(cfg, device) -> dict:
 def flash_expected(capability: tuple[int, int], dtype) -> bool:
     """PyTorch's FlashAttention runs fp16 and bf16 on Ampere (compute capability 8.0) and
     newer: A100, H100 and their kin must run it."""
-    import torch
-
     return dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)
 
 
@@ -245,12 +242,6 @@ def sdpa_kernels(cfg, seq_len: int, micro_batch: int, device) -> dict:
     """For each kind of batch, SDPA on q, k, v and the mask the model would give it: the kernel
     SDPA picks, and whether the kernel the plan is for runs (FlashAttention without a mask,
     the memory-efficient kernel with one)."""
-    import torch
-    from torch.nn.attention import SDPBackend
-
-    from mlm_dist.bench.steps import torch_dtype
-    from mlm_dist.model import attention_bias, attention_plan
-
     m = cfg.model
     dtype = torch_dtype(cfg.train.precision)
     shape = (micro_batch, m.num_heads, seq_len, m.hidden_size // m.num_heads)
@@ -278,10 +269,6 @@ def sdpa_kernels(cfg, seq_len: int, micro_batch: int, device) -> dict:
 def example_masks(batch: int, seq_len: int, device):
     """A padding mask (each row's last eighth is padding) and packed rows (two pairs each, then
     the same padding), as the loader makes them, for the model's masks."""
-    import torch
-
-    from mlm_dist.model import Packing
-
     positions = torch.arange(seq_len, device=device)
     real, half = seq_len - seq_len // 8, (seq_len - seq_len // 8) // 2
     attention_mask = (positions < real).long().expand(batch, seq_len)
@@ -296,10 +283,6 @@ def example_masks(batch: int, seq_len: int, device):
 def kernel_runs(kernel, q, k, v, bias, dropout_p: float) -> dict:
     """Whether SDPA runs `kernel` on these inputs, forward and backward (backward runs the
     forward's kernel); if not, PyTorch's reasons (it warns them before it refuses)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
-
     with warnings.catch_warnings(record=True) as reasons:
         warnings.simplefilter("always")
         try:
@@ -323,15 +306,6 @@ def memory_report(cfg, device, effort: Effort) -> dict:
     phase, on one synthetic batch: what its forward keeps for backward against
     activation_prediction for this device, and on CUDA the peak allocated over the steps after
     the first (optimizer states allocated) against ZeRO 0 on one rank plus those activations."""
-    import torch
-
-    from mlm_dist.bench.memory import activation_prediction, zero_prediction
-    from mlm_dist.bench.memory_rank import _CountingForward
-    from mlm_dist.bench.steps import OursStep
-    from mlm_dist.bench.train import phase_for
-    from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
-    from mlm_dist.model import num_parameters
-
     m, precision = cfg.model, cfg.train.precision
     phase = phase_for(cfg, None, None, None)
     cuda = device.type == "cuda"
@@ -389,9 +363,6 @@ def train_report(config: str, overrides: list[str], shards: Path, device,
     """`bench train --compare-hf` at each of TRAIN_SEQ_LENS the model allows, on synthetic rows
     (the config's vocabulary, BERT's if it names none), then packed at the longest, on real
     batches of `shards` (their vocabulary), as `bench train --shards … data.pack=true` runs."""
-    from mlm_dist.bench.train import bench_config, bench_train
-    from mlm_dist.data.shards import Manifest
-
     cfg = bench_config(config, overrides)
     options = dict(compare_hf=True, device=str(device), steps=effort.bench_steps,
                    warmup=effort.bench_warmup, matmul_size=effort.matmul_size)
@@ -453,8 +424,6 @@ def syncs_report(config: str, overrides: list[str], shards: Path, work: Path, ph
     """bench/syncs.py on one rank: SYNC_STEPS steps of two micro-batches (so the engine's
     forward and step calls differ in number), a log step every SYNC_LOG_EVERY; the counts
     judged by syncs.summary."""
-    from mlm_dist.bench.syncs import summary
-
     out = work / "syncs"
     out.mkdir()
     launch(["mlm_dist.bench.syncs", str(out / "counts"), "--config", config, *overrides,
@@ -490,8 +459,6 @@ def resume_report(config: str, overrides: list[str], shards: Path, work: Path, p
 def copy_as_saved_at(run: Path, to: Path, step: int) -> None:
     """`run` as it was right after it saved `step`, as if it had stopped there: without the
     later checkpoints, the metrics and TensorBoard's events."""
-    from mlm_dist.training.checkpoint import CHECKPOINTS, tag_for, tags
-
     later = {d.name for s, d, _ in tags(run / CHECKPOINTS) if s > step}
     shutil.copytree(run, to, ignore=lambda _, names: [n for n in names if n in later or n in (
         "metrics.jsonl", "tensorboard")])
@@ -530,23 +497,9 @@ def compare_resumed(full: dict[int, float], resumed: dict[int, float], *, at: in
 # command line
 
 
-def _gpu_cmd(args) -> None:
+def gpu_command(args) -> None:
     report = bench_gpu(args.config, args.overrides, out=args.out, steps=args.steps)
     print(json.dumps(report, indent=2))
     if report["failed"]:
         print(f"bench gpu: failed: {', '.join(report['failed'])}", file=sys.stderr)
         sys.exit(1)
-
-
-def add_arguments(g: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench gpu`'s options."""
-    g.description = __doc__.split("\n\n")[0]
-    g.add_argument("--config", help=f"YAML run config (default: {GPU_CONFIG} on a GPU, the "
-                                    "demo's tiny config made smaller on a CPU)")
-    g.add_argument("--out", help="directory for the corpus, shards, runs and their logs, kept "
-                                 "(new or empty; default: a temporary directory, removed)")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help="steps of the resumed run: saved at half of them, resumed to the end "
-                        f"(default {DEFAULT_STEPS})")
-    g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.zero_stage=2")
-    g.set_defaults(func=_gpu_cmd)

@@ -14,12 +14,10 @@ sentence, a text of its own). The documents stay in the shards' order, as a data
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from mlm_dist.errors import UsageError
-
-if TYPE_CHECKING:  # imported where used: registering the command must stay cheap
-    import numpy as np
 
 GROUP_TEXTS_BATCH = 1000  # datasets' map(batched=True) default: group_texts sees 1,000 texts
 
@@ -28,8 +26,6 @@ def group_texts(documents: list, block_size: int, cls_id: int, sep_id: int) -> n
     """[blocks, block_size] token ids: each document as [CLS] text [SEP], the documents of each
     batch of GROUP_TEXTS_BATCH concatenated and cut into blocks, each batch's remainder
     dropped (run_mlm.py's group_texts under map(batched=True))."""
-    import numpy as np
-
     texts = [np.concatenate([[cls_id], *document, [sep_id]]).astype(np.int64)
              for document in documents if sum(len(s) for s in document)]
     blocks = []

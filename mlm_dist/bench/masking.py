@@ -15,6 +15,7 @@ downloaded: without `tokenizer_dir` a small tokenizer is trained on the demo cor
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DataCollatorForLanguageModeling
 
 from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.errors import UsageError
+from mlm_dist.interop.huggingface import hf_tokenizer
 from mlm_dist.masking import TokenMasker
 from mlm_dist.masking import max_predictions as derived_max_predictions
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
@@ -85,10 +88,6 @@ def bench_masking(tokenizer_dir: str | None = None, *, batch: int = 256, seq_len
     `device` (the rank's device in training). `max_predictions` is our K slots per sequence;
     None derives it as training does (masking.max_predictions).
     """
-    from transformers import DataCollatorForLanguageModeling
-
-    from mlm_dist.interop.huggingface import hf_tokenizer
-
     if seq_len < 8 or batch < 1 or repeats < 1:
         raise UsageError(f"bench_masking needs seq_len >= 8, batch >= 1 and repeats >= 1; got "
                          f"seq_len={seq_len}, batch={batch}, repeats={repeats}")
@@ -141,6 +140,4 @@ def bench_masking(tokenizer_dir: str | None = None, *, batch: int = 256, seq_len
 
 
 if __name__ == "__main__":
-    import json
-
     print(json.dumps(bench_masking(), indent=2))

@@ -8,7 +8,6 @@ counts and puts the formula's prediction next to them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,9 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlm_dist.bench.train import DEFAULT_VOCAB, bench_config
+import torch
+
+from mlm_dist.bench.train import bench_config
 from mlm_dist.errors import UsageError
 from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
+from mlm_dist.precision import precision_for
 
 
 def zero_prediction(stage: int, psi: int, ranks: int, precision: str,
@@ -133,10 +135,9 @@ def bench_memory(config: str | None, overrides: list[str] = (), *, stages=(0, 1,
                  timeout: int = 900) -> dict:
     """Launch `ranks` ranks per ZeRO stage with the deepspeed launcher (each runs
     mlm_dist.bench.memory_rank) and gather their byte counts next to the formula's."""
-    import torch
-
+    # Here, not at the top: the rank module imports this one's formulas, and DeepSpeed, which
+    # this process, launching the ranks, does not need.
     from mlm_dist.bench import memory_rank as bench_memory_rank
-    from mlm_dist.precision import precision_for
 
     cfg = bench_config(config, list(overrides), vocab_size)  # fails here, before any launch
     # bf16 under autocast holds fp32 weights and gradients: the fp32 formula applies
@@ -215,27 +216,10 @@ def memory_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _memory_cmd(args) -> None:
+def memory_command(args) -> None:
     report = bench_memory(args.config, args.overrides, stages=args.stages, ranks=args.ranks,
                           seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
                           vocab_size=args.vocab_size,
                           checkpoint_activations=args.checkpoint_activations)
     print(memory_table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
-
-
-def add_arguments(m: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench memory`'s options."""
-    m.add_argument("--config", required=True, help="YAML run config")
-    m.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    m.add_argument("--ranks", type=int, default=2)
-    m.add_argument("--seq-len", type=int, help="default: the config's first phase")
-    m.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
-    m.add_argument("--steps", type=int, default=2, help="training steps per rank (>= 2: the "
-                   "figures are taken in the last one, with optimizer states allocated)")
-    m.add_argument("--vocab-size", type=int, default=0,
-                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
-    m.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each encoder layer in backward (peak RSS shows the saving)")
-    m.add_argument("overrides", nargs="*", help="dotted config overrides")
-    m.set_defaults(func=_memory_cmd)

@@ -39,6 +39,18 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from mlm_dist.bench.memory import activation_prediction
+from mlm_dist.bench.train import bench_config, phase_for
+from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
+from mlm_dist.config import ScheduleConfig, validate_topology
+from mlm_dist.engine import build_engine, check_precision, init_distributed
+from mlm_dist.masking import TokenMasker
+from mlm_dist.model import num_parameters
+from mlm_dist.objectives import objective_for
+from mlm_dist.precision import precision_for
+from mlm_dist.training.step import train_step
 
 ZERO_SETTINGS_NOTE = ("reduce/allgather/prefetch buckets and max live parameters set to Ψ/16 "
                       "elements, stage3_param_persistence_threshold=0 (every parameter "
@@ -138,8 +150,6 @@ class _CountingForward:
 
 def precision_mode(cfg) -> str:
     """memory.activation_prediction's precision for a run config."""
-    from mlm_dist.precision import precision_for
-
     precision = precision_for(cfg.train)
     if precision.autocast is not None:
         return "autocast"
@@ -208,16 +218,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-
-    from mlm_dist.bench.memory import activation_prediction
-    from mlm_dist.bench.train import bench_config, phase_for
-    from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
-    from mlm_dist.config import ScheduleConfig, validate_topology
-    from mlm_dist.engine import build_engine, check_precision, init_distributed
-    from mlm_dist.masking import TokenMasker
-    from mlm_dist.model import num_parameters
-    from mlm_dist.objectives import objective_for
-    from mlm_dist.training.step import train_step
 
     baseline_rss = _rss_now()  # interpreter + torch + deepspeed, before any model exists
     cfg = bench_config(args.config, args.overrides, args.vocab_size)
@@ -289,8 +289,6 @@ def main(argv: list[str] | None = None) -> None:
     tmp = out / f".rank{topo.rank}.json.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(out / f"rank{topo.rank}.json")
-    import torch.distributed as dist
-
     dist.barrier()
 
 

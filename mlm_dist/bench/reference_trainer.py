@@ -34,8 +34,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+import transformers
+from transformers import DataCollatorForLanguageModeling
+
 from mlm_dist.bench.google_instances import (Instance, create_training_instances,
-                                              read_train_documents)
+                                             read_train_documents)
+from mlm_dist.bench.grouped_texts import group_texts, training_blocks
+from mlm_dist.bench.steps import hf_adamw
+from mlm_dist.bench.workload import hf_collator_tokenizer, synthetic_vocabulary
+from mlm_dist.interop.huggingface import (HF_CLASSES, from_hf_state_dict, hf_bert_config,
+                                          to_hf_state_dict)
+from mlm_dist.objectives import objective_for
+from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
 # The objectives a reference recipe exists for, and the transformers class each trains.
 REFERENCE_RECIPES = {"bert": "BertForPreTraining", "sop": "BertForPreTraining",
@@ -62,17 +74,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def initial_state_dict(cfg) -> dict:
     """Our model's initial weights, built exactly as training/loop.py builds them (same seed, the
     objective's constructor), so both sides start from the same point."""
-    import torch
-
-    from mlm_dist.objectives import objective_for
-
     torch.manual_seed(cfg.train.seed)
     return objective_for(cfg).build_model(cfg.model).state_dict()
 
 
 def save_state_dict(state: dict, path: Path) -> None:
-    import torch
-
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -81,11 +87,6 @@ def save_state_dict(state: dict, path: Path) -> None:
 def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
     """Train the objective's transformers model with a plain torch loop; save our-named fp32
     state dicts every `every` steps into run_dir; return the figures of the run."""
-    import torch
-
-    from mlm_dist.bench.steps import hf_adamw
-    from mlm_dist.interop.huggingface import from_hf_state_dict
-
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads_before = torch.get_num_threads()
@@ -163,16 +164,11 @@ def reference_data(cfg, *, needed: int) -> ReferenceData:
     phase, name = cfg.schedule.phases[0], cfg.objective.name
     documents = read_train_documents(cfg.data.shards)
     if name == "mlm":
-        from mlm_dist.bench.grouped_texts import group_texts, training_blocks
-        from mlm_dist.tokenizer import CLS_ID, SEP_ID
-
         blocks = group_texts(documents, phase.seq_len, CLS_ID, SEP_ID)
         rows, epochs = training_blocks(blocks, needed, random.Random(cfg.train.seed))
         say(f"reference: {len(blocks)} blocks of {phase.seq_len} tokens, {epochs} epochs "
             f"({time.perf_counter() - start:.0f} s), {needed} used")
         return ReferenceData(rows, block_example, {"blocks": len(blocks), "passes": epochs})
-    import numpy as np
-
     instances, passes = create_training_instances(
         documents, phase.seq_len, cfg.data.short_seq_prob, random.Random(cfg.train.seed),
         min_instances=needed, sentence_order=name == "sop")
@@ -186,10 +182,6 @@ def reference_data(cfg, *, needed: int) -> ReferenceData:
 
 
 def reference_collator(cfg):
-    from transformers import DataCollatorForLanguageModeling
-
-    from mlm_dist.bench.workload import hf_collator_tokenizer, synthetic_vocabulary
-
     return DataCollatorForLanguageModeling(
         tokenizer=hf_collator_tokenizer(synthetic_vocabulary(cfg.model.vocab_size),
                                        cfg.model.max_positions),
@@ -200,12 +192,6 @@ def reference_collator(cfg):
 def reference_model(cfg, device):
     """Our initial weights in the objective's transformers class (REFERENCE_RECIPES), in
     training mode."""
-    import torch
-    import transformers
-
-    from mlm_dist.interop.huggingface import (HF_CLASSES, hf_bert_config,
-                                              to_hf_state_dict)
-
     hf_class = REFERENCE_RECIPES[cfg.objective.name]
     model = getattr(transformers, hf_class)(hf_bert_config(cfg.model))
     model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg), HF_CLASSES[hf_class]),
@@ -217,10 +203,6 @@ def reference_model(cfg, device):
 
 def example(instance: Instance) -> dict:
     """A Google instance as the example a Trainer hands DataCollatorForLanguageModeling."""
-    import numpy as np
-
-    from mlm_dist.tokenizer import CLS_ID, SEP_ID
-
     a, b = instance.tokens_a, instance.tokens_b
     ids = np.concatenate([[CLS_ID], a, [SEP_ID], b, [SEP_ID]]).astype(np.int64)
     types = np.zeros(len(ids), dtype=np.int64)

@@ -4,29 +4,33 @@ DataCollatorForLanguageModeling in the step, as a Trainer runs it)."""
 
 from __future__ import annotations
 
+import itertools
 import time
+
+import torch
+from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
 from mlm_dist.bench.workload import hf_collator_tokenizer, hf_examples
 from mlm_dist.config import RunConfig, SequencePhase
+from mlm_dist.interop.huggingface import hf_bert_config
+from mlm_dist.masking import TokenMasker
+from mlm_dist.model import parameter_groups
+from mlm_dist.objectives import objective_for
+from mlm_dist.optim import build_optimizer
+from mlm_dist.training.step import train_step
 
 
 def torch_dtype(precision: str):
-    import torch
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def _autocast(device, precision: str):
-    import torch
-
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch_dtype(precision))
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -39,8 +43,6 @@ class TorchEngine:
 
     def __init__(self, model, optimizer, *, device, precision: str, grad_clip: float,
                  compile: bool = False):
-        import torch
-
         self.module, self.optimizer, self.device = model, optimizer, device
         self.precision, self.grad_clip = precision, grad_clip
         self.forward = torch.compile(model) if compile else model
@@ -58,8 +60,6 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> None:
-        import torch
-
         if not self.boundary:
             return
         if self.grad_clip:
@@ -74,15 +74,6 @@ class OursStep:
 
     def __init__(self, cfg: RunConfig, phase: SequencePhase, batches: list, vocab, *, device,
                  precision: str, compile: bool = False, checkpoint_activations: bool = False):
-        import itertools
-
-        import torch
-
-        from mlm_dist.masking import TokenMasker
-        from mlm_dist.model import parameter_groups
-        from mlm_dist.objectives import objective_for
-        from mlm_dist.optim import build_optimizer
-
         torch.manual_seed(cfg.train.seed)
         self.objective = objective_for(cfg)
         model = self.objective.build_model(cfg.model,
@@ -100,8 +91,6 @@ class OursStep:
         self.batches = itertools.cycle([batch.to(device) for batch in batches])
 
     def __call__(self, step: int) -> None:
-        from mlm_dist.training.step import train_step
-
         train_step(self.engine, self.batches, self.masker, self.objective, step=step,
                    accumulation=1)
 
@@ -112,11 +101,6 @@ class HFStep:
 
     def __init__(self, cfg: RunConfig, batches: list, vocab, *, device, precision: str,
                  attn_implementation: str = "sdpa"):
-        import torch
-        from transformers import BertForPreTraining, DataCollatorForLanguageModeling
-
-        from mlm_dist.interop.huggingface import hf_bert_config
-
         self.device, self.precision = device, precision
         torch.manual_seed(cfg.train.seed)
         self.model = BertForPreTraining(hf_bert_config(cfg.model))
@@ -135,8 +119,6 @@ class HFStep:
         self.collator_seconds: list[float] = []
 
     def __call__(self, step: int) -> None:
-        import torch
-
         start = time.perf_counter()
         batch = self.collator(self.examples[step % len(self.examples)])
         self.collator_seconds.append(time.perf_counter() - start)
@@ -153,8 +135,6 @@ class HFStep:
 def hf_adamw(model, o):
     """torch's fused AdamW (the HF Trainer's default, adamw_torch_fused) in BERT's two groups:
     no weight decay on biases and LayerNorm weights."""
-    import torch
-
     named = list(model.named_parameters())
     no_decay = ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in named if not n.endswith(no_decay)],

@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 import mlm_dist
+from mlm_dist.config import load_config
+from mlm_dist.engine import accelerator
+from mlm_dist.training import loop
 
 REPO = f"{Path(mlm_dist.__file__).resolve().parents[1]}/"
 # Python-level reads of a tensor's value on the host: on a GPU each waits for the device.
@@ -200,10 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)  # OUT, --config and the overrides in any order
-
-    from mlm_dist.config import load_config
-    from mlm_dist.engine import accelerator
-    from mlm_dist.training import loop
 
     trainer = loop.Trainer(load_config(args.config, args.overrides))
     counter = SyncCounter()

@@ -23,14 +23,14 @@ the adaptation is for.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-# Standard library only at import (the rest is imported when the command runs): `mlm-dist`
-# imports this module to build its parser.
-from mlm_dist.bench.finetune import add_task_options, read_task
+from mlm_dist.bench.finetune_encode import join_words
+from mlm_dist.bench.task_options import read_task
 from mlm_dist.bench.tasks import CLASSIFICATION, Task, TaskError
+from mlm_dist.data.corpus import write_txt_corpus
+from mlm_dist.data.sentences import check_language, split_sentences
 from mlm_dist.errors import PathExistsError
 
 
@@ -39,16 +39,12 @@ def example_text(task: Task, example) -> str:
     tagged sentence's words joined as its language writes them (what fine-tuning reads too)."""
     if task.kind == CLASSIFICATION:
         return example.text
-    from mlm_dist.bench.finetune_encode import join_words
-
     return join_words(example.words)[0]
 
 
 def train_documents(task: Task, lang: str) -> tuple[list[list[str]], dict]:
     """(the train split's texts as documents of sentences, counts): each example one
     document; texts that also stand in dev or test left out."""
-    from mlm_dist.data.sentences import split_sentences
-
     held_out = {example_text(task, e) for e in task.dev + task.test}
     documents, in_dev_or_test = [], 0
     for example in task.train:
@@ -64,9 +60,6 @@ def train_documents(task: Task, lang: str) -> tuple[list[list[str]], dict]:
 
 
 def task_text_command(args) -> None:
-    from mlm_dist.data.corpus import write_txt_corpus
-    from mlm_dist.data.sentences import check_language
-
     lang = check_language(args.lang)  # an unknown code stops here, before the task is read
     out = Path(args.out)
     if out.exists():
@@ -80,17 +73,3 @@ def task_text_command(args) -> None:
     print(json.dumps({"task": task.name, "kind": task.kind, "split": "train",
                       "sizes": task.sizes(), **counts, "out": str(out), "lang": args.lang,
                       **written, "source": task.source}, ensure_ascii=False))
-
-
-def add_arguments(t: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench task-text`'s options."""
-    t.formatter_class = argparse.RawDescriptionHelpFormatter
-    t.description = __doc__
-    add_task_options(t)
-    t.add_argument("--out", required=True, metavar="FILE",
-                   help=".txt corpus to write: one sentence a line, a blank line between "
-                        "documents (never overwritten)")
-    t.add_argument("--lang", default="auto", metavar="CODE",
-                   help="language the texts are split into sentences in, as for `prepare "
-                        "--lang` (default auto: decided per text by its script)")
-    t.set_defaults(func=task_text_command)

@@ -36,19 +36,24 @@ with the specials at the tokenizer's ids.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
 
+import torch
+
+from mlm_dist.bench.steps import HFStep, OursStep, timed_call, torch_dtype
+from mlm_dist.bench.workload import (as_batch, hf_examples, shard_batches, shards_vocabulary,
+                                     synthetic_batch, synthetic_vocabulary)
+from mlm_dist.commands.bench import DEFAULT_VOCAB, PRECISIONS
 from mlm_dist.config import RunConfig, SequencePhase, load_config
+from mlm_dist.data.shards import Manifest
 from mlm_dist.errors import UsageError
+from mlm_dist.flops import (MatmulTimer, cuda_peak_from_table, model_flops_per_token,
+                            sparse_flops_per_token)
+from mlm_dist.masking import max_predictions as derived_max_predictions
+from mlm_dist.training.allocator import tune_cpu_allocator
 
-# torch, numpy, transformers and deepspeed are imported where they are used, so that
-# registering these commands costs `mlm-dist --help` nothing.
-
-DEFAULT_VOCAB = 30522  # BERT's WordPiece vocabulary, when the config leaves vocab_size to the tokenizer
-PRECISIONS = ("bf16", "fp16", "fp32")
 # bench commands do not read data; load_config still wants the key set
 _NO_SHARDS = "data.shards=unused-by-bench"
 
@@ -62,8 +67,6 @@ def bench_config(config: str | None, overrides: list[str] = (), vocab_size: int 
 def phase_for(cfg: RunConfig, seq_len: int | None, micro_batch: int | None,
               max_predictions: int | None) -> SequencePhase:
     """The config's phase at seq_len (its micro batch and max_predictions), or a new one."""
-    from mlm_dist.masking import max_predictions as derived_max_predictions  # imports torch
-
     phases = cfg.schedule.phases
     match = [p for p in phases if seq_len in (None, p.seq_len)]
     phase = match[0] if match else SequencePhase(seq_len=seq_len, micro_batch=phases[0].micro_batch,
@@ -91,12 +94,6 @@ def bench_train(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int 
 
     tune_allocator: on a CPU, allocator.tune_cpu_allocator() first (for the whole process, so
     both sides alike), as a CPU training run would."""
-    import torch
-
-    from mlm_dist.bench.steps import HFStep, OursStep, torch_dtype
-    from mlm_dist.flops import MatmulTimer
-    from mlm_dist.training.allocator import tune_cpu_allocator
-
     precision = precision or cfg.train.precision
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _check_options(precision, device, steps, warmup)
@@ -142,9 +139,6 @@ def _check_options(precision: str, device, steps: int, warmup: int) -> None:
 def _workload(cfg: RunConfig, phase: SequencePhase, shards: str | None, *, count: int,
               seed: int) -> tuple[list, object]:
     """(batches, their Vocabulary): real ones from `shards`, or one synthetic batch."""
-    from mlm_dist.bench.workload import (as_batch, shard_batches, shards_vocabulary,
-                                         synthetic_batch, synthetic_vocabulary)
-
     m = cfg.model
     if shards:
         vocab = shards_vocabulary(shards, m.vocab_size)
@@ -158,8 +152,6 @@ def _interleaved_rounds(sides: dict, matmul, device, *, warmup: int,
                         steps: int) -> tuple[dict[str, list[float]], list[float]]:
     """Each round times every side (order swapped every round) and the matmul, so the
     machine's noise hits all figures alike; the warm-up rounds are dropped."""
-    from mlm_dist.bench.steps import timed_call
-
     times: dict[str, list[float]] = {name: [] for name in sides}
     peaks: list[float] = []
     for round_ in range(warmup + steps):
@@ -177,10 +169,6 @@ def _interleaved_rounds(sides: dict, matmul, device, *, warmup: int,
 def _setup_record(cfg: RunConfig, phase: SequencePhase, batches: list, shards: str | None, *,
                   precision: str, device, dtype, peaks: list[float], matmul_size: int,
                   tuned: bool, steps: int, warmup: int, compile: bool, model) -> dict:
-    import torch
-
-    from mlm_dist.flops import cuda_peak_from_table
-
     m = cfg.model
     name = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
     record = {
@@ -207,9 +195,6 @@ def _setup_record(cfg: RunConfig, phase: SequencePhase, batches: list, shards: s
 def _side_figures(m, phase: SequencePhase, name: str, seconds: list[float], batches: list, *,
                   peak: float) -> dict:
     """One side's figures over the timed rounds (`batches`: the batch of each round)."""
-    from mlm_dist.bench.workload import hf_examples
-    from mlm_dist.flops import model_flops_per_token, sparse_flops_per_token
-
     ours = name.startswith("ours")
     step_s = statistics.median(seconds)
     tokens_per_s = phase.micro_batch * phase.seq_len / step_s
@@ -262,11 +247,9 @@ def _ratios(result: dict, times: dict, *, compare_hf: bool, compile: bool) -> di
 # command line
 
 
-def _train_cmd(args) -> None:
+def train_command(args) -> None:
     vocab_size = args.vocab_size
     if args.shards and not vocab_size:
-        from mlm_dist.data.shards import Manifest
-
         vocab_size = Manifest.load(args.shards).tokenizer.vocab_size
     cfg = bench_config(args.config, args.overrides, vocab_size)
     result = bench_train(cfg, shards=args.shards, seq_len=args.seq_len, micro_batch=args.micro_batch,
@@ -277,39 +260,3 @@ def _train_cmd(args) -> None:
                          matmul_size=args.matmul_size, seed=args.seed,
                          tune_allocator=not args.default_malloc)
     print(json.dumps(result, indent=2))
-
-
-def add_arguments(t: argparse.ArgumentParser) -> None:
-    """`mlm-dist bench train`'s options."""
-    t.description = __doc__.split("\n\n")[1]
-    t.add_argument("--config", required=True, help="YAML run config (model dims, masking, optim)")
-    t.add_argument("--seq-len", type=int, help="default: the config's first phase")
-    t.add_argument("--micro-batch", type=int, help="default: that phase's micro batch")
-    t.add_argument("--max-predictions", type=int,
-                   help="MLM slots per sequence (default: the phase's, or derived from seq_len)")
-    t.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
-    t.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3; the "
-                   "CPU heap settles over the first steps)")
-    t.add_argument("--shards", help="time real batches of these shards (`mlm-dist prepare`), "
-                   "one per round, the same for both sides; default: synthetic full rows")
-    t.add_argument("--compare-hf", action="store_true",
-                   help="also time transformers' BertForPreTraining + DataCollatorForLanguageModeling, "
-                        "interleaved")
-    t.add_argument("--precision", choices=PRECISIONS,
-                   help="default: train.precision (bf16/fp16 = autocast)")
-    t.add_argument("--device", help="default: cuda if available, else cpu")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile our model (and time it uncompiled too, interleaved: "
-                        "compile_speedup)")
-    t.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each encoder layer in backward (saves memory, costs time)")
-    t.add_argument("--vocab-size", type=int, default=0,
-                   help=f"when the config leaves model.vocab_size to the tokenizer (default {DEFAULT_VOCAB})")
-    t.add_argument("--matmul-size", type=int, default=4096, help="n of the n^3 peak matmul")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc as it is (default on a CPU: no mmap/trim for big "
-                        "blocks, see allocator.py; applies to both sides)")
-    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=4")
-    t.set_defaults(func=_train_cmd)
-

@@ -1,22 +1,30 @@
 """What `bench train` (and `bench memory`) feed the steps they time: a synthetic batch of nearly
 full rows, or real micro-batches made from shards as the loader makes them (one pair a row or
 packed); the Vocabulary of their ids; and the same pairs as the examples a Hugging Face
-Trainer hands its collator. torch and the data modules are imported where they are used, so
-registering the bench commands costs `mlm-dist --help` nothing."""
+Trainer hands its collator."""
 
 from __future__ import annotations
 
-from mlm_dist.config import SequencePhase
+import itertools
+
+import numpy as np
+import tokenizers
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mlm_dist.config import DataConfig, SequencePhase
+from mlm_dist.data.batches import Batch, assemble, writer_for
+from mlm_dist.data.pipeline import ReaderStream, manifest_shards
+from mlm_dist.data.shards import Manifest
 from mlm_dist.errors import UsageError
+from mlm_dist.model import IGNORE_INDEX
+from mlm_dist.tokenizer import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer,
+                                Vocabulary)
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
     """[CLS] A [SEP] B [SEP] rows of random ordinary ids; one row in ten shorter and padded (as
     BERT's short_seq_prob), every row's A/B split at a random point; NSP labels 0/1."""
-    import numpy as np
-
-    from mlm_dist.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
-
     rng = np.random.default_rng(seed)
     first = len(SPECIAL_TOKENS)
     input_ids = np.full((batch, seq_len), PAD_ID, dtype=np.int64)
@@ -36,10 +44,6 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
 
 def synthetic_vocabulary(vocab_size: int):
     """The Vocabulary of synthetic_batch's ids: our SentencePiece specials, every id a word."""
-    import numpy as np
-
-    from mlm_dist.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
-
     special = np.zeros(vocab_size, dtype=bool)
     special[:len(SPECIAL_TOKENS)] = True
     return Vocabulary(vocab_size, PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, special,
@@ -50,16 +54,11 @@ def hf_collator_tokenizer(vocab, model_max_length: int):
     """A transformers fast tokenizer over `vocab`'s ids (a tokenizer.Vocabulary), word-level,
     its specials at their ids: all DataCollatorForLanguageModeling needs (mask id, special ids,
     vocabulary size, pad)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    from mlm_dist.tokenizer import SPECIAL_TOKENS
-
     special_ids = (vocab.pad, vocab.unk, vocab.cls, vocab.sep, vocab.mask)
     words = {f"w{i}": i for i in range(vocab.size)}
     words.update({tok: i for tok, i in zip(SPECIAL_TOKENS, special_ids)})
     words = {w: i for w, i in words.items() if w.startswith("[") or i not in special_ids}
-    backend = Tokenizer(models.WordLevel(words, unk_token=SPECIAL_TOKENS[1]))
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token=SPECIAL_TOKENS[1]))
     names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
                      SPECIAL_TOKENS))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
@@ -72,10 +71,6 @@ def hf_collator_tokenizer(vocab, model_max_length: int):
 
 def as_batch(rows: dict, device=None):
     """synthetic_batch's rows as the loader's Batch, on `device` (each id its own word)."""
-    import torch
-
-    from mlm_dist.data.batches import Batch
-
     t = {k: torch.as_tensor(v, device=device) for k, v in rows.items()}
     return Batch(t["input_ids"], t["token_type_ids"], t["attention_mask"],
                  t["next_sentence_label"], torch.ones_like(t["input_ids"], dtype=torch.bool),
@@ -87,12 +82,6 @@ def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
     """`count` micro-batches of real pairs from the train shards, made as the loader makes them
     (one reader from the start; rows padded to seq_len): the fill of real data, not of
     synthetic near-full rows."""
-    import itertools
-
-    from mlm_dist.config import DataConfig
-    from mlm_dist.data.batches import assemble, writer_for
-    from mlm_dist.data.pipeline import ReaderStream, manifest_shards
-
     stream = ReaderStream(manifest_shards(shards_dir), reader=0, readers=1,
                           seq_len=phase.seq_len, seed=seed, data=DataConfig(shards=shards_dir))
     writer = writer_for(phase.micro_batch, phase.seq_len, vocab, pack=pack)
@@ -101,9 +90,6 @@ def shard_batches(shards_dir: str, phase: SequencePhase, vocab, *, count: int,
 
 def shards_vocabulary(shards: str, vocab_size: int):
     """The Vocabulary of the shards' tokenizer, checked against the model's size."""
-    from mlm_dist.data.shards import Manifest
-    from mlm_dist.tokenizer import Tokenizer
-
     vocab = Tokenizer.load(Manifest.load(shards).tokenizer.path).vocabulary
     if vocab.size != vocab_size:
         raise UsageError(f"--shards {shards}: its tokenizer has {vocab.size} ids, the model "
@@ -122,11 +108,8 @@ def hf_examples(batch) -> list[dict]:
         spans = [(row, int(p.cls_positions[row, slot]),
                   int((p.sequence_ids[row] == slot + 1).sum()), int(batch.example_label[row, slot]))
                  for row in range(len(batch.input_ids)) for slot in range(p.cls_positions.shape[1])
-                 if batch.example_label[row, slot] != IGNORE]
+                 if batch.example_label[row, slot] != IGNORE_INDEX]
     return [{"input_ids": batch.input_ids[row, start:start + n].tolist(),
              "token_type_ids": batch.token_type_ids[row, start:start + n].tolist(),
              "attention_mask": [1] * n, "next_sentence_label": label}
             for row, start, n, label in spans]
-
-
-IGNORE = -100  # model.IGNORE_INDEX, without importing torch at parse time

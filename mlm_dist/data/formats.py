@@ -240,6 +240,8 @@ def _lookup(record: dict, text_field: str):
 
 
 # ----------------------------------------------------------------------------- Parquet
+# pyarrow is imported by the functions that read Parquet: it takes a second to import, and
+# every `prepare` worker and loader imports this module, mostly for text and JSON lines.
 
 def _parquet_texts(path: Path, counts: FileCounts, text_field: str) -> Iterator[tuple[str, None]]:
     import pyarrow as pa
@@ -396,8 +398,6 @@ class _ZstdReader(io.RawIOBase):
     """
 
     def __init__(self, path: Path):
-        import zstandard
-
         self._file = open(path, "rb")
         self._context = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         self._frame = None  # the decompressor of the frame being read

@@ -28,12 +28,18 @@ import uuid
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mlm_dist.config import ModelConfig
 from mlm_dist.errors import PathExistsError, PathNotFoundError, UserError
+from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, SPECIAL_TOKENS,
                                 UNK_ID, Tokenizer)
 from mlm_dist.tokenizer.sentencepiece import CJK_SPACES_PATTERN
+
+# transformers, tokenizers and sentencepiece's protobuf are imported by the functions that
+# write or convert a folder: training imports this module (model.init_from, evaluation), and
+# a rank should not wait seconds at start for what only an export needs.
 
 # (ours, Hugging Face) for every parameter; "{i}" is the encoder layer index.
 PARAMETER_NAMES: list[tuple[str, str]] = [
@@ -248,7 +254,6 @@ def pretrained_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     encoder must be complete, the heads it has are converted."""
     d = Path(hf_dir)
     if (d / "model.safetensors").is_file():
-        from safetensors.torch import load_file
         hf_sd = load_file(str(d / "model.safetensors"))
     elif (d / "pytorch_model.bin").is_file():
         hf_sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -273,8 +278,6 @@ def load_pretrained(cfg: ModelConfig, objective=None, say=print):
     initialisation, and `say` (None: silent) names them in one line; heads the objective does
     not use (an NSP head continued with `mlm`) are left out, named too. Anything else missing
     or of another shape is an error naming the tensors, never a random weight."""
-    from mlm_dist.model import BertForPretraining
-
     model = objective.build_model(cfg) if objective is not None else BertForPretraining(cfg)
     theirs = pretrained_state_dict(cfg.init_from)
     own = model.state_dict()

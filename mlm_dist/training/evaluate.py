@@ -22,15 +22,18 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from mlm_dist.config import ConfigError, RunConfig, SequencePhase
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase, apply_overrides, load_config
 from mlm_dist.data.batches import Batch, assemble, writer_for
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest, ShardFormatError
 from mlm_dist.errors import UsageError
+from mlm_dist.interop.huggingface import load_pretrained
 from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.objectives import objective_for
-from mlm_dist.tokenizer import Vocabulary
+from mlm_dist.tokenizer import Tokenizer, Vocabulary
+from mlm_dist.training.checkpoint import checkpoint_config, load_checkpoint, locate
+from mlm_dist.training.preflight import resolve_data
 
 
 def validation_batches(cfg: RunConfig, phase: SequencePhase, vocab: Vocabulary,
@@ -135,9 +138,6 @@ def check_eval_setting(override: str, *, folder: bool) -> None:
 
 def run_settings(run: str | Path) -> RunConfig:
     """The config of `run` (`--like`): a run directory, its checkpoints dir or a step dir."""
-    from mlm_dist.config import load_config
-    from mlm_dist.training.checkpoint import checkpoint_config, locate
-
     if (Path(run) / "config.yaml").is_file():  # written when the run starts
         return load_config(Path(run) / "config.yaml")
     return checkpoint_config(*locate(run))
@@ -168,24 +168,16 @@ def evaluate_saved_model(source: str | Path, *, data: str | None = None, seq_len
     of the run `like` (settings_like); then `overrides` (check_eval_setting); then `seed` and
     `max_pairs` (eval.seed and eval.max_pairs; None: as configured). All are checked before
     any weights are read."""
-    from mlm_dist.config import apply_overrides, load_config
-    from mlm_dist.tokenizer import Tokenizer
-
     source = Path(source)
     folder = (source / "config.json").is_file()
     for o in overrides:
         check_eval_setting(o, folder=folder)
     like_cfg = run_settings(like) if like else None
     if folder:
-        from mlm_dist.interop.huggingface import load_pretrained
-        from mlm_dist.training.preflight import resolve_data
-
         if not data:
             raise ConfigError("--data is required to evaluate a Hugging Face folder")
         cfg = load_config(None, [f"data.shards={data}", f"model.init_from={source}"])
     else:
-        from mlm_dist.training.checkpoint import checkpoint_config, load_checkpoint, locate
-
         cfg = checkpoint_config(*locate(source))
     if like_cfg is not None:
         cfg = settings_like(cfg, like_cfg, folder=folder)
