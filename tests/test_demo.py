@@ -86,16 +86,9 @@ class Launched(Exception):
     """Where the size tests stop: at the launch of training, which the test above runs."""
 
 
-@pytest.mark.parametrize("options, config, steps, out", [
-    ([], "tiny.yaml", 800, "runs/demo"),
-    (["--size", "small"], "small.yaml", 2000, "runs/demo-small"),
-    (["--size", "small", "--steps", "150", "--out", "mine"], "small.yaml", 150, "mine"),
-])
-def test_each_size_trains_its_config_for_its_steps_in_its_own_directory(
-        tmp_path, monkeypatch, options, config, steps, out):
-    """`demo --size small` trains small.yaml (package data) for its own steps in its own
-    directory: a rerun resumes what is there, and a tiny run's checkpoints do not fit a small
-    model. --steps and --out still win."""
+def demo_launch(tmp_path, monkeypatch, options) -> tuple[str, list[str]]:
+    """Run `mlm-dist demo OPTIONS` in tmp_path up to the training launch: the config and
+    overrides every rank would read."""
     launched = []
 
     def launch_training(config, overrides, ranks):
@@ -107,6 +100,20 @@ def test_each_size_trains_its_config_for_its_steps_in_its_own_directory(
     with pytest.raises(Launched):
         main(["demo", *options])
     ((path, overrides),) = launched
+    return path, overrides
+
+
+@pytest.mark.parametrize("options, config, steps, out", [
+    ([], "tiny.yaml", 800, "runs/demo"),
+    (["--size", "small"], "small.yaml", 2000, "runs/demo-small"),
+    (["--size", "small", "--steps", "150", "--out", "mine"], "small.yaml", 150, "mine"),
+])
+def test_each_size_trains_its_config_for_its_steps_in_its_own_directory(
+        tmp_path, monkeypatch, options, config, steps, out):
+    """`demo --size small` trains small.yaml (package data) for its own steps in its own
+    directory: a rerun resumes what is there, and a tiny run's checkpoints do not fit a small
+    model. --steps and --out still win."""
+    path, overrides = demo_launch(tmp_path, monkeypatch, options)
     assert Path(path) == Path(run.__file__).parent / config
     cfg = load_config(path, overrides)  # what every rank reads: valid, and the size's model
     assert cfg.schedule.phases[-1].until_step == steps
@@ -141,17 +148,7 @@ def test_each_objective_trains_in_its_own_directory(tmp_path, monkeypatch, optio
                                                     out):
     """`demo --objective X` trains objective X; its default directory is not another
     objective's, whose checkpoints it could not resume and whose metrics it would append to."""
-    launched = []
-
-    def launch_training(config, overrides, ranks):
-        launched.append((config, overrides))
-        raise Launched
-
-    monkeypatch.setattr(run, "launch_training", launch_training)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(Launched):
-        main(["demo", *options])
-    ((path, overrides),) = launched
+    path, overrides = demo_launch(tmp_path, monkeypatch, options)
     cfg = load_config(path, overrides)  # what every rank reads
     assert cfg.objective.name == objective
     assert Path(cfg.out_dir) == Path(out) / "run"

@@ -20,16 +20,23 @@ from mlm_dist.demo.stdlib_corpus import stdlib_documents
 from mlm_dist.tokenizer import Tokenizer, sentences_of
 
 
+def wordpiece_folder(out, corpus, vocab_size: int) -> BertWordPieceTokenizer:
+    """`out` made a folder with a lower-casing WordPiece vocab.txt trained on `corpus`, as a
+    downloaded BERT's; the weights are the caller's."""
+    out.mkdir()
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train([str(corpus)], vocab_size=vocab_size,
+                    special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wordpiece.save_model(str(out))
+    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    return wordpiece
+
+
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory, tiny_corpus):
     """A small BERT folder as `save_pretrained` writes it, with a WordPiece vocab.txt."""
     out = tmp_path_factory.mktemp("hf") / "bert"
-    out.mkdir()
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train([str(tiny_corpus)], vocab_size=500,
-                    special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    wordpiece.save_model(str(out))
-    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    wordpiece = wordpiece_folder(out, tiny_corpus, 500)
     config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=64,
                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                         max_position_embeddings=64)
@@ -106,12 +113,7 @@ def general_bert(tiny_corpus, tmp_path_factory):
     frequencies). Its loss is then well below ln(vocabulary) = that of random weights, which
     tells whether a run started from it. 2,000 WordPiece pieces, for a wide gap."""
     out = tmp_path_factory.mktemp("general") / "bert"
-    out.mkdir()
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train([str(tiny_corpus)], vocab_size=2000,
-                    special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    wordpiece.save_model(str(out))
-    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    wordpiece = wordpiece_folder(out, tiny_corpus, 2000)
     vocab = wordpiece.get_vocab_size()
     counts = torch.ones(vocab)
     for sentence in sentences_of(iter_documents([tiny_corpus])):

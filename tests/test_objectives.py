@@ -143,6 +143,16 @@ def test_every_objective_the_config_names_has_a_module_and_back():
     (["objective.name=mlm", "data.pack=true"], "data.pack: objective.name=mlm fills every row"),
     (["objective.name=sop", "model.type_vocab_size=1"],
      "model.type_vocab_size: objective.name=sop needs at least 2 segment types"),
+    (["objective.generator_size=0.5"], "objective.generator_size: only objective.name=electra"),
+    (["objective.name=mlm", "objective.rtd_weight=10"], "objective.rtd_weight: only"),
+    (["objective.name=electra", "objective.generator_size=1.5"],
+     "objective.generator_size: must be in (0, 1]"),
+    (["objective.name=electra", "objective.rtd_weight=0"], "objective.rtd_weight: must be"),
+    (["objective.name=electra", "objective.generator_size=0.3"],
+     "objective.generator_size: 0.3 gives the generator hidden size 230 and 4 heads"),
+    (["objective.name=electra", "data.pack=true"], "data.pack: objective.name=electra fills"),
+    (["objective.name=electra", "model.init_from=some/bert"], "model.init_from: objective.name"
+                                                              "=electra trains a generator"),
 ])
 def test_objective_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -70,6 +70,15 @@ def served(tiny_shards):
         yield server
 
 
+def resumes_mid_stream(location, full) -> None:
+    """A loader stopped after 5 batches and resumed from its state gives the rest of `full`."""
+    first = loader(location)
+    list(itertools.islice(first, 5))
+    state = first.state_dict()
+    first.close()
+    assert same(batches(location, n=7, state=state), full[5:])
+
+
 @NEEDS_HTTP
 def test_http_gives_the_directorys_documents_and_batches(tiny_shards, served):
     url = served.url + "/"
@@ -82,11 +91,7 @@ def test_http_gives_the_directorys_documents_and_batches(tiny_shards, served):
     # 2 workers per rank, each its own fsspec client in its own process; resumed mid-stream
     full = batches(url)
     assert same(full, batches(tiny_shards))
-    first = loader(url)
-    list(itertools.islice(first, 5))
-    state = first.state_dict()
-    first.close()
-    assert same(batches(url, n=7, state=state), full[5:])
+    resumes_mid_stream(url, full)
 
 
 @NEEDS_HTTP
@@ -124,11 +129,7 @@ def test_s3_gives_the_directorys_batches_with_exact_resume(tiny_shards, resume):
         full = batches(url, n=12)
         assert same(full, batches(tiny_shards, n=12))
         if resume:
-            first = loader(url)
-            list(itertools.islice(first, 5))
-            state = first.state_dict()
-            first.close()
-            assert same(batches(url, n=7, state=state), full[5:])
+            resumes_mid_stream(url, full)
 
 
 @NEEDS_HTTP
