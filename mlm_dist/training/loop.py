@@ -80,7 +80,7 @@ class Trainer:
         self.vocab = self.tokenizer.vocabulary
         self.guard = DivergenceGuard(cfg.train, self.engine.device)
         self.logger = MetricLogger(self.run_dir / "tensorboard" if self.rank0 else None, cfg,
-                                   topo, n_params)
+                                   topo, n_params, self.objective)
         self.announce(n_params)
         self.state = self.restore() if cfg.checkpoint.resume else TrainState()
         self.last_log_step, self.data_wait = self.state.step, 0.0

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from mlm_dist.flops import device_peak_flops
 from mlm_dist.model import IGNORE_INDEX
-from mlm_dist.objectives import objective_for
 
 # Sums of every run beside the objective's terms (objectives/base.py names them), and the two
 # each rank adds at a flush.
@@ -34,9 +33,9 @@ def peak_memory_bytes(device: torch.device) -> float:
 
 
 class MetricLogger:
-    def __init__(self, tensorboard_dir: Path | None, cfg, topo, n_params: int):
-        self.cfg, self.topo = cfg, topo
-        self.objective = objective_for(cfg)
+    def __init__(self, tensorboard_dir: Path | None, cfg, topo, n_params: int, objective):
+        """`objective`: the run's (objectives.Objective), whose named metrics are summed."""
+        self.cfg, self.topo, self.objective = cfg, topo, objective
         self.names: list[str] = []  # of the sums, in their order on the device
         self.writer = None
         self.jsonl = None
