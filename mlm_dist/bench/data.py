@@ -5,8 +5,8 @@ One reader runs in this process (what each dataloader worker does), reading the 
 from their start; the figure is sequences per second per worker once the first micro-batch is
 out (the steady rate, to compare with what one accelerator consumes), and beside it the
 seconds to that first micro-batch (a remote store's first connection, the shuffle buffer
-filling). Beside it: the fill (real tokens / positions, one example a row: the
-objective's, `--objective`) and the distinct documents per micro-batch (how well examples of
+filling). And what the batches hold: the fill (real tokens / positions, one example a row:
+the objective's, `--objective`) and the distinct documents per micro-batch (how well examples of
 different documents are mixed; the micro-batch size at most).
 """
 
