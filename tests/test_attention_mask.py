@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from mlm_dist.attention import AttentionPlan, attention_plan
 from mlm_dist.bench.steps import TorchEngine
 from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
 from mlm_dist.config import MaskingConfig, ModelConfig, ObjectiveConfig
 from mlm_dist.data.batches import BatchWriter, PackedBatchWriter
 from mlm_dist.masking import TokenMasker
-from mlm_dist.model import AttentionPlan, BertForPretraining, attention_plan
+from mlm_dist.model import BertForPretraining
 from mlm_dist.objectives.bert import Bert
 from mlm_dist.training.step import train_step
 

@@ -250,7 +250,7 @@ def test_state_dict_mapping_rejects_unknown_and_missing_parameters():
 
 
 def test_cpu_attention_matches_sdpa():
-    from mlm_dist.model import attention
+    from mlm_dist.attention import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
@@ -265,7 +265,7 @@ def test_cpu_attention_matches_sdpa():
 
 
 def test_cpu_dropout_keeps_the_right_share_scales_and_masks_the_gradient():
-    from mlm_dist.model import dropout
+    from mlm_dist.attention import dropout
 
     x = torch.ones(200_000, requires_grad=True)
     torch.manual_seed(0)

@@ -6,9 +6,10 @@ What the code, tested on CPU ranks, does on the device at hand:
   device     the device, its name, torch, DeepSpeed, CUDA and NCCL versions (what rank 0 of a
              run prints)
   attention  the attention path for rows without padding, with padding and packed
-             (model.attention_plan); on CUDA, for the model's shapes in the training dtype, the
-             kernel SDPA picks, and whether FlashAttention (no mask) and the memory-efficient
+             (attention.attention_plan); on CUDA, for the model's shapes in the training dtype,
+             the kernel SDPA picks, and whether FlashAttention (no mask) and the memory-efficient
              kernel (masks) really run, forward and backward, or PyTorch's reasons why not
+             (bench/gpu_attention.py)
   memory     one step of `bench train`'s stack at the first phase: the activations its forward
              keeps against memory.activation_prediction, and on CUDA the peak allocated bytes
              against the ZeRO-0 formula (fp32 weights, gradients, Adam) plus those activations
@@ -39,18 +40,16 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mlm_dist.bench.gpu_attention import attention_report
 from mlm_dist.bench.memory import activation_prediction, zero_prediction
 from mlm_dist.bench.memory_rank import _CountingForward
-from mlm_dist.bench.steps import OursStep, torch_dtype
+from mlm_dist.bench.steps import OursStep
 from mlm_dist.bench.syncs import summary
 from mlm_dist.bench.train import bench_config, bench_train, phase_for
 from mlm_dist.bench.workload import as_batch, synthetic_batch, synthetic_vocabulary
@@ -63,7 +62,7 @@ from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.engine import DEEPSPEED_VERSION, Topology, choose_accelerator, device_report
 from mlm_dist.errors import PathExistsError, PathNotFoundError, UsageError
 from mlm_dist.launch.local import RanksFailedError, free_port, launcher_command, remove_shm_buffers
-from mlm_dist.model import Packing, attention_bias, attention_plan, num_parameters
+from mlm_dist.model import num_parameters
 from mlm_dist.tokenizer import sentences_of, train_tokenizer
 from mlm_dist.training.checkpoint import CHECKPOINTS, tag_for, tags
 
@@ -93,10 +92,6 @@ class Effort:
 
 GPU_EFFORT = Effort(bench_steps=10, bench_warmup=3, matmul_size=4096, memory_steps=3)
 CPU_EFFORT = Effort(bench_steps=2, bench_warmup=1, matmul_size=1024, memory_steps=2)
-
-# Batches of each kind, as (padded, packed) for model.attention_plan.
-ATTENTION_CASES = {"no_padding": (False, False), "padding": (True, False),
-                   "packed": (True, True)}
 
 
 def bench_gpu(config: str | None, overrides: list[str] = (), *, out: str | None = None,
@@ -210,91 +205,6 @@ def build_shards(work: Path) -> Path:
                     seed=0)
     prepare_shards([corpus], tokenizer, shards, docs_per_shard=100, valid_fraction=0.05, seed=0)
     return shards
-
-
-# ---------------------------------------------------------------------------------------------
-# attention
-
-
-def attention_report(cfg, device) -> dict:
-    report: dict = {"plans": {case: attention_plan(device.type, padded=padded,
-                                                   packed=packed)._asdict()
-                              for case, (padded, packed) in ATTENTION_CASES.items()}}
-    if device.type != "cuda":
-        report["kernels"] = {"skipped": f"on {device.type} the model computes attention itself "
-                                        "(kernel \"matmul\"); FlashAttention and the "
-                                        "memory-efficient kernel are CUDA kernels"}
-        return report
-    lengths = sorted({(p.seq_len, p.micro_batch) for p in cfg.schedule.phases})
-    report["kernels"] = {f"seq_{seq_len}": sdpa_kernels(cfg, seq_len, micro_batch, device)
-                         for seq_len, micro_batch in lengths}
-    report["ok"] = all(k["ok"] for k in report["kernels"].values())
-    return report
-
-
-def flash_expected(capability: tuple[int, int], dtype) -> bool:
-    """PyTorch's FlashAttention runs fp16 and bf16 on Ampere (compute capability 8.0) and
-    newer: A100, H100 and their kin must run it."""
-    return dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)
-
-
-def sdpa_kernels(cfg, seq_len: int, micro_batch: int, device) -> dict:
-    """For each kind of batch, SDPA on q, k, v and the mask the model would give it: the kernel
-    SDPA picks, and whether the kernel the plan is for runs (FlashAttention without a mask,
-    the memory-efficient kernel with one)."""
-    m = cfg.model
-    dtype = torch_dtype(cfg.train.precision)
-    shape = (micro_batch, m.num_heads, seq_len, m.hidden_size // m.num_heads)
-    flash = flash_expected(torch.cuda.get_device_capability(device), dtype)
-    attention_mask, packing = example_masks(micro_batch, seq_len, device)
-    result: dict = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
-                    "dropout": m.attention_dropout}
-    ok = True
-    for case, (padded, packed) in ATTENTION_CASES.items():
-        bias = attention_bias(attention_plan("cuda", padded=padded, packed=packed),
-                              attention_mask, packing, dtype)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        kernel = SDPBackend.FLASH_ATTENTION if bias is None else SDPBackend.EFFICIENT_ATTENTION
-        expected = flash if kernel == SDPBackend.FLASH_ATTENTION else True
-        picks = SDPBackend(torch._fused_sdp_choice(q, k, v, bias, m.attention_dropout, False))
-        runs = kernel_runs(kernel, q, k, v, bias, m.attention_dropout)
-        result[case] = {"sdpa_picks": picks.name, "kernel": kernel.name, **runs,
-                        "expected": expected}
-        ok = ok and (runs["runs"] or not expected)
-    result["ok"] = ok
-    return result
-
-
-def example_masks(batch: int, seq_len: int, device):
-    """A padding mask (each row's last eighth is padding) and packed rows (two pairs each, then
-    the same padding), as the loader makes them, for the model's masks."""
-    positions = torch.arange(seq_len, device=device)
-    real, half = seq_len - seq_len // 8, (seq_len - seq_len // 8) // 2
-    attention_mask = (positions < real).long().expand(batch, seq_len)
-    sequence_ids = torch.where(positions < half, 1, torch.where(positions < real, 2, 0))
-    position_ids = torch.where(positions < half, positions, positions - half) * (sequence_ids > 0)
-    cls_positions = torch.tensor([0, half], device=device)
-    return attention_mask, Packing(position_ids.expand(batch, seq_len),
-                                   sequence_ids.expand(batch, seq_len),
-                                   cls_positions.expand(batch, 2))
-
-
-def kernel_runs(kernel, q, k, v, bias, dropout_p: float) -> dict:
-    """Whether SDPA runs `kernel` on these inputs, forward and backward (backward runs the
-    forward's kernel); if not, PyTorch's reasons (it warns them before it refuses)."""
-    with warnings.catch_warnings(record=True) as reasons:
-        warnings.simplefilter("always")
-        try:
-            with sdpa_kernel([kernel]):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     dropout_p=dropout_p)
-            out.float().sum().backward()
-            torch.cuda.synchronize(q.device)
-            return {"runs": True}
-        except RuntimeError as e:
-            why = [str(w.message).split(" (Triggered internally")[0] for w in reasons]
-            return {"runs": False, "why": why + [str(e).splitlines()[0]]}
 
 
 # ---------------------------------------------------------------------------------------------
