@@ -17,9 +17,11 @@ import pytest
 from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.google_instances import (create_instances_from_document,
                                              create_training_instances, truncate_seq_pair)
-from mlm_dist.bench.convergence import mean_and_spread, targets_of
+from mlm_dist.bench.convergence_result import mean_and_spread, targets_of
 from mlm_dist.bench.grouped_texts import GROUP_TEXTS_BATCH, group_texts, training_blocks
 from mlm_dist.bench.reference_trainer import lr_factor
+from mlm_dist.config import ObjectiveConfig
+from mlm_dist.objectives import objective_for
 
 SENTENCE = 5  # tokens per sentence in the synthetic documents below
 
@@ -147,14 +149,26 @@ def test_seeds_are_summarised_by_mean_and_sample_spread():
     assert s["std"]["train_seconds"] == pytest.approx(2.0)
     assert mean_and_spread(runs[:1], ["val_mlm_loss"])["std"] == {"val_mlm_loss": None}
 
+    sop, mlm, electra = (objective_for(ObjectiveConfig(name=name))
+                         for name in ("sop", "mlm", "electra"))
     ours = {"val_mlm_loss": 6.115, "val_sop_acc": 0.70, "train_seconds": 100.0}
     reference = {"val_mlm_loss": 6.10, "val_sop_acc": 0.705, "train_seconds": 400.0}
-    assert all(targets_of(ours, reference, "sop").values())
-    assert len(targets_of(ours, reference, "sop")) == 3
+    assert all(targets_of(ours, reference, sop).values())
+    assert len(targets_of(ours, reference, sop)) == 3
     worse = {**ours, "val_mlm_loss": 6.121}
-    assert not targets_of(worse, reference, "")[
+    assert not targets_of(worse, reference, mlm)[
         "val_mlm_loss mean <= reference mean + 0.02"]
-    assert len(targets_of(ours, reference, "")) == 2  # mlm: no pair task
+    assert len(targets_of(ours, reference, mlm)) == 2  # mlm: no pair task
+    # electra: the generator's MLM loss, and the discriminator's RTD accuracy and AUC.
+    ours = {"val_gen_mlm_loss": 6.5, "val_rtd_acc": 0.90, "val_rtd_auc": 0.70,
+            "train_seconds": 100.0}
+    reference = {"val_gen_mlm_loss": 6.49, "val_rtd_acc": 0.905, "val_rtd_auc": 0.72,
+                 "train_seconds": 400.0}
+    assert targets_of(ours, reference, electra) == {
+        "val_gen_mlm_loss mean <= reference mean + 0.02": True,
+        "val_rtd_acc mean >= reference mean - 0.01": True,
+        "val_rtd_auc mean >= reference mean - 0.01": False,
+        "train_seconds mean < reference mean": True}
 
 
 def test_training_instances_are_shuffled_passes_over_all_documents():
@@ -220,17 +234,22 @@ def test_corpora_have_the_promised_shapes(tmp_path):
         write_corpus("short", tmp_path / "short.txt")
 
 
+def tiny_convergence(out) -> list[str]:
+    """`bench convergence` of 4 steps of the tiny model on 2 ranks / 2 threads, under `out`."""
+    return ["bench", "convergence", "--corpus", "short", "--out", str(out), "--steps", "4",
+            "--every", "2", "--max-documents", "150", "--vocab-size", "600",
+            "--valid-fraction", "0.1",
+            "schedule.phases.0.micro_batch=4", "schedule.phases.0.global_batch=8",
+            "optim.warmup_steps=1", "train.log_every=2", "eval.max_pairs=64"]
+
+
 def test_bench_convergence_end_to_end(tmp_path, capsys):
     """Both sides train 4 steps of the tiny model on 2 ranks / 2 threads, for bert and then mlm
     on the same shards; one evaluation each; a rerun reuses every stage."""
     from mlm_dist.cli import main
 
     out = tmp_path / "bench"
-    command = ["bench", "convergence", "--corpus", "short", "--out", str(out), "--steps", "4",
-               "--every", "2", "--max-documents", "150", "--vocab-size", "600",
-               "--valid-fraction", "0.1",
-               "schedule.phases.0.micro_batch=4", "schedule.phases.0.global_batch=8",
-               "optim.warmup_steps=1", "train.log_every=2", "eval.max_pairs=64"]
+    command = tiny_convergence(out)
     results = {}
     for objective, pair_acc in (("bert", "val_nsp_acc"), ("mlm", None)):
         main([*command, f"objective.name={objective}"])
@@ -276,3 +295,36 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
         main([*command, "optim.lr=5e-4"])
     assert "reference was trained with another config" in capsys.readouterr().err
     assert not (out / "bert" / "seed-1234" / "ours").exists()
+
+
+def test_bench_convergence_of_electra_end_to_end(tmp_path, capsys):
+    """electra against transformers' ElectraForMaskedLM + ElectraForPreTraining: both sides
+    train 4 tiny steps, the one evaluation scores both in our network, and the result compares
+    the generator's MLM loss and the discriminator's RTD figures."""
+    from mlm_dist.cli import main
+
+    out = tmp_path / "bench"
+    main([*tiny_convergence(out), "objective.name=electra"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["objective"] == "electra"
+    assert result["setup"]["reference"] == "ElectraForMaskedLM + ElectraForPreTraining"
+    for side in (result["ours"], result["reference"]):
+        (run,) = side["runs"]
+        for key in ("val_gen_mlm_loss", "val_gen_mlm_acc", "val_rtd_acc", "val_rtd_auc",
+                    "val_rtd_loss", "val_replaced_frac", "train_seconds", "tokens"):
+            assert math.isfinite(run[key]), key
+        assert not any(k.startswith(("val_mlm", "val_nsp", "val_sop")) for k in run)
+        assert run["steps"] == 4 and [p["step"] for p in run["curve"]] == [0, 2, 4]
+        assert 0 < run["val_replaced_frac"] < 0.16
+        assert side["mean"]["val_gen_mlm_loss"] == run["val_gen_mlm_loss"]
+    ours, reference = result["ours"]["runs"][0], result["reference"]["runs"][0]
+    assert ours["tokens"] == reference["tokens"] == 4 * 8 * 128
+    assert ours["curve"][0] == reference["curve"][0]  # one initial model for both
+    # Both trained: the generator's loss fell from the shared start on either side.
+    for run in (ours, reference):
+        assert run["val_gen_mlm_loss"] < run["curve"][0]["val_gen_mlm_loss"]
+    assert set(result["targets"]) == {
+        "val_gen_mlm_loss mean <= reference mean + 0.02",
+        "val_rtd_acc mean >= reference mean - 0.01",
+        "val_rtd_auc mean >= reference mean - 0.01", "train_seconds mean < reference mean"}
+    assert (out / "electra" / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -347,3 +347,48 @@ def check_finetune_loads_the_discriminator(run, ours, scratch):
     assert type(model).__name__ == "ElectraForSequenceClassification"
     torch.testing.assert_close(model.electra.embeddings.word_embeddings.weight,
                                ours.embeddings.tokens.weight)
+
+
+def test_hf_names_round_trip_and_the_reference_gives_our_logits():
+    """ours -> transformers -> ours is exact; `bench convergence`'s reference (transformers'
+    two networks on one embeddings module), its weights moved away from ours and brought back
+    to our names, gives in our network the logits it gives in transformers (fp32, 1e-4)."""
+    import dataclasses
+
+    from mlm_dist.bench.reference_electra import ElectraReference
+    from mlm_dist.interop.electra import from_hf_state_dicts, to_hf_state_dicts
+
+    objective, ours = electra(seed=3)
+    state = ours.state_dict()
+    back = from_hf_state_dicts(*to_hf_state_dicts(state, TINY, 0.25), TINY, 0.25)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+    cfg = dataclasses.replace(load_config(None, ["data.shards=x", "objective.name=electra"]),
+                              model=TINY)
+    reference = ElectraReference(cfg, torch.device("cpu"))
+    reference.load_ours(state)
+    torch.manual_seed(4)
+    with torch.no_grad():  # away from ours; the shared tensors move once, for both networks
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert (reference.generator.electra.embeddings.position_embeddings.weight
+            is reference.discriminator.electra.embeddings.position_embeddings.weight)
+    converted = objective.build_model(TINY)
+    converted.load_state_dict(reference.our_state_dict(), strict=True)
+    assert not torch.equal(converted.layers[0].ffn.down.weight, ours.layers[0].ffn.down.weight)
+    converted.eval(), reference.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, V, (2, 20))
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    mask[1, 15:] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        theirs = reference.discriminator(input_ids=ids, token_type_ids=types,
+                                         attention_mask=mask).logits
+        torch.testing.assert_close(theirs[real], converted.discriminate(ids, types, mask)[real],
+                                   atol=1e-4, rtol=0)
+        theirs = reference.generator(input_ids=ids, token_type_ids=types,
+                                     attention_mask=mask).logits
+        torch.testing.assert_close(theirs[real], converted.token_logits(ids, types, mask)[real],
+                                   atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
 """`mlm-dist bench convergence`: does our trainer give a model as good as a reference trainer's,
-for the same compute, for each objective (`objective.name=bert|mlm|sop`, an override as in
-`mlm-dist train`)?
+for the same compute, for each objective (`objective.name=bert|mlm|sop|electra`, an override
+as in `mlm-dist train`)?
 
 The same model (shape and initial weights) is trained on the same train shards, for the same
 number of sequences of the same length, with the same global batch, LR schedule, precision and
@@ -12,12 +12,14 @@ gradient clipping, twice:
   reference  a loop written with torch and transformers only, as the objective's original
              recipe trains (bench/reference_trainer.py): bert's instances made the way Google's
              create_pretraining_data.py makes them, sop's the way ALBERT's does
-             (bench/google_instances.py), all shuffled; mlm's blocks grouped as run_mlm.py
-             groups texts (bench/grouped_texts.py); DataCollatorForLanguageModeling's 15 % with
-             80/10/10; transformers' BertForPreTraining (bert, sop) or BertForMaskedLM (mlm);
-             torch AdamW without decay on biases and LayerNorm weights; bf16 autocast;
-             clipping; the same linear warmup and decay. One process, with as many threads as
-             ours has over all its ranks.
+             (bench/google_instances.py), all shuffled; mlm's and electra's blocks grouped as
+             run_mlm.py groups texts (bench/grouped_texts.py); DataCollatorForLanguageModeling's
+             15 % with 80/10/10; transformers' BertForPreTraining (bert, sop), BertForMaskedLM
+             (mlm), or ElectraForMaskedLM and ElectraForPreTraining sharing their embeddings,
+             with the paper's loss (electra: bench/reference_electra.py); torch AdamW without
+             decay on biases and LayerNorm weights; bf16 autocast; clipping; the same linear
+             warmup and decay. One process, with as many threads as ours has over all its
+             ranks.
 
 `--seeds N` trains each side N times, with train.seed, train.seed + 1, ... (the seed sets the
 initial weights both sides share, each side's data order and its masks): at a few thousand
@@ -26,12 +28,14 @@ tiny steps one run moves with the seed by more than the margin the targets test.
 Then ONE evaluation scores both: every saved model, and the initial weights both sides share
 (step 0), is loaded into the objective's network and scored by evaluate.py on the validation
 split, with the same examples and masks for every model and seed. The JSON has, for each side,
-every run (its final validation figures: MLM loss, perplexity, MLM accuracy and the objective's
-pair-task loss and accuracy; its wall time, tokens and validation curve) and the mean and sample
+every run (its final validation figures, the objective's named metrics: MLM loss, perplexity,
+MLM accuracy and the pair task's loss and accuracy, or electra's generator MLM and
+discriminator RTD figures; its wall time, tokens and validation curve) and the mean and sample
 standard deviation over the seeds; the differences of the means (ours - reference); and whether
-our targets hold, on the means: validation MLM loss at most the reference's + 0.02, pair-task
-accuracy (NSP, SOP) at least the reference's - 0.01, less wall time. A PNG draws both sides'
-validation MLM-loss curves, one line per seed.
+our targets hold, on the means (bench/convergence_result.py): the objective's headline loss
+(the MLM loss, the generator's for electra) at most the reference's + 0.02, its task figures
+(NSP or SOP accuracy, RTD accuracy and AUC) at least the reference's - 0.01, less wall time. A
+PNG draws both sides' validation curves of the headline loss, one line per seed.
 
 Stages, each skipped when its output exists (as in the demo): corpus (bench/corpora.py) ->
 tokenizer -> shards (shared by every objective and seed) -> for each seed: ours -> reference ->
@@ -44,7 +48,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -54,10 +57,11 @@ from pathlib import Path
 import torch
 
 from mlm_dist.bench.convergence_eval import evaluate_runs, plot_curves
+from mlm_dist.bench.convergence_result import assemble_result, model_shape
 from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.reference_trainer import REFERENCE_RECIPES, say, train_reference
 from mlm_dist.commands.bench import CONVERGENCE_CONFIG, CONVERGENCE_VALID_FRACTION
-from mlm_dist.config import ConfigError, ModelConfig, RunConfig, SequencePhase, load_config
+from mlm_dist.config import ConfigError, RunConfig, SequencePhase, load_config
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.data.pipeline import LoaderSettings, ResumableLoader, manifest_shards
 from mlm_dist.data.prepare import prepare_shards
@@ -70,18 +74,12 @@ from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer
 from mlm_dist.training import checkpoint
 from mlm_dist.training.preflight import resolve_data
 
-# The targets, on the means over seeds: ours must match the reference's quality for the same
-# tokens, in less time.
-MLM_LOSS_MARGIN = 0.02
-PAIR_ACC_MARGIN = 0.01  # the pair task's accuracy (NSP, SOP)
 # Book-sized documents are few: a larger valid fraction than `prepare`'s default keeps a few.
 # A few shards per rank for either corpus (~100 books, ~50k short documents): our loader mixes
 # the pairs of the documents of one shard at a time, as it would on a real corpus's shards.
 DOCS_PER_SHARD = {"books": 16, "short": 4000}
 SIDE_RECORD = "bench.json"  # written last in each side's directory: that side is done
 CURVES_RECORD = "curves.json"  # a seed's evaluation, kept with the signature it scored
-# evaluate.py's figures that describe the sample, not the model
-SAMPLE_FIGURES = ("val/mask_rate", "val/sequences", "val/predictions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +278,8 @@ def run_convergence(corpus: str, out: Path, steps: int, *, config: Path = CONVER
         runs.append((ours, reference, evaluate_seed(setup)))
     plot = setups[0].run_dir.parent / "convergence.png"
     plot_curves([curves for _, _, curves in runs], plot,
-                plot_title(setups[0], runs[0][0]["tokens"]))
+                plot_title(setups[0], runs[0][0]["tokens"]),
+                objective_for(setups[0].cfg).headline)
     return assemble_result(setups, runs, plot)
 
 
@@ -384,109 +383,11 @@ def evaluate_seed(setup: Setup) -> dict:
     return curves
 
 
-def model_shape(m: ModelConfig) -> str:
-    return (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, vocab "
-            f"{m.vocab_size}")
-
-
 def plot_title(setup: Setup, tokens: int) -> str:
     phase, cfg = setup.phase, setup.cfg
     return (f"{cfg.objective.name}, corpus '{setup.corpus}': {model_shape(cfg.model)}\nseq "
             f"{phase.seq_len}, batch {phase.global_batch}, {setup.steps} steps "
             f"({tokens / 1e6:.1f}M tokens), {cfg.train.precision}, lr {cfg.optim.lr:g}")
-
-
-def named_metrics(point: dict) -> dict:
-    """The objective's validation metrics of one evaluation ("val/mlm_loss" -> "val_mlm_loss"),
-    without the figures of the sample."""
-    return {k.replace("/", "_"): v for k, v in point.items()
-            if k.startswith("val/") and k not in SAMPLE_FIGURES}
-
-
-def side_summary(run: dict, curve: list[dict]) -> dict:
-    """One run's figures in the result: its final validation metrics, its training run's
-    figures and its validation curve."""
-    final = curve[-1]
-    return {
-        **named_metrics(final),
-        # the sample behind them: the same examples and predicted positions for both sides
-        "val_examples": final["val/sequences"], "val_predictions": final["val/predictions"],
-        "train_seconds": run["train_seconds"], "loop_seconds": run["loop_seconds"],
-        "steps": run["steps"], "sequences": run["sequences"], "tokens": run["tokens"],
-        # tokens that are not padding: what the examples put into those sequences
-        "real_tokens": run["real_tokens"],
-        "curve": [{"step": p["step"], **named_metrics(p)} for p in curve],
-    }
-
-
-def mean_and_spread(runs: list[dict], keys: list[str]) -> dict:
-    """The mean and the sample standard deviation (n - 1; None for one run) of each of `keys`
-    over `runs`."""
-    values = {k: [r[k] for r in runs] for k in keys}
-    return {"mean": {k: statistics.fmean(v) for k, v in values.items()},
-            "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}}
-
-
-def compared_keys(run: dict) -> list[str]:
-    """What is averaged over seeds and compared: the validation metrics and the times."""
-    return [k for k in run if k.startswith("val_") and k not in ("val_examples",
-                                                                 "val_predictions")
-            ] + ["train_seconds", "loop_seconds", "real_tokens"]
-
-
-def targets_of(ours: dict, reference: dict, pair_task: str) -> dict[str, bool]:
-    """Our targets on the means over seeds (`ours`, `reference`: mean_and_spread's "mean")."""
-    targets = {f"val_mlm_loss mean <= reference mean + {MLM_LOSS_MARGIN}":
-               ours["val_mlm_loss"] <= reference["val_mlm_loss"] + MLM_LOSS_MARGIN}
-    if pair_task:
-        acc = f"val_{pair_task}_acc"
-        targets[f"{acc} mean >= reference mean - {PAIR_ACC_MARGIN}"] = (
-            ours[acc] >= reference[acc] - PAIR_ACC_MARGIN)
-    targets["train_seconds mean < reference mean"] = (ours["train_seconds"]
-                                                      < reference["train_seconds"])
-    return targets
-
-
-def assemble_result(setups: list[Setup], runs: list[tuple[dict, dict, dict]],
-                    plot: Path) -> dict:
-    """The JSON result: the set-up, both sides (every run, the mean and spread over seeds),
-    the differences of the means and the targets."""
-    sides: dict[str, list[dict]] = {"ours": [], "reference": []}
-    for setup, (ours, reference, curves) in zip(setups, runs):
-        o = {"seed": setup.seed, **side_summary(ours, curves["ours"])}
-        r = {"seed": setup.seed, **side_summary(reference, curves["reference"]),
-             **{k: v for k, v in reference.items()
-                if k in ("data_seconds", "passes", "instances", "blocks", "threads")
-                or k.endswith("_fraction")}}
-        sides["ours"].append(o)
-        sides["reference"].append(r)
-    keys = compared_keys(sides["ours"][0])
-    summary = {side: {**mean_and_spread(done, keys), "runs": done}
-               for side, done in sides.items()}
-    o, r = summary["ours"]["mean"], summary["reference"]["mean"]
-    setup, cfg = setups[0], setups[0].cfg
-    targets = targets_of(o, r, getattr(objective_for(cfg), "task", ""))
-    phase = setup.phase
-    return {
-        "corpus": setup.corpus, "objective": cfg.objective.name,
-        "seeds": [s.seed for s in setups],
-        "setup": {"model": model_shape(cfg.model), "seq_len": phase.seq_len,
-                  "micro_batch": phase.micro_batch, "global_batch": phase.global_batch,
-                  "steps": setup.steps, "every": setup.every, "lr": cfg.optim.lr,
-                  "warmup_steps": cfg.optim.warmup_steps, "precision": cfg.train.precision,
-                  "ranks": setup.ranks, "reference_threads": setup.threads,
-                  "reference": REFERENCE_RECIPES[cfg.objective.name],
-                  "train_shards": split_totals(setup.shards, "train"),
-                  "valid_shards": split_totals(setup.shards, "valid")},
-        **summary,
-        "delta": {k: o[k] - r[k] for k in keys},  # of the means: ours - reference
-        "targets": targets, "targets_hold": all(targets.values()),
-        "plot": str(plot),
-    }
-
-
-def split_totals(shards: Path, split: str) -> dict:
-    return Manifest.load(shards).totals(split)
 
 
 # ---------------------------------------------------------------------------------------------

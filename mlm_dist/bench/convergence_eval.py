@@ -43,20 +43,21 @@ def evaluate_runs(cfg, tokenizer, ours_dir: Path, reference_dir: Path, every: in
     model.load_state_dict(initial_state_dict(cfg), strict=True)
     initial = {"step": 0, **score(model, cfg, shards, tokenizer)}
     curves = {"ours": [initial], "reference": [initial]}
+    headline = objective_for(cfg).headline
     for step in saved_steps(every, cfg.schedule.total_steps):
         ours, _, _ = load_checkpoint(ours_dir / CHECKPOINTS / tag_for(step))
         curves["ours"].append({"step": step, **score(ours, cfg, shards, tokenizer)})
         model.load_state_dict(torch.load(reference_dir / f"{tag_for(step)}.pt",
                                           map_location="cpu", weights_only=True), strict=True)
         curves["reference"].append({"step": step, **score(model, cfg, shards, tokenizer)})
-        say(f"evaluated step {step}: val MLM loss ours {curves['ours'][-1]['val/mlm_loss']:.4f}, "
-            f"reference {curves['reference'][-1]['val/mlm_loss']:.4f}")
+        say(f"evaluated step {step}: {headline} ours {curves['ours'][-1][headline]:.4f}, "
+            f"reference {curves['reference'][-1][headline]:.4f}")
     return curves
 
 
-def plot_curves(runs: list[dict], path: Path, title: str) -> None:
-    """Both sides' validation MLM-loss curves, one line per seed (`runs`: evaluate_runs's
-    curves of each seed)."""
+def plot_curves(runs: list[dict], path: Path, title: str, metric: str) -> None:
+    """Both sides' validation curves of `metric` (the objective's headline loss), one line per
+    seed (`runs`: evaluate_runs's curves of each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write the file only
@@ -66,11 +67,11 @@ def plot_curves(runs: list[dict], path: Path, title: str) -> None:
     for side, style, color in (("ours", "-o", "C0"), ("reference", "--s", "C1")):
         for k, curves in enumerate(runs):
             points = curves[side]
-            ax.plot([p["step"] for p in points], [p["val/mlm_loss"] for p in points], style,
+            ax.plot([p["step"] for p in points], [p[metric] for p in points], style,
                     color=color, label=side if k == 0 else None, markersize=3,
                     alpha=1.0 if len(runs) == 1 else 0.6)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation MLM loss")
+    ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,7 +1,7 @@
-"""The reference's data for `mlm-dist bench convergence` with `objective.name=mlm`: blocks of
-contiguous text as transformers' run_mlm.py (examples/pytorch/language-modeling, without
---line_by_line) makes them, written again on token ids so the reference depends on nothing of
-ours but the shards it reads.
+"""The reference's data for `mlm-dist bench convergence` with `objective.name=mlm` (and `electra`,
+trained on full rows too): blocks of contiguous text as transformers' run_mlm.py
+(examples/pytorch/language-modeling, without --line_by_line) makes them, written again on token
+ids so the reference depends on nothing of ours but the shards it reads.
 
 run_mlm.py tokenizes each text with the tokenizer's special tokens around it ([CLS] text [SEP]
 for BERT); `group_texts` then concatenates the texts of each `datasets.map` batch of 1,000 and

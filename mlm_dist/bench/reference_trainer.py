@@ -8,13 +8,15 @@ transformers only, as each objective's original recipe trains.
                sop   the sentence-order instances of google_instances.py (ALBERT's
                      create_pretraining_data.py), all shuffled;
                mlm   blocks of contiguous text as run_mlm.py groups texts (grouped_texts.py),
-                     shuffled every epoch.
+                     shuffled every epoch;
+               electra  mlm's blocks: ours trains both on full rows of contiguous text.
              DataCollatorForLanguageModeling masks them (masking.prob, 80/10/10 by
              masking.mask_frac and masking.random_frac) one micro-batch at a time.
   model      transformers' BertForPreTraining (bert, sop: the pair classifier predicts next
-             sentence or order) or BertForMaskedLM (mlm), loaded with our model's initial
-             weights (the same seed and constructor as training/loop.py), so both sides start
-             from the same point.
+             sentence or order), BertForMaskedLM (mlm), or ElectraForMaskedLM feeding
+             ElectraForPreTraining with the paper's loss (electra: reference_electra.py),
+             loaded with our model's initial weights (the same seed and constructor as
+             training/loop.py), so both sides start from the same point.
   optimizer  torch's fused AdamW (the HF Trainer's default) without weight decay on biases and
              LayerNorm weights; our linear warmup and decay (lr_factor); bf16 autocast or fp32;
              gradient clipping; micro-batch losses averaged over the step, as DeepSpeed's
@@ -42,6 +44,7 @@ from transformers import DataCollatorForLanguageModeling
 from mlm_dist.bench.google_instances import (Instance, create_training_instances,
                                              read_train_documents)
 from mlm_dist.bench.grouped_texts import group_texts, training_blocks
+from mlm_dist.bench.reference_electra import ElectraReference
 from mlm_dist.bench.steps import hf_adamw
 from mlm_dist.bench.workload import hf_collator_tokenizer, synthetic_vocabulary
 from mlm_dist.interop.huggingface import (HF_CLASSES, from_hf_state_dict, hf_bert_config,
@@ -51,7 +54,11 @@ from mlm_dist.tokenizer import CLS_ID, SEP_ID
 
 # The objectives a reference recipe exists for, and the transformers class each trains.
 REFERENCE_RECIPES = {"bert": "BertForPreTraining", "sop": "BertForPreTraining",
-                     "mlm": "BertForMaskedLM"}
+                     "mlm": "BertForMaskedLM",
+                     "electra": "ElectraForMaskedLM + ElectraForPreTraining"}
+# The objectives whose rows are full rows of contiguous text (ours: data/rows.py), which the
+# reference makes as run_mlm.py does.
+FULL_ROWS = ("mlm", "electra")
 
 # torch, numpy and transformers are imported where they are used, so that registering the
 # command costs `mlm-dist --help` nothing.
@@ -116,7 +123,8 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
             real_tokens += sum(len(r["input_ids"]) for r in rows)
             batch = {k: v.to(device) for k, v in collator(rows).items()}
             with autocast:
-                loss = model(**batch).loss  # mean MLM cross entropy (+ mean pair cross entropy)
+                # mean MLM cross entropy (+ mean pair cross entropy, or λ × mean RTD)
+                loss = model(**batch).loss
             # Micro-batch means averaged over the step, as DeepSpeed's accumulation does.
             (loss / accumulation).backward()
             loss_sum += loss.detach().float()  # read at the logging cadence only
@@ -133,9 +141,7 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
             say(f"reference: step {done:>7} | loss {mean:.4f}")
             loss_sum, loss_count = 0.0, 0
         if done % every == 0 or done == total:
-            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-            save_state_dict(from_hf_state_dict(state, heads_optional=masked_lm_only(cfg)),
-                            run_dir / f"step_{done:08d}.pt")
+            save_state_dict(our_state_dict(cfg, model), run_dir / f"step_{done:08d}.pt")
     loop_seconds = time.perf_counter() - loop_start
     torch.set_num_threads(threads_before)
     return {"train_seconds": time.perf_counter() - start, "loop_seconds": loop_seconds,
@@ -144,9 +150,15 @@ def train_reference(cfg, run_dir: Path, every: int, threads: int) -> dict:
             "threads": threads, "history": history}
 
 
-def masked_lm_only(cfg) -> bool:
-    """The reference trains BertForMaskedLM: no pooler, no pair classifier."""
-    return REFERENCE_RECIPES[cfg.objective.name] == "BertForMaskedLM"
+def our_state_dict(cfg, model) -> dict:
+    """The reference's weights as an fp32 state dict of the objective's network, under our
+    names."""
+    if isinstance(model, ElectraReference):
+        return model.our_state_dict()
+    state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    # BertForMaskedLM has no pooler and no pair classifier.
+    return from_hf_state_dict(state, heads_optional=REFERENCE_RECIPES[cfg.objective.name]
+                              == "BertForMaskedLM")
 
 
 @dataclass
@@ -163,7 +175,7 @@ def reference_data(cfg, *, needed: int) -> ReferenceData:
     start = time.perf_counter()
     phase, name = cfg.schedule.phases[0], cfg.objective.name
     documents = read_train_documents(cfg.data.shards)
-    if name == "mlm":
+    if name in FULL_ROWS:
         blocks = group_texts(documents, phase.seq_len, CLS_ID, SEP_ID)
         rows, epochs = training_blocks(blocks, needed, random.Random(cfg.train.seed))
         say(f"reference: {len(blocks)} blocks of {phase.seq_len} tokens, {epochs} epochs "
@@ -190,12 +202,16 @@ def reference_collator(cfg):
 
 
 def reference_model(cfg, device):
-    """Our initial weights in the objective's transformers class (REFERENCE_RECIPES), in
+    """Our initial weights in the objective's transformers classes (REFERENCE_RECIPES), in
     training mode."""
-    hf_class = REFERENCE_RECIPES[cfg.objective.name]
-    model = getattr(transformers, hf_class)(hf_bert_config(cfg.model))
-    model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg), HF_CLASSES[hf_class]),
-                          strict=True)
+    if cfg.objective.name == "electra":
+        model = ElectraReference(cfg, device)
+        model.load_ours(initial_state_dict(cfg))
+    else:
+        hf_class = REFERENCE_RECIPES[cfg.objective.name]
+        model = getattr(transformers, hf_class)(hf_bert_config(cfg.model))
+        model.load_state_dict(to_hf_state_dict(initial_state_dict(cfg), HF_CLASSES[hf_class]),
+                              strict=True)
     model.to(device).train()
     torch.manual_seed(cfg.train.seed)  # dropout's stream, whatever the constructors drew
     return model

@@ -11,7 +11,8 @@ Google's released ELECTRA generators and discriminators do.
 The names are one table per network, built from huggingface.PARAMETER_NAMES's encoder rows
 (Hugging Face's ELECTRA encoder is BERT's under `electra.`); every one of our tensors must
 land in one of the two networks and every one of theirs must come from ours, or the export
-stops naming the tensors.
+stops naming the tensors. The same tables read backwards bring a pair of transformers ELECTRA
+networks to our names (`from_hf_state_dicts`: `bench convergence` scores its reference that way).
 """
 
 from __future__ import annotations
@@ -110,6 +111,33 @@ def to_hf_state_dicts(state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
                        f"{unused[:8]} that neither network takes")
     return tuple({hf: sd[ours].detach().to("cpu", torch.float32) for ours, hf in table}
                  for table in tables)
+
+
+def from_hf_state_dicts(discriminator: dict[str, torch.Tensor], generator: dict[str, torch.Tensor],
+                        cfg: ModelConfig, generator_size: float) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32 copies, on the CPU) from (ElectraForPreTraining's,
+    ElectraForMaskedLM's): the export's tables read backwards. A tensor of ours that both
+    networks hold (the shared embeddings; the token matrix, also the generator's output
+    matrix) must be equal wherever it appears, since ours holds it once; a tensor of theirs in
+    no table, or one the table wants and they lack, is an error."""
+    ours: dict[str, torch.Tensor] = {}
+    for hf_class, hf_sd, table in (
+            ("ElectraForPreTraining", discriminator, discriminator_names(cfg)),
+            ("ElectraForMaskedLM", generator, generator_names(cfg, generator_size))):
+        missing = sorted({hf for _, hf in table} - hf_sd.keys())
+        unused = sorted(hf_sd.keys() - {hf for _, hf in table})
+        if missing or unused:
+            raise KeyError(f"{hf_class} state dict: lacks {missing[:8]} and has {unused[:8]} "
+                           "that our ELECTRA does not take")
+        for name, hf in table:
+            tensor = hf_sd[hf].detach().to("cpu", torch.float32, copy=True)
+            if name in ours and not torch.equal(ours[name], tensor):
+                raise ValueError(f"{hf_class}: {hf} should equal the other copy of our {name} "
+                                 "(ELECTRA shares it) but differs")
+            ours[name] = tensor
+    for alias, source in OUR_ALIASES.items():
+        ours[alias] = ours[source]
+    return ours
 
 
 def export_electra(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, generator_size: float,

@@ -11,7 +11,9 @@ methods and know nothing else of the objective:
   the training metrics made from those sums at each log step;
 - `eval_terms` / `eval_record`: the same for one evaluation pass;
 - `export`: the Hugging Face folder its network becomes;
-- `flops_per_token`: the training FLOPs per token of its step (MFU, equal-compute comparisons).
+- `flops_per_token`: the training FLOPs per token of its step (MFU, equal-compute comparisons);
+- `headline` / `task_metrics`: the validation figures `bench convergence` holds against a
+  reference trainer of the objective.
 
 Terms are 0-dim tensors, never read on the host by the objective: the metric logger stacks
 them (by name) and pays for one reduction at its own cadence. Besides the objective's terms
@@ -41,6 +43,11 @@ class Objective:
     # The Hugging Face class `export` writes by default, and the ones it can write.
     hf_class: str = ""
     hf_classes: tuple[str, ...] = ()
+    # What `bench convergence` compares with the reference trainer: the validation loss both
+    # sides minimise alike (lower is better), and the objective's own task figures (higher is
+    # better; an objective without a task of its own has none).
+    headline = "val/mlm_loss"
+    task_metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg

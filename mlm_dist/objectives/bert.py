@@ -26,6 +26,10 @@ class PairObjective(Objective):
     hf_class = "BertForPreTraining"
     hf_classes = ("BertForPreTraining", "BertForMaskedLM")
 
+    @property
+    def task_metrics(self):
+        return (f"val/{self.task}_acc",)
+
     def build_model(self, model, checkpoint_activations=None):
         return BertForPretraining(model, checkpoint_activations)
 

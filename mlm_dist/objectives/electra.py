@@ -55,6 +55,10 @@ class Electra(Objective):
     name = "electra"
     hf_class = "ElectraForPreTraining"
     hf_classes = ("ElectraForPreTraining",)
+    # The generator's MLM loss is what a reference's generator minimises alike; how well the
+    # discriminator tells replaced tokens (RTD) is the task, its AUC free of the share replaced.
+    headline = "val/gen_mlm_loss"
+    task_metrics = ("val/rtd_acc", "val/rtd_auc")
 
     def __init__(self, cfg):
         super().__init__(cfg)
