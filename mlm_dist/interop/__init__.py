@@ -1,7 +1,8 @@
 """Carrying models to and from Hugging Face, one concern a module: bert_names.py (the parameter
 table, state dicts both ways), hf_tokenizer.py (our SentencePiece model as a fast tokenizer),
 export.py (a run as a folder), init_from.py (a folder as the start of a run), electra.py
-(ELECTRA's two folders), fill_mask.py. Their one error is here, where each can import it."""
+(ELECTRA's two folders), fill_mask.py (as `pipeline("fill-mask")`). Their one error is here,
+where each can import it."""
 
 from mlm_dist.errors import UserError
 

@@ -1,6 +1,6 @@
 """A run's weights and tokenizer as a Hugging Face folder (`BertForPreTraining` or
-`BertForMaskedLM`), written whole or not at all; electra.py writes its folders with the same
-`tokenizer_for_export` and `write_folders`.
+`BertForMaskedLM`): the interop module that writes, so the write-whole-or-nothing lives once,
+here; electra.py writes its two folders with the same `tokenizer_for_export` and `write_folders`.
 """
 
 from __future__ import annotations
