@@ -5,7 +5,7 @@ one a run trains, and on what, is its objective's choice (mlm_dist/objectives).
 The network is the original BERT, computed exactly as Hugging Face's `BertForPreTraining`
 does it (post-LayerNorm residual blocks, exact-erf GELU, learned absolute positions, segment
 embeddings, a tanh pooler on [CLS]), so a trained state dict exports 1:1 to that class
-(see `interop/huggingface.py`). Three things differ, all for speed and none changes the numbers:
+(see `interop/bert_names.py`). Three things differ, all for speed and none changes the numbers:
 
 - attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (on a
   CPU it is written out; see mlm_dist/attention.py);
@@ -279,7 +279,7 @@ class BertForPretraining(Encoder):
     (ALBERT); Hugging Face calls it `cls.seq_relationship`, for either."""
 
     # The parameters of these modules may be freshly initialised when a Hugging Face folder
-    # lacks them (interop.huggingface.load_pretrained); everything else must be loaded.
+    # lacks them (interop.init_from.load_pretrained); everything else must be loaded.
     HEADS = ("pooler", "nsp_head", "mlm_head")
 
     def __init__(self, cfg: ModelConfig, checkpoint_activations: bool | None = None):

@@ -21,7 +21,7 @@ from mlm_dist.bench.tasks import (CLASSIFICATION, TOKENS, Task, TaggedSentence, 
                                   read_examples)
 from mlm_dist.config import ModelConfig
 from mlm_dist.data.corpus import iter_documents
-from mlm_dist.interop.huggingface import export_hf
+from mlm_dist.interop.export import export_hf
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import sentences_of, train_tokenizer
 

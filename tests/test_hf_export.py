@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mlm_dist.config import ModelConfig
-from mlm_dist.interop.huggingface import export_hf
+from mlm_dist.interop.export import export_hf
 from mlm_dist.model import BertForPretraining
 from mlm_dist.tokenizer import (CLS_ID, MASK_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, WORD_BOUNDARY,
                                 drop_cjk_spaces, train_tokenizer)
@@ -176,7 +176,7 @@ def test_tokenizer_mask_in_text_gives_our_ids(exported, tokenizer):
 
 
 def test_tokenizer_mask_in_text_without_spaces(tmp_path):
-    from mlm_dist.interop.huggingface import hf_tokenizer
+    from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 
     sentences = ["東京は日本の首都です。", "日本の首都は東京です。", "北京是中国的首都。",
                  "中国的首都是北京。"]
@@ -238,7 +238,7 @@ def test_refuses_tokenizer_of_another_vocab_size(exported, tokenizer, tmp_path):
 
 
 def test_bpe_tokenizer_exports_too(tmp_path):
-    from mlm_dist.interop.huggingface import hf_tokenizer
+    from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 
     bpe = train_tokenizer(docstring_sentences(), tmp_path, vocab_size=400, model_type="bpe")
     hf_tok = hf_tokenizer(tmp_path, model_max_length=64)
@@ -363,7 +363,7 @@ def train_small(sentences, out, byte_fallback, model_type="unigram", lang="en"):
 def cjk(request, tmp_path_factory):
     """(ours, the exported tokenizer loaded by AutoTokenizer, training sentences). "-lang":
     trained with lang="ja" / "zh" (no dummy prefix, spaces next to CJK characters dropped)."""
-    from mlm_dist.interop.huggingface import hf_tokenizer
+    from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 
     lang, option, tokenizer_lang = request.param
     sentences = (JAPANESE if lang == "ja" else CHINESE) + MIXED
@@ -414,7 +414,7 @@ def test_byte_pieces_typed_as_text(tmp_path):
     """Text that spells a byte piece ("<0x41>") is those characters, never the byte, in
     SentencePiece and in the export alike, as long as the characters have pieces. Known
     difference: if one of them has none, the export takes the byte piece (hf_export docstring)."""
-    from mlm_dist.interop.huggingface import hf_tokenizer
+    from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 
     sentences = JAPANESE + ["値は 0x41 と 0xE3 で <タグ> を使う。", "012345678 ABCDEF x <> です。"]
     ours = train_small(sentences, tmp_path, byte_fallback=True)
@@ -478,7 +478,7 @@ def test_cjk_normalisation_gives_our_ids(tmp_path, lang):
     """The exported normaliser against SentencePiece's, character by character. With byte
     fallback every character that ends up different would show as different bytes (with [UNK]
     two different unknown characters look alike)."""
-    from mlm_dist.interop.huggingface import hf_tokenizer
+    from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 
     ours = train_small(JAPANESE + CHINESE + MIXED, tmp_path, byte_fallback=True, lang=lang)
     hf_tok = hf_tokenizer(tmp_path, model_max_length=64)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mlm_dist.config import ModelConfig
-from mlm_dist.interop.huggingface import from_hf_state_dict, hf_bert_config, to_hf_state_dict
+from mlm_dist.interop.bert_names import from_hf_state_dict, to_hf_state_dict
+from mlm_dist.interop.export import hf_bert_config
 from mlm_dist.model import BertForPretraining, num_parameters, parameter_groups, pretraining_loss
 
 from autocast_rules import cuda_layer_norm_rule, layer_norm_rule_is_cudas

@@ -19,7 +19,7 @@ from mlm_dist.data.batches import BatchWriter
 from mlm_dist.data.rows import FullRowBuilder
 from mlm_dist.data.shards import WORD_START, token_ids
 from mlm_dist.data.sop import IN_ORDER, SWAPPED, SentenceOrderBuilder
-from mlm_dist.interop.huggingface import load_pretrained, pretrained_model_config
+from mlm_dist.interop.init_from import load_pretrained, pretrained_model_config
 from mlm_dist.objectives import OBJECTIVES, objective_for
 from mlm_dist.tokenizer import Vocabulary
 from mlm_dist.training.checkpoint import load_checkpoint

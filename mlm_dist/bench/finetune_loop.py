@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from mlm_dist.bench.finetune_encode import IGNORE, Encoded
 from mlm_dist.bench.finetune_metrics import classification_scores, entity_scores
 from mlm_dist.bench.tasks import CLASSIFICATION, Task
-from mlm_dist.interop.huggingface import ModelFolderError
+from mlm_dist.interop import ModelFolderError
 
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01

@@ -29,7 +29,7 @@ from mlm_dist.config import MaskingConfig, SequencePhase
 from mlm_dist.data.corpus import iter_documents
 from mlm_dist.demo.stdlib_corpus import write_stdlib_corpus
 from mlm_dist.errors import UsageError
-from mlm_dist.interop.huggingface import hf_tokenizer
+from mlm_dist.interop.hf_tokenizer import hf_tokenizer
 from mlm_dist.masking import TokenMasker
 from mlm_dist.masking import max_predictions as derived_max_predictions
 from mlm_dist.tokenizer import Tokenizer, sentences_of, train_tokenizer

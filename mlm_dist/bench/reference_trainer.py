@@ -47,8 +47,8 @@ from mlm_dist.bench.grouped_texts import group_texts, training_blocks
 from mlm_dist.bench.reference_electra import ElectraReference
 from mlm_dist.bench.steps import hf_adamw
 from mlm_dist.bench.workload import hf_collator_tokenizer, synthetic_vocabulary
-from mlm_dist.interop.huggingface import (HF_CLASSES, from_hf_state_dict, hf_bert_config,
-                                          to_hf_state_dict)
+from mlm_dist.interop.bert_names import HF_CLASSES, from_hf_state_dict, to_hf_state_dict
+from mlm_dist.interop.export import hf_bert_config
 from mlm_dist.objectives import objective_for
 from mlm_dist.tokenizer import CLS_ID, SEP_ID
 

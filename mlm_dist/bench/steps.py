@@ -12,7 +12,7 @@ from transformers import BertForPreTraining, DataCollatorForLanguageModeling
 
 from mlm_dist.bench.workload import hf_collator_tokenizer, hf_examples
 from mlm_dist.config import RunConfig, SequencePhase
-from mlm_dist.interop.huggingface import hf_bert_config
+from mlm_dist.interop.export import hf_bert_config
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import parameter_groups
 from mlm_dist.objectives import objective_for

@@ -1,6 +1,6 @@
 """Our ELECTRA (electra_model.py) -> Hugging Face: the discriminator as `ElectraForPreTraining`
 in the export folder, the generator as `ElectraForMaskedLM` in its `generator/` subfolder,
-each with the tokenizer (as huggingface.export_hf writes it).
+each with the tokenizer (as export.export_hf writes it).
 
 The folder is what `from_pretrained(folder)` and fine-tuning load (AutoModelFor... of an
 ElectraConfig: the discriminator, the encoder ELECTRA trains for); `pipeline("fill-mask",
@@ -8,7 +8,7 @@ model=folder/generator)` runs the generator. Both hold the shared embeddings (th
 at the discriminator's width, `embedding_size`, projected by `embeddings_project`), as
 Google's released ELECTRA generators and discriminators do.
 
-The names are one table per network, built from huggingface.PARAMETER_NAMES's encoder rows
+The names are one table per network, built from bert_names.PARAMETER_NAMES's encoder rows
 (Hugging Face's ELECTRA encoder is BERT's under `electra.`); every one of our tensors must
 land in one of the two networks and every one of theirs must come from ours, or the export
 stops naming the tensors. The same tables read backwards bring a pair of transformers ELECTRA
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from mlm_dist.config import ModelConfig, generator_config
-from mlm_dist.interop.huggingface import (PARAMETER_NAMES, _strip_wrappers,
-                                          tokenizer_for_export, write_folders)
+from mlm_dist.interop.bert_names import PARAMETER_NAMES, _strip_wrappers
+from mlm_dist.interop.export import tokenizer_for_export, write_folders
 from mlm_dist.tokenizer import PAD_ID
 
 ENCODER_ROWS = [(ours, hf.replace("bert.", "electra.", 1)) for ours, hf in PARAMETER_NAMES

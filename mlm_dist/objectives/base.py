@@ -90,7 +90,7 @@ class Objective:
                out: str | Path, hf_class: str = "") -> Path:
         """Write a Hugging Face folder of `hf_class` (default: the objective's own)."""
         from mlm_dist.config import ConfigError
-        from mlm_dist.interop.huggingface import export_hf
+        from mlm_dist.interop.export import export_hf
 
         hf_class = hf_class or self.hf_class
         if hf_class not in self.hf_classes:

@@ -27,7 +27,7 @@ from mlm_dist.data.batches import Batch, assemble, writer_for
 from mlm_dist.data.pipeline import ReaderStream, manifest_shards
 from mlm_dist.data.shards import Manifest, ShardFormatError
 from mlm_dist.errors import UsageError
-from mlm_dist.interop.huggingface import load_pretrained
+from mlm_dist.interop.init_from import load_pretrained
 from mlm_dist.masking import TokenMasker, max_predictions
 from mlm_dist.model import IGNORE_INDEX
 from mlm_dist.objectives import objective_for

@@ -65,7 +65,7 @@ class Trainer:
         self.objective = objective_for(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         if cfg.model.init_from:
-            from mlm_dist.interop.huggingface import load_pretrained
+            from mlm_dist.interop.init_from import load_pretrained
 
             model = load_pretrained(cfg.model, self.objective,
                                     say=print if self.rank0 else None)

@@ -85,7 +85,7 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
                           "or re-run `mlm-dist prepare`")
     model_cfg = cfg.model
     if model_cfg.init_from:
-        from mlm_dist.interop.huggingface import pretrained_model_config
+        from mlm_dist.interop.init_from import pretrained_model_config
 
         model_cfg = pretrained_model_config(model_cfg.init_from, model_cfg)
         if Tokenizer.load(model_cfg.init_from).sha256 != tokenizer.sha256:
