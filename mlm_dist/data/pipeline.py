@@ -50,8 +50,8 @@ class Shard:
 
 
 def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
-    """The shards of a split as the manifest in `directory` lists them (a run has read it
-    already: split_shards)."""
+    """The shards of a split as the manifest in `directory` lists them, read now (a training
+    run takes them from the manifest its pre-flight read: split_shards)."""
     return split_shards(Manifest.load(directory), directory, split)
 
 
