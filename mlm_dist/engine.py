@@ -110,7 +110,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from mlm_dist.model import parameter_groups  # noqa: E402
 from mlm_dist.optim import optimizer_and_schedule  # noqa: E402
-from mlm_dist.precision import Precision, precision_for  # noqa: E402
+from mlm_dist.precision import Precision  # noqa: E402
 
 DEEPSPEED_VERSION = deepspeed.__version__
 
@@ -286,12 +286,13 @@ def zero_optimization(stage: int) -> dict:
     return {"stage": stage, "overlap_comm": True, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
 
 
-def deepspeed_config(cfg: RunConfig, accumulation: list[int],
+def deepspeed_config(cfg: RunConfig, accumulation: list[int], precision: Precision,
                      load_universal: bool = False) -> dict:
     """The DeepSpeed JSON, generated from our config, `deepspeed:` extras merged.
     Batch settings are the first phase's; `set_phase` moves the engine to later ones.
     `accumulation`: the gradient accumulation steps of each phase, as the pre-flight derived
-    them for this world size (config.validate_topology), not derived again here.
+    them for this world size (config.validate_topology), not derived again here; `precision`
+    likewise (precision.precision_for).
     `load_universal`: checkpoints are loaded from DeepSpeed's universal (topology-free) form."""
     t, first = cfg.train, cfg.schedule.phases[0]
     ds = {
@@ -311,7 +312,6 @@ def deepspeed_config(cfg: RunConfig, accumulation: list[int],
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    precision = precision_for(t)
     if precision.autocast is not None:
         # No lower-precision modules: every gradient is reduced in its own dtype, fp32.
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
@@ -338,14 +338,14 @@ def set_phase(engine, phase: SequencePhase) -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology, accumulation: list[int],
-                 *, load_universal: bool = False):
-    """The DeepSpeed engine of `model`: `accumulation` and `load_universal` as deepspeed_config
-    takes them."""
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device)
+                 precision: Precision, *, load_universal: bool = False):
+    """The DeepSpeed engine of `model`: `accumulation`, `precision` and `load_universal` as
+    deepspeed_config takes them; the engine is checked to run that precision."""
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device, precision)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, accumulation, load_universal))
-    check_engine_precision(cfg, engine_precision(engine), deepspeed.__version__)
+        config=deepspeed_config(cfg, accumulation, precision, load_universal))
+    check_engine_precision(cfg, precision, engine_precision(engine), deepspeed.__version__)
     set_collective_timeout(timedelta(minutes=cfg.train.collective_timeout_minutes))
     if cfg.train.compile:
         engine.compile()
@@ -369,11 +369,12 @@ def engine_precision(engine) -> Precision:
     return Precision(autocast, bool(engine.bfloat16_enabled()), bool(engine.fp16_enabled()))
 
 
-def check_engine_precision(cfg: RunConfig, running: Precision, deepspeed_version: str) -> None:
-    """After deepspeed.initialize: the engine runs the precision the config asked for. DeepSpeed
-    ignores a config section it does not know, so without this check a bf16 run on an old
-    DeepSpeed would train in fp32, several times slower, with MFU divided by the bf16 peak."""
-    wanted = precision_for(cfg.train)
+def check_engine_precision(cfg: RunConfig, wanted: Precision, running: Precision,
+                           deepspeed_version: str) -> None:
+    """After deepspeed.initialize: the engine runs the precision the config asked for (`wanted`,
+    precision_for's). DeepSpeed ignores a config section it does not know, so without this check
+    a bf16 run on an old DeepSpeed would train in fp32, several times slower, with MFU divided by
+    the bf16 peak."""
     if running == wanted:
         return
     if wanted.autocast is not None and running.autocast is None:

@@ -30,7 +30,7 @@ import torch
 
 from mlm_dist.config import ConfigError, RunConfig
 from mlm_dist.model import parameter_groups
-from mlm_dist.precision import precision_for
+from mlm_dist.precision import Precision
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -233,8 +233,10 @@ def learning_rate_factor(cfg: RunConfig, step: int) -> float:
     return factor
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
-    """The run's optimizer (BERT's weight-decay groups) and its LR policy as a torch scheduler."""
+def optimizer_and_schedule(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
+                           precision: Precision):
+    """The run's optimizer (BERT's weight-decay groups) and its LR policy as a torch scheduler;
+    `precision` (precision_for's) says whether the weights are fp32."""
     o = cfg.optim
     optimizer = build_optimizer(parameter_groups(model, o.weight_decay), name=o.name, lr=o.lr,
                                 betas=(o.beta1, o.beta2), eps=o.eps,
@@ -242,7 +244,7 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg: RunConfig, device: torch
                                 # DeepSpeed checks for non-finite gradients everywhere but at
                                 # ZeRO 0 with fp32 weights (fp32, or bf16 under autocast)
                                 skip_non_finite=(cfg.train.zero_stage == 0
-                                                 and precision_for(cfg.train).fp32_weights))
+                                                 and precision.fp32_weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(cfg, step))
     return optimizer, scheduler

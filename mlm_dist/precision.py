@@ -1,7 +1,8 @@
-"""How a run computes, decided once from train.precision and train.grad_accum_dtype: the
-DeepSpeed JSON asks for it (engine.deepspeed_config), the engine is checked against it after it
-starts (engine.check_engine_precision), and the optimizer's non-finite guard and the memory
-bench read from it whether weights stay fp32.
+"""How a run computes, decided once from train.precision and train.grad_accum_dtype (by the
+pre-flight, which hands the Precision on): the DeepSpeed JSON asks for it
+(engine.deepspeed_config), the engine is checked against it after it starts
+(engine.check_engine_precision), and the optimizer's non-finite guard and the memory bench read
+from it whether weights stay fp32.
 """
 
 from __future__ import annotations

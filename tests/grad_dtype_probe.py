@@ -16,6 +16,7 @@ def main() -> None:
     from mlm_dist.config import load_config, validate_topology
     from mlm_dist.engine import build_engine, init_distributed
     from mlm_dist.model import BertForPretraining, pretraining_loss
+    from mlm_dist.precision import precision_for
 
     out, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     topo, found = None, {}
@@ -28,7 +29,7 @@ def main() -> None:
         topo = topo or init_distributed()
         torch.manual_seed(0)
         engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
-                              validate_topology(cfg, topo.world_size))
+                              validate_topology(cfg, topo.world_size), precision_for(cfg.train))
         ids = torch.randint(5, 64, (2, 16), generator=torch.Generator().manual_seed(topo.rank))
         positions = torch.arange(1, 4).expand(2, 3)
         for micro in range(2):

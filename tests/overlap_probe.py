@@ -17,10 +17,11 @@ def train(cfg, topo, stage: int) -> dict:
     from mlm_dist.config import validate_topology
     from mlm_dist.engine import build_engine
     from mlm_dist.model import BertForPretraining, pretraining_loss
+    from mlm_dist.precision import precision_for
 
     torch.manual_seed(0)
     engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
-                          validate_topology(cfg, topo.world_size))
+                          validate_topology(cfg, topo.world_size), precision_for(cfg.train))
     data = torch.Generator().manual_seed(topo.rank)
     positions = torch.arange(1, 4).expand(2, 3)
     losses = []

@@ -27,6 +27,7 @@ def main() -> None:
                                  engine_precision, init_distributed)
     from mlm_dist.model import BertForPretraining
     from mlm_dist.optim import optimizer_and_schedule
+    from mlm_dist.precision import precision_for
 
     topo = init_distributed()
     found = {}
@@ -35,20 +36,21 @@ def main() -> None:
                             "fp32": ["train.precision=fp32"]}.items():
         cfg = tiny_config(*overrides)
         engine = build_engine(BertForPretraining(cfg.model), cfg, topo,
-                              validate_topology(cfg, topo.world_size))
+                              validate_topology(cfg, topo.world_size), precision_for(cfg.train))
         found[name] = str(engine_precision(engine))
 
     cfg = tiny_config("train.precision=bf16")
     model = BertForPretraining(cfg.model)
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device)
-    ds = deepspeed_config(cfg, validate_topology(cfg, topo.world_size))
+    wanted = precision_for(cfg.train)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, topo.device, wanted)
+    ds = deepspeed_config(cfg, validate_topology(cfg, topo.world_size), wanted)
     del ds["torch_autocast"]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds)
     running = engine_precision(engine)
     assert next(engine.module.parameters()).dtype == torch.float32  # it would train in fp32
     try:
-        check_engine_precision(cfg, running, deepspeed.__version__)
+        check_engine_precision(cfg, wanted, running, deepspeed.__version__)
         found["without torch_autocast"] = "accepted"
     except ConfigError as e:
         found["without torch_autocast"] = str(e)

@@ -147,7 +147,8 @@ def test_weights_stay_fp32_under_fp32_and_bf16_autocast_only():
 
 def test_a_deepspeed_that_ignored_torch_autocast_is_refused_naming_the_version():
     with pytest.raises(ConfigError) as e:
-        check_engine_precision(cfg("train.precision=bf16"), Precision(), "0.16.9")
+        c = cfg("train.precision=bf16")
+        check_engine_precision(c, precision_for(c.train), Precision(), "0.16.9")
     assert str(e.value) == (
         "train.precision=bf16 asks for bfloat16 autocast with fp32 weights, but DeepSpeed 0.16.9 "
         f"runs fp32: upgrade DeepSpeed to >= {TORCH_AUTOCAST_SINCE}, the first with its "
@@ -161,7 +162,8 @@ def test_a_deepspeed_that_ignored_torch_autocast_is_refused_naming_the_version()
 ])
 def test_any_other_mismatch_is_refused(overrides, running):
     with pytest.raises(ConfigError, match=r"^train\.precision=\w+ asks for .* but DeepSpeed 9\.9 "):
-        check_engine_precision(cfg(*overrides), running, "9.9")
+        c = cfg(*overrides)
+        check_engine_precision(c, precision_for(c.train), running, "9.9")
 
 
 def test_real_cpu_engines_run_the_precision_asked_for(tmp_path):

@@ -11,6 +11,7 @@ from mlm_dist.config import ConfigError, load_config, validate, validate_topolog
 from mlm_dist.launch.local import free_port, launcher_command, remove_shm_buffers
 from mlm_dist.engine import REDUCE_BUCKET_ELEMENTS, deepspeed_config
 from mlm_dist.optim import learning_rate_factor
+from mlm_dist.precision import precision_for
 
 
 def cfg(*overrides):
@@ -19,8 +20,9 @@ def cfg(*overrides):
 
 
 def ds_config(c, world_size):
-    """The DeepSpeed JSON on `world_size` ranks, from the accumulation the pre-flight derives."""
-    return deepspeed_config(c, validate_topology(c, world_size))
+    """The DeepSpeed JSON on `world_size` ranks, from the accumulation and the precision the
+    pre-flight derives."""
+    return deepspeed_config(c, validate_topology(c, world_size), precision_for(c.train))
 
 
 def test_batch_arithmetic_and_precision_are_derived():

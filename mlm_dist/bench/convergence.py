@@ -308,7 +308,8 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
     run_dir = (out / cfg.objective.name / f"seed-{seed}").resolve()
     cfg = load_config(config, [*run_overrides, f"out_dir={run_dir / 'ours'}"])
     check_comparable(cfg)
-    cfg, tokenizer = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
+    cfg, data = resolve_data(cfg)  # model.vocab_size from the tokenizer, as train does
+    tokenizer = data.tokenizer
     phase = cfg.schedule.phases[0]
     if phase.global_batch % (phase.micro_batch * ranks):
         raise UsageError(f"schedule.phases.0.global_batch {phase.global_batch} is not divisible "

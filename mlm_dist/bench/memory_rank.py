@@ -49,7 +49,7 @@ from mlm_dist.engine import build_engine, check_precision, init_distributed
 from mlm_dist.masking import TokenMasker
 from mlm_dist.model import num_parameters
 from mlm_dist.objectives import objective_for
-from mlm_dist.precision import precision_for
+from mlm_dist.precision import Precision, precision_for
 from mlm_dist.training.step import train_step
 
 ZERO_SETTINGS_NOTE = ("reduce/allgather/prefetch buckets and max live parameters set to Ψ/16 "
@@ -148,9 +148,8 @@ class _CountingForward:
         return out
 
 
-def precision_mode(cfg) -> str:
-    """memory.activation_prediction's precision for a run config."""
-    precision = precision_for(cfg.train)
+def precision_mode(precision: Precision) -> str:
+    """memory.activation_prediction's precision for a run's Precision."""
     if precision.autocast is not None:
         return "autocast"
     return "fp32" if precision.fp32_weights else "low"
@@ -246,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg, train=dataclasses.replace(cfg.train, zero_stage=args.stage),
         schedule=ScheduleConfig(phases=[phase]),
         optim=dataclasses.replace(cfg.optim, warmup_steps=0), deepspeed=extra)
-    engine = build_engine(model, cfg, topo, validate_topology(cfg, world))
+    precision = precision_for(cfg.train)
+    engine = build_engine(model, cfg, topo, validate_topology(cfg, world), precision)
     device = engine.device
 
     rows = synthetic_batch(cfg.model.vocab_size, phase.micro_batch, phase.seq_len,
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if not model.checkpoint_activations:
         activations["predicted"] = activation_prediction(
             cfg.model, phase.micro_batch, phase.seq_len, phase.max_predictions,
-            precision=precision_mode(cfg), device_type=device.type, padded=batch.padded,
+            precision=precision_mode(precision), device_type=device.type, padded=batch.padded,
             zero3_linear=args.stage == 3 and extra["zero_optimization"].get(
                 "memory_efficient_linear", True))
     record = {"rank": topo.rank, "stage": args.stage, "world_size": world, "parameters": psi,

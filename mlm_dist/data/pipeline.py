@@ -50,14 +50,19 @@ class Shard:
 
 
 def manifest_shards(directory: str | Path, split: str = "train") -> list[Shard]:
-    """The shards of a split as the manifest lists them. A missing file is not an error here:
-    the reader skips it with a warning and counts its documents (see reader.py).
-    `directory` may be a URL (remote.py): then each shard's path is a URL too."""
-    manifest = Manifest.load(directory)
+    """The shards of a split as the manifest in `directory` lists them, read now (a training
+    run takes them from the manifest its pre-flight read: split_shards)."""
+    return split_shards(Manifest.load(directory), directory, split)
+
+
+def split_shards(manifest: Manifest, location: str | Path, split: str = "train") -> list[Shard]:
+    """The shards of a split of the `manifest` read from `location`. A missing file is not an
+    error here: the reader skips it with a warning and counts its documents (see reader.py).
+    `location` may be a URL (remote.py): then each shard's path is a URL too."""
     if split not in manifest.splits or not manifest.splits[split]:
-        raise ShardFormatError(f"data.shards: {directory} has no {split!r} shards; "
+        raise ShardFormatError(f"data.shards: {location} has no {split!r} shards; "
                                "re-run `mlm-dist prepare`")
-    return [Shard(shard_location(directory, s.path), s.documents, s.bytes)
+    return [Shard(shard_location(location, s.path), s.documents, s.bytes)
             for s in manifest.splits[split]]
 
 

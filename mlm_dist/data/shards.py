@@ -292,9 +292,10 @@ class Manifest:
 
         if remote.is_remote(str(directory)):
             remote.check_location(str(directory))
-            return cls.parse(remote.read_file(str(directory), MANIFEST_FILE,
-                                              streams or remote.StreamSettings()),
-                             remote.redacted(remote.join(str(directory), MANIFEST_FILE)))
+            where = remote.redacted(remote.join(str(directory), MANIFEST_FILE))
+            text = remote.read_file(str(directory), MANIFEST_FILE,
+                                    streams or remote.StreamSettings())
+            return cls.parse(text, where)
         directory = Path(directory)
         path = directory / MANIFEST_FILE
         if not directory.is_dir():

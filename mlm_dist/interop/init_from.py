@@ -74,8 +74,8 @@ def load_pretrained(cfg: ModelConfig, objective=None, say=print):
     initialisation, and `say` (None: silent) names them in one line; heads the objective does
     not use (an NSP head continued with `mlm`) are left out, named too. Anything else missing
     or of another shape is an error naming the tensors, never a random weight."""
+    theirs = pretrained_state_dict(cfg.init_from)  # first: a folder without weights fails fast
     model = objective.build_model(cfg) if objective is not None else BertForPretraining(cfg)
-    theirs = pretrained_state_dict(cfg.init_from)
     own = model.state_dict()
     fresh = sorted(k for k in own if k not in theirs)
     unused = sorted(k for k in theirs if k not in own)

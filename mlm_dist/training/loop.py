@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mlm_dist.config import RunConfig, SequencePhase, dump_yaml
-from mlm_dist.data.pipeline import ResumableLoader, manifest_shards
+from mlm_dist.data.pipeline import ResumableLoader, split_shards
 from mlm_dist.data.reader import BadDataError
 from mlm_dist.engine import (build_engine, device_report, environment_ranks, init_distributed,
                              set_phase, step_skipped)
@@ -49,7 +49,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         # Every check a user can fail, before a process group exists.
         run = preflight(cfg, world_size=environment_ranks()[2])
-        self.cfg, self.tokenizer, self.accumulation = run.cfg, run.tokenizer, run.accumulation
+        self.cfg, self.tokenizer, self.accumulation = run.cfg, run.data.tokenizer, run.accumulation
         cfg = self.cfg
         self.topo = topo = init_distributed(cfg.train.collective_timeout_minutes)
         if topo.device.type == "cpu":
@@ -74,9 +74,9 @@ class Trainer:
         n_params = num_parameters(model)  # before ZeRO-3 partitions the parameters away
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo, self.tokenizer.files,
                                          StopSignals())
-        self.engine = build_engine(model, cfg, topo, self.accumulation,
+        self.engine = build_engine(model, cfg, topo, self.accumulation, run.precision,
                                    load_universal=self.checkpointer.needs_universal_load)
-        self.shards = manifest_shards(cfg.data.shards)
+        self.shards = split_shards(run.data.manifest, run.data.location)  # read by the pre-flight
         self.vocab = self.tokenizer.vocabulary
         self.guard = DivergenceGuard(cfg.train, self.engine.device)
         self.logger = MetricLogger(self.run_dir / "tensorboard" if self.rank0 else None, cfg,

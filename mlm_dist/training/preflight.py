@@ -8,7 +8,8 @@ about to start, so a mistake costs seconds instead of a queue wait. One place pe
     batch arithmetic        config.validate_topology, for a world size (its accumulation
                             goes to the engine: derived once)
     the run directory       check_run_dir: never train over another run's checkpoints
-    the data                resolve_data: shards, their tokenizer, model.init_from's tokenizer
+    the data                resolve_data: shards and their tokenizer (data.source, found
+                            once: the loader reads what it found), model.init_from's tokenizer
     the device              engine.check_precision, on the ranks' hosts only
 """
 
@@ -20,17 +21,20 @@ from pathlib import Path
 
 from mlm_dist.config import ConfigError, RunConfig, load_config, validate_topology
 from mlm_dist.data import remote
-from mlm_dist.data.shards import Manifest
+from mlm_dist.data.source import ShardSource, resolve_shards
 from mlm_dist.errors import PathExistsError
+from mlm_dist.precision import Precision, precision_for
 from mlm_dist.tokenizer import Tokenizer
 from mlm_dist.training.checkpoint import CHECKPOINTS, RUN_CONFIG, latest_complete
 
 
 @dataclass(frozen=True)
 class Preflight:
+    """What the checks found, handed on so that nothing is looked up or derived again."""
     cfg: RunConfig  # model.vocab_size and the data paths resolved
-    tokenizer: Tokenizer | None  # None when the launching host cannot see the data
+    data: ShardSource | None  # None when the launching host cannot see the data
     accumulation: list[int]  # gradient accumulation steps of each phase
+    precision: Precision  # how the engine computes (optimizer, DeepSpeed JSON, engine check)
 
 
 def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Preflight:
@@ -38,15 +42,16 @@ def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Pref
     is checked if this host sees it, the device is left to the ranks' hosts."""
     accumulation = validate_topology(cfg, world_size)
     check_run_dir(cfg)
-    tokenizer = None
+    data = None
     # A URL names the same shards from every host, so the launching host checks it too.
     if on_ranks or Path(cfg.data.shards).is_dir() or remote.is_remote(cfg.data.shards):
-        cfg, tokenizer = resolve_data(cfg)
+        cfg, data = resolve_data(cfg)
+    precision = precision_for(cfg.train)
     if on_ranks:
         from mlm_dist.engine import check_precision  # imports DeepSpeed: the ranks have it
 
         check_precision(cfg)
-    return Preflight(cfg, tokenizer, accumulation)
+    return Preflight(cfg, data, accumulation, precision)
 
 
 def launch_preflight(config: str | Path, overrides: list[str], world_size: int) -> RunConfig:
@@ -71,18 +76,11 @@ def check_run_dir(cfg: RunConfig) -> None:
                               "`mlm-dist export-hf`)")
 
 
-def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
-    """Find the tokenizer, check it matches the shards (and model.init_from's), and fill in
-    model.vocab_size and absolute data paths."""
-    shards_remote = remote.is_remote(cfg.data.shards)
-    manifest = Manifest.load(cfg.data.shards, remote.StreamSettings.of(cfg.data))
-    if shards_remote:
-        check_remote_shards(cfg, manifest)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer or manifest.tokenizer.path)
-    if tokenizer.sha256 != manifest.tokenizer.sha256:
-        raise ConfigError(f"data.tokenizer: {tokenizer.path} is not the tokenizer the shards in "
-                          f"{cfg.data.shards} were made with; point data.tokenizer at that one "
-                          "or re-run `mlm-dist prepare`")
+def resolve_data(cfg: RunConfig) -> tuple[RunConfig, ShardSource]:
+    """Find the shards and their tokenizer (data.source), check model.init_from's tokenizer
+    against it, and fill in model.vocab_size and absolute data paths."""
+    data = resolve_shards(cfg.data)
+    tokenizer = data.tokenizer
     model_cfg = cfg.model
     if model_cfg.init_from:
         from mlm_dist.interop.init_from import pretrained_model_config
@@ -100,21 +98,5 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Tokenizer]:
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab),
         data=dataclasses.replace(cfg.data, tokenizer=str(Path(tokenizer.path).parent.resolve()),
-                                 shards=cfg.data.shards if shards_remote
-                                 else str(Path(cfg.data.shards).resolve())))
-    return cfg, tokenizer
-
-
-def check_remote_shards(cfg: RunConfig, manifest: Manifest) -> None:
-    """Shards behind a URL: one of them readable from here (remote.check_readable), and a
-    tokenizer on this host, which the manifest's path (on the host that ran `prepare`) may
-    not be."""
-    shards = manifest.splits.get("train") or [s for split in manifest.splits.values()
-                                              for s in split]
-    if shards:
-        remote.check_readable(cfg.data.shards, shards[0].path, remote.StreamSettings.of(cfg.data))
-    if not cfg.data.tokenizer and not Path(manifest.tokenizer.path).exists():
-        raise ConfigError(f"data.tokenizer: the shards at {remote.redacted(cfg.data.shards)} "
-                          f"were made with the tokenizer at {manifest.tokenizer.path}, which "
-                          "this host does not have; set data.tokenizer to a copy of it (sha256 "
-                          f"{manifest.tokenizer.sha256[:12]}…)")
+                                 shards=data.location))
+    return cfg, data
