@@ -25,10 +25,14 @@ class ShardSource:
     tokenizer: Tokenizer  # data.tokenizer or the manifest's: the one the shards were made with
 
 
-def resolve_shards(data: DataConfig) -> ShardSource:
+def resolve_shards(data: DataConfig, required: bool = True) -> ShardSource | None:
     """The shards of `data.shards` and their tokenizer, checked: the manifest readable, the
     tokenizer the shards' own; behind a URL, one shard readable from here and a tokenizer on
-    this host."""
+    this host. `required=False` (a launching host, which may not mount the ranks' filesystem):
+    None when `data.shards` is a directory this host does not have. A URL names the same
+    shards from every host, so it is always checked."""
+    if not required and not remote.is_remote(data.shards) and not Path(data.shards).is_dir():
+        return None
     settings = remote.StreamSettings.of(data)
     manifest = Manifest.load(data.shards, settings)
     if remote.is_remote(data.shards):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlm_dist.config import ConfigError, RunConfig, load_config, validate_topology
-from mlm_dist.data import remote
 from mlm_dist.data.source import ShardSource, resolve_shards
 from mlm_dist.errors import PathExistsError
 from mlm_dist.precision import Precision, precision_for
@@ -42,10 +41,7 @@ def preflight(cfg: RunConfig, world_size: int, *, on_ranks: bool = True) -> Pref
     is checked if this host sees it, the device is left to the ranks' hosts."""
     accumulation = validate_topology(cfg, world_size)
     check_run_dir(cfg)
-    data = None
-    # A URL names the same shards from every host, so the launching host checks it too.
-    if on_ranks or Path(cfg.data.shards).is_dir() or remote.is_remote(cfg.data.shards):
-        cfg, data = resolve_data(cfg)
+    cfg, data = resolve_data(cfg, required=on_ranks)
     precision = precision_for(cfg.train)
     if on_ranks:
         from mlm_dist.engine import check_precision  # imports DeepSpeed: the ranks have it
@@ -76,10 +72,13 @@ def check_run_dir(cfg: RunConfig) -> None:
                               "`mlm-dist export-hf`)")
 
 
-def resolve_data(cfg: RunConfig) -> tuple[RunConfig, ShardSource]:
+def resolve_data(cfg: RunConfig, required: bool = True) -> tuple[RunConfig, ShardSource | None]:
     """Find the shards and their tokenizer (data.source), check model.init_from's tokenizer
-    against it, and fill in model.vocab_size and absolute data paths."""
-    data = resolve_shards(cfg.data)
+    against it, and fill in model.vocab_size and absolute data paths. `required=False` (a
+    launching host): (cfg, None) when this host does not see the shards' directory."""
+    data = resolve_shards(cfg.data, required)
+    if data is None:
+        return cfg, None
     tokenizer = data.tokenizer
     model_cfg = cfg.model
     if model_cfg.init_from:
