@@ -421,6 +421,37 @@ def test_weights_that_do_not_fit_the_encoder_are_an_error(hf_folder, tmp_path):
             {"missing_keys": [], "unexpected_keys": ["bert.encoder.layer.9.x", "cls.x"]}, broken)
 
 
+def test_a_folder_without_a_pooler_gets_a_fresh_one_as_part_of_the_task_head(
+        hf_folder, tokenizer_dir, tmp_path):
+    """A BertForMaskedLM export (an `mlm` run's: no sentence task, so no pooler) fine-tunes
+    for sequence classification: the encoder loaded exactly, the pooler new like the
+    classifier; a pooler only partly in the folder is still an error naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=128, max_positions=64)
+    torch.manual_seed(0)
+    mlm = export_hf(BertForPretraining(cfg).state_dict(), cfg, tokenizer_dir, tmp_path / "mlm",
+                    hf_class="BertForMaskedLM")
+    saved = load_file(str(mlm / "model.safetensors"))
+    assert not any(".pooler." in name for name in saved)
+    task = Task("t", CLASSIFICATION, [TextExample("x", "a"), TextExample("y", "b")], [], [])
+    model = task_model(mlm, task, pretrained=True, seed=0)
+    for name, tensor in model.state_dict().items():
+        if name.startswith("bert.") and ".pooler." not in name:
+            assert torch.equal(tensor, saved[name]), name
+
+    half = tmp_path / "half"
+    half.mkdir()
+    for f in hf_folder.iterdir():
+        (half / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(half / "model.safetensors"))
+    del weights["bert.pooler.dense.bias"]
+    save_file(weights, str(half / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing: \['bert.pooler.dense.bias'\]"):
+        task_model(half, task, pretrained=True, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop learns
 

@@ -10,7 +10,8 @@ steps then linear decay to 0, gradient clipping at 1.0, shuffled batches padded 
 longest example, the model after the last epoch is the one scored.
 
 Loading a pretraining folder into a task model drops the pretraining heads (`cls.*` for BERT;
-the pooler too for token classification, which has none) and initialises the task head;
+the pooler too for token classification, which has none) and initialises the task head (with
+the pooler, for sequence classification from a folder that has none);
 transformers reports both in a LOAD REPORT table. Here the load goes through a path that
 expects exactly that: the report is withheld, the loading info is checked, and anything
 else (an encoder weight missing, unused, or of another shape) is an error naming the weights,
@@ -63,13 +64,20 @@ def task_model(folder, task: Task, *, pretrained: bool, seed: int):
 
 def check_loading(model, info: dict, folder) -> dict:
     """Refuse a load that left encoder weights random or unused; return what was dropped
-    (the pretraining heads) and what is new (the task head), by name."""
+    (the pretraining heads) and what is new (the task head), by name.
+
+    A folder with no pooler at all (a BertForMaskedLM export: pretrained without a sentence
+    task, as our `mlm` objective or RoBERTa train) gives sequence classification a fresh
+    pooler, which is then part of the task head, as transformers treats it; a pooler only
+    partly there is an error like any other encoder weight."""
     base = model.base_model_prefix + "."
     missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
     dropped_heads = {k for k in unexpected if not k.startswith(base)}
     # The pooler: BertForTokenClassification is built without it.
     no_place = {k for k in unexpected - dropped_heads if ".pooler." not in k}
-    random_encoder = {k for k in missing if k.startswith(base)}
+    pooler = {k for k, _ in model.named_parameters() if k.startswith(base) and ".pooler." in k}
+    fresh_pooler = pooler if pooler and pooler <= missing else set()
+    random_encoder = {k for k in missing - fresh_pooler if k.startswith(base)}
     mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
     if no_place or random_encoder or mismatched:
         raise ModelFolderError(
