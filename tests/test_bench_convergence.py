@@ -17,7 +17,8 @@ import pytest
 from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.google_instances import (create_instances_from_document,
                                              create_training_instances, truncate_seq_pair)
-from mlm_dist.bench.convergence_result import mean_and_spread, targets_of
+from mlm_dist.bench.convergence_result import (mean_and_spread, standard_error_of_difference,
+                                               targets_of)
 from mlm_dist.bench.grouped_texts import GROUP_TEXTS_BATCH, group_texts, training_blocks
 from mlm_dist.bench.reference_trainer import lr_factor
 from mlm_dist.config import ObjectiveConfig
@@ -148,6 +149,10 @@ def test_seeds_are_summarised_by_mean_and_sample_spread():
     assert s["std"]["val_mlm_loss"] == pytest.approx(math.sqrt(7 / 3))
     assert s["std"]["train_seconds"] == pytest.approx(2.0)
     assert mean_and_spread(runs[:1], ["val_mlm_loss"])["std"] == {"val_mlm_loss": None}
+    # The difference of two means of 3 and 2 seeds: sqrt(7/3 / 3 + 2² / 2) = sqrt(25/9)
+    error = standard_error_of_difference(s["std"], {"val_mlm_loss": 2.0, "train_seconds": None},
+                                         3, 2)
+    assert error == {"val_mlm_loss": pytest.approx(5 / 3), "train_seconds": None}
 
     sop, mlm, electra = (objective_for(ObjectiveConfig(name=name))
                          for name in ("sop", "mlm", "electra"))
@@ -273,6 +278,7 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
         # One initial model for both: the same weights score the same at step 0.
         assert ours["curve"][0] == reference["curve"][0]
         assert set(result["delta"]) >= {"val_mlm_loss", "train_seconds"}
+        assert result["delta_standard_error"]["val_mlm_loss"] is None  # one seed a side
         assert isinstance(result["targets_hold"], bool)
         png = out / objective / "convergence.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

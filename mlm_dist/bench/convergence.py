@@ -31,8 +31,8 @@ split, with the same examples and masks for every model and seed. The JSON has, 
 every run (its final validation figures, the objective's named metrics: MLM loss, perplexity,
 MLM accuracy and the pair task's loss and accuracy, or electra's generator MLM and
 discriminator RTD figures; its wall time, tokens and validation curve) and the mean and sample
-standard deviation over the seeds; the differences of the means (ours - reference); and whether
-our targets hold, on the means (bench/convergence_result.py): the objective's headline loss
+standard deviation over the seeds; the differences of the means (ours - reference) and their
+standard errors; and whether our targets hold, on the means (bench/convergence_result.py): the objective's headline loss
 (the MLM loss, the generator's for electra) at most the reference's + 0.02, its task figures
 (NSP or SOP accuracy, RTD accuracy and AUC) at least the reference's - 0.01, less wall time. A
 PNG draws both sides' validation curves of the headline loss, one line per seed.

@@ -1,6 +1,6 @@
 """`bench convergence`'s result: each side's runs (their final validation figures, their
 training figures and validation curves), the mean and sample spread over seeds, the
-differences of the means, and the targets on them.
+differences of the means with their standard errors, and the targets on them.
 
 The targets compare what the objective names (Objective.headline, Objective.task_metrics):
 its validation loss, at most the reference's + MLM_LOSS_MARGIN (the MLM loss; the generator's
@@ -72,6 +72,17 @@ def mean_and_spread(runs: list[dict], keys: list[str]) -> dict:
             "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}}
 
 
+def standard_error_of_difference(ours: dict, reference: dict, n_ours: int,
+                                 n_reference: int) -> dict:
+    """The standard error of each difference of the means (ours - reference), from each side's
+    sample spread (`ours`, `reference`: mean_and_spread's "std"): sqrt(s_o²/n_o + s_r²/n_r), as
+    Welch's test takes it; None unless both sides ran 2 seeds or more. The seeds' noise alone
+    moves a difference by about this much; it shrinks as 1/sqrt(seeds), so it says whether a
+    missed target is a gap or needs more seeds."""
+    return {k: (ours[k] ** 2 / n_ours + reference[k] ** 2 / n_reference) ** 0.5
+            if ours[k] is not None and reference[k] is not None else None for k in ours}
+
+
 def compared_keys(run: dict) -> list[str]:
     """What is averaged over seeds and compared: the validation metrics and the times."""
     return [k for k in run if k.startswith("val_") and k not in ("val_examples",
@@ -126,6 +137,9 @@ def assemble_result(setups: list[Setup], runs: list[tuple[dict, dict, dict]],
                   "valid_shards": split_totals(setup.shards, "valid")},
         **summary,
         "delta": {k: o[k] - r[k] for k in keys},  # of the means: ours - reference
+        "delta_standard_error": standard_error_of_difference(
+            summary["ours"]["std"], summary["reference"]["std"], len(sides["ours"]),
+            len(sides["reference"])),
         "targets": targets, "targets_hold": all(targets.values()),
         "plot": str(plot),
     }
