@@ -11,15 +11,15 @@ gradient clipping, twice:
              precision, a checkpoint every `--every` steps for the validation curve.
   reference  a loop written with torch and transformers only, as the objective's original
              recipe trains (bench/reference_trainer.py): bert's instances made the way Google's
-             create_pretraining_data.py makes them, sop's the way ALBERT's does
-             (bench/google_instances.py), all shuffled; mlm's and electra's blocks grouped as
-             run_mlm.py groups texts (bench/grouped_texts.py); DataCollatorForLanguageModeling's
-             15 % with 80/10/10; transformers' BertForPreTraining (bert, sop), BertForMaskedLM
-             (mlm), or ElectraForMaskedLM and ElectraForPreTraining sharing their embeddings,
-             with the paper's loss (electra: bench/reference_electra.py); torch AdamW without
-             decay on biases and LayerNorm weights; bf16 autocast; clipping; the same linear
-             warmup and decay. One process, with as many threads as ours has over all its
-             ranks.
+             create_pretraining_data.py makes them, sop's the way ALBERT's does but for a lone
+             sentence (bench/google_instances.py), all shuffled; mlm's and electra's blocks
+             grouped as run_mlm.py groups texts (bench/grouped_texts.py);
+             DataCollatorForLanguageModeling's 15 % with 80/10/10; transformers'
+             BertForPreTraining (bert, sop), BertForMaskedLM (mlm), or ElectraForMaskedLM and
+             ElectraForPreTraining sharing their embeddings, with the paper's loss (electra:
+             bench/reference_electra.py); torch AdamW without decay on biases and LayerNorm
+             weights; bf16 autocast; clipping; the same linear warmup and decay. One process,
+             with as many threads as ours has over all its ranks.
 
 `--seeds N` trains each side N times, with train.seed, train.seed + 1, ... (the seed sets the
 initial weights both sides share, each side's data order and its masks): at a few thousand

@@ -2,7 +2,8 @@
 made from token ids the way Google's create_pretraining_data.py makes them (its NSP part,
 written again here so the reference depends on nothing of ours but the shards it reads), and
 sentence-order instances as ALBERT's create_pretraining_data.py makes them (the same script
-with one more branch).
+with one more branch), but for a chunk of one sentence (create_instances_from_document says
+why).
 
 Every train document is read, the documents are shuffled, each is cut into [CLS] A [SEP] B
 [SEP] pairs by Google's rules (create_instances_from_document), as many passes over the corpus
@@ -28,8 +29,7 @@ class Instance:
     tokens_a: np.ndarray
     tokens_b: np.ndarray
     # Label 1 of the pair classifier, named as both scripts name it: for NSP, B is from another
-    # document; for sentence order, the segments are swapped (or, ALBERT's fallback for a
-    # one-segment chunk, B is from another document).
+    # document; for sentence order, the segments are swapped.
     is_random_next: bool
 
 
@@ -67,9 +67,14 @@ def create_instances_from_document(all_documents: list, document_index: int,
     next chunk. Then the pair is truncated to fit [CLS] A [SEP] B [SEP].
 
     Sentence order (ALBERT, random_next_sentence=False): B is always the actual rest of the
-    chunk, and A and B are swapped with probability 1/2. A chunk of a single segment still
-    takes its B from another document, labelled as a swap: ALBERT's script does so (ours cuts
-    the sentence in two instead: data/sop.py), and this reference is that script's recipe.
+    chunk, and A and B are swapped with probability 1/2. A chunk of a single segment is cut
+    in two at a random token, A its start and B its rest (then swapped or not), as ours does
+    (data/sop.py). This is the one place the reference leaves ALBERT's script, whose B for such
+    a chunk comes from another document, labelled as a swap: on a corpus of one-sentence
+    documents half its instances become NSP's random pairs, filled to the target length, so
+    that reference trained on a third more real tokens than ours for the same sequences
+    (`short`, sop, seed 1234: 5.47M against 4.10M) and the comparison measured the rule, not
+    the trainer. A one-token segment alone in its chunk gives no instance, as in ours.
     """
     document = all_documents[document_index]
     max_num_tokens = max_seq_length - 3  # [CLS], [SEP], [SEP]
@@ -86,13 +91,21 @@ def create_instances_from_document(all_documents: list, document_index: int,
         current_chunk.append(segment)
         current_length += len(segment)
         if i == len(document) - 1 or current_length >= target_seq_length:
-            if current_chunk:
+            # Sentence order cuts a lone segment in two: one of one token gives no instance.
+            uncuttable = sentence_order and len(current_chunk) == 1 and len(segment) < 2
+            if current_chunk and not uncuttable:
                 a_end = 1
                 if len(current_chunk) >= 2:
                     a_end = rng.randint(1, len(current_chunk) - 1)
                 tokens_a = np.concatenate(current_chunk[:a_end])
 
-                if len(current_chunk) == 1 or (not sentence_order and rng.random() < 0.5):
+                if sentence_order and len(current_chunk) == 1:
+                    cut = rng.randint(1, len(tokens_a) - 1)
+                    tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
+                    is_random_next = rng.random() < 0.5  # ALBERT's name for "swapped"
+                    if is_random_next:
+                        tokens_a, tokens_b = tokens_b, tokens_a
+                elif len(current_chunk) == 1 or (not sentence_order and rng.random() < 0.5):
                     is_random_next = True
                     target_b_length = target_seq_length - len(tokens_a)
                     # Ten tries at another document (a corpus of one document has none).

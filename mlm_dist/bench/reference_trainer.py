@@ -6,7 +6,8 @@ transformers only, as each objective's original recipe trains.
                bert  the NSP instances of google_instances.py (Google's
                      create_pretraining_data.py), all shuffled;
                sop   the sentence-order instances of google_instances.py (ALBERT's
-                     create_pretraining_data.py), all shuffled;
+                     create_pretraining_data.py, a lone sentence cut as ours cuts it),
+                     all shuffled;
                mlm   blocks of contiguous text as run_mlm.py groups texts (grouped_texts.py),
                      shuffled every epoch;
                electra  mlm's blocks: ours trains both on full rows of contiguous text.
@@ -186,7 +187,7 @@ def reference_data(cfg, *, needed: int) -> ReferenceData:
         min_instances=needed, sentence_order=name == "sop")
     say(f"reference: {len(instances)} instances in {passes} passes over the corpus "
         f"({time.perf_counter() - start:.0f} s), {needed} used")
-    # The share of pairs labelled 1: B random (bert), or swapped or random (sop: ALBERT's).
+    # The share of pairs labelled 1: B random (bert), or swapped (sop).
     flagged = "sop_swapped_fraction" if name == "sop" else "nsp_random_fraction"
     return ReferenceData(instances, example, {
         "instances": len(instances), "passes": passes,
