@@ -6,14 +6,18 @@ for bert and mlm (2 real DeepSpeed ranks, a real transformers reference) on a ti
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import mlm_dist
+from mlm_dist.bench.convergence import source_digest
 from mlm_dist.bench.corpora import write_corpus
 from mlm_dist.bench.google_instances import (create_instances_from_document,
                                              create_training_instances, truncate_seq_pair)
@@ -241,6 +245,24 @@ def test_corpora_have_the_promised_shapes(tmp_path):
         write_corpus("short", tmp_path / "short.txt")
 
 
+def test_source_digest_changes_with_any_source_file_and_only_with_them(tmp_path):
+    """A kept side is reused only under the digest it was trained with: an edit, a new or a
+    renamed source file changes it; bytecode and other files do not."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.yaml").write_text("k: 1\n")
+    first = source_digest(package)
+    (package / "sub" / "b.cpython-311.pyc").write_bytes(b"\0")
+    (package / "notes.txt").write_text("not code")
+    assert source_digest(package) == first
+    (package / "sub" / "b.yaml").write_text("k: 2\n")
+    edited = source_digest(package)
+    assert edited != first
+    (package / "a.py").rename(package / "c.py")
+    assert source_digest(package) not in (first, edited)
+
+
 def tiny_convergence(out) -> list[str]:
     """`bench convergence` of 4 steps of the tiny model on 2 ranks / 2 threads, under `out`."""
     return ["bench", "convergence", "--corpus", "short", "--out", str(out), "--steps", "4",
@@ -296,6 +318,18 @@ def test_bench_convergence_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["ours"] == results["mlm"]["ours"]
     assert "[4/6]" not in captured.err and "[6/6]" not in captured.err
+
+    # A side trained by other sources (an edit since, here written into its record) is
+    # refused, not averaged with new runs; the result names the code that produced it.
+    assert results["mlm"]["setup"]["code"] == source_digest(Path(mlm_dist.__file__).parent)
+    assert results["mlm"]["setup"]["libraries"]["torch"] == importlib.metadata.version("torch")
+    record = out / "mlm" / "seed-1234" / "ours" / "bench.json"
+    kept = json.loads(record.read_text())
+    kept["signature"]["code"] = "0" * 64
+    record.write_text(json.dumps(kept))
+    with pytest.raises(SystemExit):
+        main([*command, "objective.name=mlm"])
+    assert "ours was trained with other mlm_dist sources" in capsys.readouterr().err
 
     # Our side gone and other settings: refused before ours trains again, not after.
     shutil.rmtree(out / "bert" / "seed-1234" / "ours")

@@ -40,11 +40,16 @@ PNG draws both sides' validation curves of the headline loss, one line per seed.
 Stages, each skipped when its output exists (as in the demo): corpus (bench/corpora.py) ->
 tokenizer -> shards (shared by every objective and seed) -> for each seed: ours -> reference ->
 evaluation, under --out/<objective>/seed-<seed>/; result.json and convergence.png under
---out/<objective>/.
+--out/<objective>/. A side is reused only if it ran with the same config, overrides and ranks,
+the same mlm_dist sources and the same torch, transformers and DeepSpeed (run_signature): a
+figure belongs to the code that produced it, so a side trained before an edit or an upgrade is
+refused, not averaged with the new ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -56,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+import mlm_dist
 from mlm_dist.bench.convergence_eval import evaluate_runs, plot_curves
 from mlm_dist.bench.convergence_result import assemble_result, model_shape
 from mlm_dist.bench.corpora import write_corpus
@@ -80,6 +86,9 @@ from mlm_dist.training.preflight import resolve_data
 DOCS_PER_SHARD = {"books": 16, "short": 4000}
 SIDE_RECORD = "bench.json"  # written last in each side's directory: that side is done
 CURVES_RECORD = "curves.json"  # a seed's evaluation, kept with the signature it scored
+# What the two sides and the evaluation run on besides our code: a side trained under other
+# versions of these is not comparable to one trained now.
+SIGNATURE_LIBRARIES = ("torch", "transformers", "deepspeed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,21 +210,54 @@ def prepare_data(corpus: str, out: Path, vocab_size: int, valid_fraction: float,
 
 def _side_done(run_dir: Path, signature: dict) -> dict | None:
     """The record of a finished side trained with `signature`, or None if it has not run.
-    A side that started and did not finish, or ran with other settings, is an error: its
-    time or its checkpoints would not be this benchmark's."""
+    A side that started and did not finish, or ran with other settings, code or libraries, is
+    an error: its time or its checkpoints would not be this benchmark's."""
     record = run_dir / SIDE_RECORD
     if record.is_file():
         done = json.loads(record.read_text())
         if done["signature"] != signature:
-            raise UsageError(f"{run_dir} was trained with another config, other overrides or "
-                             f"ranks (it had {done['signature']['overrides']} on "
-                             f"{done['signature']['ranks']} ranks); choose another --out or "
-                             "remove it")
+            raise UsageError(f"{run_dir} was trained with "
+                             f"{signature_difference(done['signature'], signature)}; choose "
+                             "another --out or remove it")
         return done
     if run_dir.exists():
         raise PathExistsError(f"{run_dir} holds an unfinished run (no {SIDE_RECORD}); remove it "
                               "and run the benchmark again")
     return None
+
+
+def run_signature(config: Path, run_overrides: list[str], ranks: int) -> dict:
+    """What a side's record must carry to be reused: the run's config, overrides and ranks, a
+    digest of mlm_dist's sources (both sides' trainers and the evaluation are in them) and the
+    versions of SIGNATURE_LIBRARIES."""
+    return {"config": Path(config).read_text(), "overrides": run_overrides, "ranks": ranks,
+            "code": source_digest(Path(mlm_dist.__file__).parent),
+            "libraries": {name: importlib.metadata.version(name)
+                          for name in SIGNATURE_LIBRARIES}}
+
+
+def source_digest(package: Path) -> str:
+    """sha256 over the path and bytes of every .py and .yaml file under `package`: changes
+    with any edit to the code or its bundled configs, whatever git knows of it (an installed
+    package has no repository)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def signature_difference(had: dict, wanted: dict) -> str:
+    """What `had` (a kept side's signature) ran with that `wanted` does not, in words."""
+    differences = []
+    if any(had.get(k) != wanted[k] for k in ("config", "overrides", "ranks")):
+        differences.append(f"another config, other overrides or ranks (it had "
+                           f"{had.get('overrides')} on {had.get('ranks')} ranks)")
+    if had.get("code") != wanted["code"]:
+        differences.append("other mlm_dist sources (a file of the package has changed since)")
+    if had.get("libraries") != wanted["libraries"]:
+        differences.append(f"other libraries (it had {had.get('libraries')}, now "
+                           f"{wanted['libraries']})")
+    return " and ".join(differences)
 
 
 @dataclass
@@ -318,8 +360,7 @@ def resolve_setup(corpus: str, config: Path, overrides: list[str], *, shards: Pa
     # gets as many threads in total.
     cores = len(os.sched_getaffinity(0))
     threads = ranks * max(1, cores // ranks)
-    signature = {"config": Path(config).read_text(), "overrides": run_overrides,
-                 "ranks": ranks}
+    signature = run_signature(config, run_overrides, ranks)
     return Setup(corpus=corpus, config=Path(config), run_overrides=run_overrides, cfg=cfg,
                  tokenizer=tokenizer, shards=shards, run_dir=run_dir, steps=steps, every=every,
                  ranks=ranks, threads=threads, signature=signature)
