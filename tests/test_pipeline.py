@@ -3,10 +3,7 @@ of shards, ranks and workers; fixed-shape batches; exact resume; bad data skippe
 
 import itertools
 import logging
-import os
 import shutil
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -98,25 +95,6 @@ def test_resume_continues_with_the_exact_next_batches(tiny_shards, workers, cons
     assert same(ids(resumed), ids(full[consumed:]))
     assert [b.example_label.tolist() for b in resumed] == [b.example_label.tolist()
                                                        for b in full[consumed:]]
-
-
-def test_workers_are_not_forked_from_the_rank(tiny_shards):
-    """The rank has threads; a worker forked from it can hang on a lock one of them held
-    (CPython gh-112275), so workers fork from a server process: their parent is not us."""
-    import psutil
-
-    threads = [threading.Thread(target=time.sleep, args=(0.01,)) for _ in range(50)]
-    for t in threads:  # threads starting and ending meanwhile, as in a rank
-        t.start()
-    stream = loader(tiny_shards, workers=2)
-    take(stream, 4)
-    workers = stream.iterator._workers  # the multiprocessing.Process of each
-    assert len(workers) == 2
-    for worker in workers:
-        assert psutil.Process(worker.pid).ppid() != os.getpid()
-    for t in threads:
-        t.join()
-    stream.close()
 
 
 def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path):

@@ -24,7 +24,6 @@ every reader, which is what a checkpoint saves.
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,19 +223,6 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             yield batch
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """How the dataloader starts its workers: forked from a server process, not from the rank.
-    A rank has threads (TensorBoard's writer, the previous loader's queue feeders, DeepSpeed's
-    and gloo's), and forking a process while another thread holds CPython's runtime lock leaves
-    the child waiting on it forever (CPython gh-112275, fixed in 3.12): the rank then waits on
-    its worker and every other rank in its next all-reduce, a hang with no error. The server is
-    started once per rank with the data pipeline imported, so each worker forks from a
-    single-threaded process that has torch loaded already, and starts in milliseconds."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """Slurm signals every process of a job step, workers included. The rank turns SIGTERM and
     SIGUSR1 into a checkpoint and an orderly exit (which ends its workers); a worker dying on
@@ -282,8 +268,7 @@ class ResumableLoader:
             # Its own generator: creating a loader must not advance the global torch RNG that
             # dropout draws from, or a resumed run would drift from the uninterrupted one.
             generator=torch.Generator().manual_seed(settings.seed),
-            worker_init_fn=_leave_stop_signals_to_the_rank,
-            multiprocessing_context=worker_context() if num_workers > 0 else None)
+            worker_init_fn=_leave_stop_signals_to_the_rank)
         self.iterator = iter(self.loader)
         self.skipped_base = dict(self.skipped)
 
