@@ -3,7 +3,11 @@ of shards, ranks and workers; fixed-shape batches; exact resume; bad data skippe
 
 import itertools
 import logging
+import os
 import shutil
+import signal
+from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +99,40 @@ def test_resume_continues_with_the_exact_next_batches(tiny_shards, workers, cons
     assert same(ids(resumed), ids(full[consumed:]))
     assert [b.example_label.tolist() for b in resumed] == [b.example_label.tolist()
                                                        for b in full[consumed:]]
+
+
+def worker_processes(stream):
+    """The process ids of a loader's workers (torch keeps their Process objects privately)."""
+    return [w.pid for w in stream.iterator._workers]
+
+
+def test_workers_are_fresh_interpreters_and_children_of_the_rank(tiny_shards):
+    """Not forked: a fork of a rank with threads can hang on a lock one of them held (CPython
+    gh-112275). Children of the rank: torch's watchdog ends them when the rank dies."""
+    # closing: workers ignore SIGTERM, so ones left running would hang pytest's exit.
+    with closing(loader(tiny_shards, workers=2)) as stream:
+        take(stream, 4)
+        for pid in worker_processes(stream):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"--multiprocessing-fork" in command  # spawned, not a copy of pytest
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert parent == os.getpid()
+
+
+def test_a_stop_signal_while_workers_start_does_not_kill_them(tiny_shards):
+    """Slurm signals every process of the step; a worker still importing torch (the seconds
+    before it can ignore the signal) must survive it and read the same batches."""
+    expected = take(loader(tiny_shards, workers=2), 6)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+    try:
+        with closing(loader(tiny_shards, workers=2)) as stream:
+            for pid in worker_processes(stream):  # they are starting now: torch takes seconds
+                os.kill(pid, signal.SIGTERM)
+            assert same(ids(take(stream, 6)), ids(expected))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not received  # the signal was theirs, not ours
 
 
 def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path):

@@ -223,12 +223,43 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             yield batch
 
 
+# Slurm signals every process of a job step, workers included. The rank turns these into a
+# checkpoint and an orderly exit (which ends its workers); a worker dying on them first would
+# fail the rank instead, so workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def start_workers(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """iter(loader), its workers started as fresh interpreters (spawn), not forked from the rank.
+
+    Why not fork, the default on Linux: a rank has threads (TensorBoard's writer, gloo's and
+    DeepSpeed's, the previous loader's pin-memory thread and queue feeders), and forking while
+    another thread holds CPython's runtime lock (a thread starting or ending) leaves the child
+    waiting on that lock forever (CPython gh-112275, fixed in 3.12; we support 3.11). The
+    rank then waits on its worker, every other rank in its next collective: a hang at a phase
+    start with no error. Not the forkserver either: its workers are the server's children, so
+    torch's watchdog (which ends a worker whose parent died) does not see the rank die, and
+    they inherit the environment of the server's first use, not the rank's now. A spawned
+    worker costs one import of torch (~1.5 s) per loader, that is per phase and per resume.
+
+    A worker ignores the stop signals only once it runs our code (worker_init_fn), seconds
+    after it starts; they are blocked meanwhile (the child inherits the mask of the thread that
+    starts it), so a preemption that lands then is dropped by the worker, not fatal to it. The
+    rank still receives it: other threads take process signals while this one blocks them.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """Slurm signals every process of a job step, workers included. The rank turns SIGTERM and
-    SIGUSR1 into a checkpoint and an orderly exit (which ends its workers); a worker dying on
-    them first would fail the rank instead."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    """In each worker, before it reads: ignore the stop signals (see STOP_SIGNALS), then let
+    them through (start_workers blocked them while the worker started)."""
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class ResumableLoader:
@@ -268,8 +299,9 @@ class ResumableLoader:
             # Its own generator: creating a loader must not advance the global torch RNG that
             # dropout draws from, or a resumed run would drift from the uninterrupted one.
             generator=torch.Generator().manual_seed(settings.seed),
-            worker_init_fn=_leave_stop_signals_to_the_rank)
-        self.iterator = iter(self.loader)
+            worker_init_fn=_leave_stop_signals_to_the_rank,
+            multiprocessing_context="spawn" if num_workers > 0 else None)
+        self.iterator = start_workers(self.loader)
         self.skipped_base = dict(self.skipped)
 
     def __iter__(self) -> "ResumableLoader":
