@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from data_fixtures import corpus_documents, write_shards
 from mlm_dist.data.pipeline import (Consumed, LoaderSettings, ReaderStream, ResumableLoader,
                                     Shard, manifest_shards, regroup, work_units)
 from mlm_dist.config import DataConfig
+from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.shards import WORD_START, Manifest
 from mlm_dist.tokenizer import CLS_ID, SEP_ID, Tokenizer
 
@@ -133,6 +135,34 @@ def test_a_stop_signal_while_workers_start_does_not_kill_them(tiny_shards):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not received  # the signal was theirs, not ours
+
+
+def pairs_beside_a_thread_in_torch(seq_len, rng, data, vocab):
+    """NSP pairs, in a worker that also runs a daemon thread living in torch's C++ (shared
+    memory, as the queue's feeder does when it sends a batch) until the worker exits."""
+    def share_forever():
+        while True:
+            torch.empty(1024).share_memory_()
+
+    threading.Thread(target=share_forever, daemon=True).start()
+    return nsp_pairs(seq_len, rng, data, vocab)
+
+
+def test_workers_end_cleanly_with_a_thread_inside_torch(tiny_shards):
+    """A spawned worker shutting its interpreter down while a daemon thread is in torch's C++
+    aborts (CPython gh-87135), and the rank reports its worker killed; ours exit as forked
+    ones do, before the interpreter finalizes."""
+    vocab = Tokenizer.load(Manifest.load(tiny_shards).tokenizer.path).vocabulary
+    settings = LoaderSettings(manifest_shards(tiny_shards), seq_len=64, micro_batch=4, rank=0,
+                              world_size=1, seed=0, vocab=vocab,
+                              data=DataConfig(num_workers=2, shuffle_buffer=16),
+                              examples_of=pairs_beside_a_thread_in_torch)
+    with closing(ResumableLoader(settings)) as stream:
+        workers = list(stream.iterator._workers)
+        take(stream, 4)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
 
 
 def test_resume_skips_whole_shards_without_reading_them(uneven_shards, tmp_path):

@@ -24,6 +24,8 @@ every reader, which is what a checkpoint saves.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,12 +256,25 @@ def start_workers(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """In each worker, before it reads: ignore the stop signals (see STOP_SIGNALS), then let
-    them through (start_workers blocked them while the worker started)."""
+def _prepare_worker(worker_id: int) -> None:
+    """In each worker, before it reads (the DataLoader's worker_init_fn).
+
+    Stop signals: ignored (see STOP_SIGNALS), then let through (start_workers blocked them
+    while the worker started).
+
+    Exit: at once, when the worker loop is over and multiprocessing has done its own exit
+    work, as a forked worker exits (os._exit), not through the interpreter's shutdown. A
+    spawned worker would otherwise finalize the interpreter while its queue's feeder thread,
+    a daemon, may still be inside torch's C++ moving a batch into shared memory (a batch the
+    rank no longer wants); in Python < 3.14 such a thread is unwound with pthread_exit when it
+    retakes the GIL, which through C++ frames aborts the process (CPython gh-87135), and the
+    rank reports "DataLoader worker killed by signal: Aborted" as its phase ends. The exit
+    handler registered last runs first, before the interpreter starts finalizing.
+    """
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    atexit.register(os._exit, 0)
 
 
 class ResumableLoader:
@@ -299,7 +314,7 @@ class ResumableLoader:
             # Its own generator: creating a loader must not advance the global torch RNG that
             # dropout draws from, or a resumed run would drift from the uninterrupted one.
             generator=torch.Generator().manual_seed(settings.seed),
-            worker_init_fn=_leave_stop_signals_to_the_rank,
+            worker_init_fn=_prepare_worker,
             multiprocessing_context="spawn" if num_workers > 0 else None)
         self.iterator = start_workers(self.loader)
         self.skipped_base = dict(self.skipped)
@@ -322,7 +337,7 @@ class ResumableLoader:
     def close(self) -> None:
         """Stop the workers now, in order. Dropping the iterator shuts them down through their
         queues; left to interpreter exit, multiprocessing would SIGTERM them instead, which
-        they ignore (see above), and wait forever."""
+        they ignore (see STOP_SIGNALS), and wait forever."""
         self.iterator = self.loader = None
 
     def state_dict(self) -> dict:
