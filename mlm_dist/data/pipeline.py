@@ -24,9 +24,6 @@ every reader, which is what a checkpoint saves.
 
 from __future__ import annotations
 
-import atexit
-import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +34,7 @@ import torch
 from mlm_dist.config import ConfigError, DataConfig
 from mlm_dist.data.batches import Batch, assemble, writer_for
 from mlm_dist.data.examples import ExampleBuilder, Pair
+from mlm_dist.data.loader_workers import START_METHOD, prepare_worker, start_workers
 from mlm_dist.data.nsp import nsp_pairs
 from mlm_dist.data.reader import SkipCounter, read_documents
 from mlm_dist.data.remote import StreamSettings, shard_location
@@ -225,58 +223,6 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             yield batch
 
 
-# Slurm signals every process of a job step, workers included. The rank turns these into a
-# checkpoint and an orderly exit (which ends its workers); a worker dying on them first would
-# fail the rank instead, so workers ignore them.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def start_workers(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
-    """iter(loader), its workers started as fresh interpreters (spawn), not forked from the rank.
-
-    Why not fork, the default on Linux: a rank has threads (TensorBoard's writer, gloo's and
-    DeepSpeed's, the previous loader's pin-memory thread and queue feeders), and forking while
-    another thread holds CPython's runtime lock (a thread starting or ending) leaves the child
-    waiting on that lock forever (CPython gh-112275, fixed in 3.12; we support 3.11). The
-    rank then waits on its worker, every other rank in its next collective: a hang at a phase
-    start with no error. Not the forkserver either: its workers are the server's children, so
-    torch's watchdog (which ends a worker whose parent died) does not see the rank die, and
-    they inherit the environment of the server's first use, not the rank's now. A spawned
-    worker costs one import of torch (~1.5 s) per loader, that is per phase and per resume.
-
-    A worker ignores the stop signals only once it runs our code (worker_init_fn), seconds
-    after it starts; they are blocked meanwhile (the child inherits the mask of the thread that
-    starts it), so a preemption that lands then is dropped by the worker, not fatal to it. The
-    rank still receives it: other threads take process signals while this one blocks them.
-    """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def _prepare_worker(worker_id: int) -> None:
-    """In each worker, before it reads (the DataLoader's worker_init_fn).
-
-    Stop signals: ignored (see STOP_SIGNALS), then let through (start_workers blocked them
-    while the worker started).
-
-    Exit: at once, when the worker loop is over and multiprocessing has done its own exit
-    work, as a forked worker exits (os._exit), not through the interpreter's shutdown. A
-    spawned worker would otherwise finalize the interpreter while its queue's feeder thread,
-    a daemon, may still be inside torch's C++ moving a batch into shared memory (a batch the
-    rank no longer wants); in Python < 3.14 such a thread is unwound with pthread_exit when it
-    retakes the GIL, which through C++ frames aborts the process (CPython gh-87135), and the
-    rank reports "DataLoader worker killed by signal: Aborted" as its phase ends. The exit
-    handler registered last runs first, before the interpreter starts finalizing.
-    """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    atexit.register(os._exit, 0)
-
-
 class ResumableLoader:
     """Iterator of Batches for one rank with a state_dict() that restores the exact stream.
 
@@ -314,8 +260,8 @@ class ResumableLoader:
             # Its own generator: creating a loader must not advance the global torch RNG that
             # dropout draws from, or a resumed run would drift from the uninterrupted one.
             generator=torch.Generator().manual_seed(settings.seed),
-            worker_init_fn=_prepare_worker,
-            multiprocessing_context="spawn" if num_workers > 0 else None)
+            worker_init_fn=prepare_worker,
+            multiprocessing_context=START_METHOD if num_workers > 0 else None)
         self.iterator = start_workers(self.loader)
         self.skipped_base = dict(self.skipped)
 
@@ -337,7 +283,7 @@ class ResumableLoader:
     def close(self) -> None:
         """Stop the workers now, in order. Dropping the iterator shuts them down through their
         queues; left to interpreter exit, multiprocessing would SIGTERM them instead, which
-        they ignore (see STOP_SIGNALS), and wait forever."""
+        they ignore (loader_workers.STOP_SIGNALS), and wait forever."""
         self.iterator = self.loader = None
 
     def state_dict(self) -> dict:
