@@ -19,6 +19,10 @@ TINY_OVERRIDES = [
     "model.intermediate_size=128", "model.max_positions=64",
     "schedule.phases=[{seq_len: 64, micro_batch: 8, global_batch: 16, until_step: 40}]",
     "train.log_every=5", "optim.warmup_steps=5", "data.shuffle_buffer=32",
+    # The rank reads its own data (the same stream as one worker gives): a worker costs a
+    # spawned interpreter, ~1.5 s of CPU a phase. The runs that are about the workers (signals,
+    # resume, remote shards, uneven shards) ask for them with data.num_workers.
+    "data.num_workers=0",
 ]
 
 def env(faults: str = "") -> dict:

@@ -305,7 +305,8 @@ def submit(cluster: SlurmCluster, workdir: Path, shards: Path, out_dir: Path, *o
            "--signal-seconds", "60", "--output", f"{logs}/job %j.out",
            "--out-script", str(workdir / "job.sbatch"), "--submit", *options,
            f"data.shards={shards}", f"out_dir={out_dir}", *TINY_OVERRIDES,
-           f"schedule.phases.0.until_step={STEPS}", "train.log_every=5"]
+           f"schedule.phases.0.until_step={STEPS}", "train.log_every=5",
+           "data.num_workers=1"]  # Slurm signals the workers too: they must not die of it
     proc = cluster.run(*cmd, env=launch_env(), cwd=workdir)
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     return job_id, logs / f"job {job_id}.out"

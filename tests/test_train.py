@@ -28,7 +28,8 @@ REQUIRED_TAGS = {"train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_ac
 @pytest.fixture(scope="module")
 def zero2_run(tiny_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2") / "run"
-    train(tiny_shards, out, "train.zero_stage=2", "schedule.phases.0.until_step=40", "optim.lr=2e-3")
+    train(tiny_shards, out, "train.zero_stage=2", "schedule.phases.0.until_step=40", "optim.lr=2e-3",
+          "data.num_workers=1")
     return out
 
 
@@ -73,7 +74,7 @@ def test_resume_continues_from_latest(zero2_run, tiny_shards, tmp_path):
     proc = train(tiny_shards, run, "schedule.phases.0.until_step=50", launcher="alone", check=False)
     assert proc.returncode == 2 and "checkpoint.resume=true" in proc.stderr  # never mixes runs
     proc = train(tiny_shards, run, "train.zero_stage=2", "schedule.phases.0.until_step=50", "optim.lr=2e-3",
-                 "checkpoint.resume=true")
+                 "data.num_workers=1", "checkpoint.resume=true")
     assert "resumed from step 40" in proc.stdout
     assert [r["step"] for r in metrics(run)][-3:] == [40, 45, 50]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000050"
