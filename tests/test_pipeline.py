@@ -83,6 +83,8 @@ def test_same_seed_same_stream_and_ranks_read_different_data(tiny_shards):
     assert not torch.equal(a[0].input_ids, other_rank[0].input_ids)
 
 
+# 3 workers on this machine's 2 cores: torch warns of slowness, beside the point here.
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @pytest.mark.parametrize("world, workers", [(2, 2), (4, 2), (2, 3)])
 def test_uneven_shards_and_more_readers_than_shards_never_run_dry(uneven_shards, world, workers):
     # 5 shards of 1..120 documents; up to 8 readers. Every rank's stream goes on through

@@ -8,7 +8,7 @@ starting or ending) leaves the child waiting on that lock forever (CPython gh-11
 collective, a hang at a phase's start with no error. Not from the forkserver either: its
 workers are the server's children, so torch's watchdog (which ends a worker whose parent died)
 does not see the rank die, and they inherit the environment of the server's first use, not the
-rank's now. A spawned worker costs one import of torch (~1.5 s) per loader, that is per phase
+rank's now. A spawned worker costs one import of torch (~1.3 s of CPU) per loader, that is per phase
 and per resume.
 """
 
