@@ -166,7 +166,8 @@ def test_the_demo_reads_metrics_its_objective_records(objective):
 
     assert set(run.READOUTS) == set(OBJECTIVES)  # every objective has its readout
     chosen = objective_for(ObjectiveConfig(name=objective))
-    sums = defaultdict(lambda: 1.0)  # any sums: only the names of the records matter here
+    # Any sums: only the names of the records matter here (electra's histograms are lists).
+    sums = defaultdict(lambda: 1.0, replaced_bins=[1.0, 0.0], original_bins=[0.0, 1.0])
     loss, val = run.READOUTS[objective].names()
     assert loss in chosen.train_record(sums, micro_steps=1)
     evaluated = {**chosen.eval_record(sums), "val/sequences": 1.0}  # evaluate() adds this one

@@ -16,8 +16,10 @@ methods and know nothing else of the objective:
   reference trainer of the objective.
 
 Terms are 0-dim tensors, never read on the host by the objective: the metric logger stacks
-them (by name) and pays for one reduction at its own cadence. Besides the objective's terms
-every sum also holds the generic ones, available to the records by these names:
+them (by name) and pays for one reduction at its own cadence. An evaluation term may also be
+a 1-dim tensor of counts (a histogram), summed element by element and handed to `eval_record`
+as a list of floats. Besides the objective's terms every sum also holds the generic ones,
+available to the records by these names:
 
     loss       the loss of each micro-batch (train only)
     predicted  masked positions predicted (the masker's labels)
@@ -75,7 +77,7 @@ class Objective:
     def eval_terms(self, losses: dict, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def eval_record(self, sums: dict[str, float]) -> dict[str, float]:
+    def eval_record(self, sums: dict[str, float | list[float]]) -> dict[str, float]:
         raise NotImplementedError
 
     def flops_per_token(self, model: ModelConfig, seq_len: int, max_predictions: int) -> float:

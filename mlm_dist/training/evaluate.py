@@ -61,7 +61,7 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     objective = objective_for(cfg)
     masker = TokenMasker(vocab, cfg.masking, max_predictions=max_predictions(phase, cfg.masking),
                          seed=cfg.eval.seed, rank=0, device=device)
-    names: list[str] = []  # of the per-batch sums, in their order
+    shapes: dict[str, torch.Size] = {}  # of the per-batch terms, in their order in a row
 
     def score(batch: Batch, g: int) -> torch.Tensor:
         batch = batch.to(device)
@@ -70,8 +70,9 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
                  "predicted": (masked.labels != IGNORE_INDEX).sum(),
                  "eligible": masked.eligible,
                  "examples": (batch.example_label != IGNORE_INDEX).sum()}
-        names[:] = terms
-        return torch.stack(list(terms.values())).double()
+        shapes.clear()
+        shapes.update((name, term.shape) for name, term in terms.items())
+        return torch.cat([term.reshape(-1).double() for term in terms.values()])
 
     # Every rank builds the whole stream (cheap next to the forward passes) and scores batch g
     # when g % ranks == rank, holding one batch at a time.
@@ -88,15 +89,17 @@ def evaluate(forward: Callable, cfg: RunConfig, phase: SequencePhase, vocab: Voc
     # a rank short of one scores batch 0 again and throws the result away.
     per_rank = math.ceil(total / world_size)
     while len(rows) < per_rank:
-        score(first, 0)
-        rows.append(torch.zeros(len(names), dtype=torch.float64, device=device))
+        rows.append(torch.zeros_like(score(first, 0)))
     sums = torch.stack(rows)
     if world_size > 1:
         gathered = [torch.empty_like(sums) for _ in range(world_size)]
         dist.all_gather(gathered, sums)
         # [rank, i] holds batch i * world_size + rank: back into batch order before adding up.
-        sums = torch.stack(gathered, dim=1).reshape(-1, len(names))
-    s = dict(zip(names, (float(v) for v in torch.cumsum(sums.cpu(), dim=0)[-1])))
+        sums = torch.stack(gathered, dim=1).reshape(-1, sums.shape[1])
+    totals = torch.cumsum(sums.cpu(), dim=0)[-1]
+    totals = totals.split([shape.numel() for shape in shapes.values()])
+    s = {name: total.item() if shape == () else total.tolist()
+         for (name, shape), total in zip(shapes.items(), totals)}
     return {
         **objective.eval_record(s),
         "val/mask_rate": s["predicted"] / max(1.0, s["eligible"]),
